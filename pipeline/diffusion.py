@@ -1,0 +1,59 @@
+"""The torch side of the diffusion process: q_sample on tensors and the training loss.
+
+All coefficients come from `pipeline.schedule.DiffusionSchedule` (NumPy, float64) so training
+and the NumPy samplers share one source of truth.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import DiffusionConfig
+from pipeline.schedule import DiffusionSchedule
+
+
+def schedule_from_config(cfg: DiffusionConfig) -> DiffusionSchedule:
+    return DiffusionSchedule.from_config(
+        cfg.num_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end,
+        prediction_type=cfg.prediction_type, variance_type=cfg.variance_type, clip_sample=cfg.clip_sample)
+
+
+class GaussianDiffusion:
+    """q_sample and the simple (unweighted MSE) DDPM loss, on torch tensors."""
+
+    def __init__(self, schedule: DiffusionSchedule):
+        self.schedule = schedule
+        self.num_timesteps = schedule.num_timesteps
+        self.prediction_type = schedule.prediction_type
+        # Kept in float64 on the host; gathered per batch and cast to the batch dtype.
+        self.sqrt_alphas_cumprod = torch.from_numpy(schedule.sqrt_alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = torch.from_numpy(schedule.sqrt_one_minus_alphas_cumprod)
+
+    def _coef(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """values[t] as (B, 1, 1, 1) in like's dtype and device."""
+        return values.to(like.device)[t.long()].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise. x0, noise: (B, C, H, W); t: (B,)."""
+        return (self._coef(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network should output: epsilon, v = sqrt(abar) eps - sqrt(1-abar) x0, or x0."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        return (self._coef(self.sqrt_alphas_cumprod, t, x0) * noise
+                - self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
+                         device=None) -> torch.Tensor:
+        """Uniform t in [0, T), shape (B,)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
+
+    def training_loss(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Mean squared error between the model output at (x_t, t) and the target; a scalar."""
+        x_t = self.q_sample(x0, t, noise)
+        output = model(x_t, t)
+        return F.mse_loss(output.float(), self.target(x0, t, noise).float())
