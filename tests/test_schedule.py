@@ -1,0 +1,169 @@
+"""pipeline.schedule against a straightforward float64 reference and against diffusers."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from pipeline.schedule import DiffusionSchedule, beta_schedule, sampling_timesteps
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+DIFFUSERS_KIND = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def test_schedule_imports_no_torch():
+    code = "import pipeline.schedule, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_betas_and_alphas_cumprod_match_diffusers(kind):
+    ours = DiffusionSchedule(beta_schedule(kind, 1000))
+    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_KIND[kind])
+    np.testing.assert_allclose(ours.betas, theirs.betas.double().numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ours.alphas_cumprod, theirs.alphas_cumprod.double().numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_cosine_betas_follow_the_alpha_bar_definition():
+    T = 1000
+    f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
+    abar = np.array([f(t + 1) / f(0) for t in range(T)])
+    betas = beta_schedule("cosine", T)
+    # Below the clip the product of (1 - beta) reproduces alpha_bar(t) / alpha_bar(0).
+    unclipped = betas < 0.999
+    np.testing.assert_allclose(np.cumprod(1 - betas)[unclipped][:900], abar[unclipped][:900], rtol=1e-9)
+    assert betas.max() == pytest.approx(0.999)
+
+
+def test_posterior_matches_reference_loop():
+    s = DiffusionSchedule(beta_schedule("linear", 50, 1e-3, 0.2))
+    abar = 1.0
+    for t, beta in enumerate(s.betas):
+        abar_prev, abar = abar, abar * (1 - beta)
+        assert s.alphas_cumprod[t] == pytest.approx(abar, rel=1e-12)
+        assert s.posterior_variance[t] == pytest.approx(beta * (1 - abar_prev) / (1 - abar), rel=1e-12)
+        assert s.posterior_mean_coef1[t] == pytest.approx(beta * np.sqrt(abar_prev) / (1 - abar), rel=1e-12)
+        assert s.posterior_mean_coef2[t] == pytest.approx((1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar), rel=1e-12)
+
+
+def test_q_sample_and_predict_x0_invert_each_other():
+    rng = np.random.default_rng(0)
+    x0, noise = rng.uniform(-1, 1, (4, 3, 8, 8)), rng.standard_normal((4, 3, 8, 8))
+    t = np.array([0, 10, 500, 999])
+    for prediction in PREDICTIONS:
+        s = DiffusionSchedule(beta_schedule("linear", 1000), prediction_type=prediction, clip_sample=False)
+        x_t = s.q_sample(x0, t, noise)
+        a = s.alphas_cumprod[t][:, None, None, None]
+        np.testing.assert_allclose(x_t, np.sqrt(a) * x0 + np.sqrt(1 - a) * noise, rtol=1e-12)
+        target = s.training_target(x0, t, noise)
+        np.testing.assert_allclose(s.predict_x0(target, t, x_t), x0, atol=1e-8)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps,offset", [(50, 0), (10, 1), (1000, 0), (7, 0)])
+def test_sampling_timesteps_match_diffusers(spacing, steps, offset):
+    theirs = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=offset)
+    theirs.set_timesteps(steps)
+    ours = sampling_timesteps(1000, steps, spacing, steps_offset=offset if spacing == "leading" else 0)
+    np.testing.assert_array_equal(ours, theirs.timesteps.numpy())
+    assert np.all(np.diff(ours) < 0)
+
+
+def test_sampling_timesteps_rejects_more_steps_than_T():
+    with pytest.raises(ValueError, match="num_steps=1001"):
+        sampling_timesteps(1000, 1001)
+
+
+def _float64(scheduler, betas):
+    """diffusers keeps its tables in float32; 1 - abar_t / abar_prev then loses digits to
+    cancellation at small t. Rebuild them in float64 from the (float32-equal, tested above)
+    betas, so the comparison tests the update formulas, not rounding."""
+    scheduler.betas = torch.from_numpy(betas)
+    scheduler.alphas = 1.0 - scheduler.betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+    if hasattr(scheduler, "final_alpha_cumprod"):
+        scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    return scheduler
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), \
+        torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_step_matches_diffusers(kind, prediction, eta, spacing):
+    steps = 20
+    theirs = DDIMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_KIND[kind],
+                           prediction_type=prediction, timestep_spacing=spacing, clip_sample=True)
+    theirs.set_timesteps(steps)
+    ours = DiffusionSchedule(beta_schedule(kind, 1000), prediction_type=prediction)
+    _float64(theirs, ours.betas)
+    ts = sampling_timesteps(1000, steps, spacing)
+    x, _ = _batch(1)
+    for i, t in enumerate(ts):
+        model_output, noise = _batch(100 + i)
+        t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
+        # diffusers steps to t - T // n, which is the next visited timestep for these spacings.
+        expected = theirs.step(model_output, int(t), x, eta=eta, use_clipped_model_output=True,
+                               variance_noise=noise).prev_sample.numpy()
+        got = ours.ddim_step(model_output.numpy(), int(t), t_prev, x.numpy(), eta=eta, noise=noise.numpy())
+        np.testing.assert_allclose(got, expected, atol=1e-9, rtol=1e-9)
+        x = torch.from_numpy(got)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("steps", [1000, 25])
+def test_ddpm_step_matches_diffusers(kind, prediction, variance, steps):
+    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_KIND[kind],
+                           prediction_type=prediction, variance_type=variance, clip_sample=True)
+    theirs.set_timesteps(steps)
+    ours = DiffusionSchedule(beta_schedule(kind, 1000), prediction_type=prediction, variance_type=variance)
+    _float64(theirs, ours.betas)
+    ts = sampling_timesteps(1000, steps, "leading")
+    np.testing.assert_array_equal(ts, theirs.timesteps.numpy())
+    x, _ = _batch(2)
+    # Check a spread of steps, not all 1000: early, middle and the last two.
+    for i in sorted({0, 1, len(ts) // 2, len(ts) - 2, len(ts) - 1}):
+        t = int(ts[i])
+        t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
+        model_output, _ = _batch(200 + i)
+        seed = 300 + i
+        expected = theirs.step(model_output, t, x, generator=torch.Generator().manual_seed(seed)).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+        got = ours.ddpm_step(model_output.numpy(), t, x.numpy(), noise.numpy(), t_prev=t_prev)
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-9, rtol=1e-9)
+
+
+def test_ddpm_step_equals_posterior_formula():
+    s = DiffusionSchedule(beta_schedule("linear", 100), clip_sample=False)
+    rng = np.random.default_rng(3)
+    x_t, eps, noise = (rng.standard_normal((1, 3, 2, 2)) for _ in range(3))
+    t = 40
+    x0 = (x_t - np.sqrt(1 - s.alphas_cumprod[t]) * eps) / np.sqrt(s.alphas_cumprod[t])
+    mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * x_t
+    expected = mean + np.sqrt(s.posterior_variance[t]) * noise
+    np.testing.assert_allclose(s.ddpm_step(eps, t, x_t, noise), expected, rtol=1e-10)
+
+
+def test_ddim_eta0_last_step_returns_x0():
+    s = DiffusionSchedule(beta_schedule("linear", 1000))
+    rng = np.random.default_rng(0)
+    x_t, eps = rng.standard_normal((1, 3, 4, 4)), rng.standard_normal((1, 3, 4, 4))
+    np.testing.assert_allclose(s.ddim_step(eps, 5, -1, x_t), s.predict_x0(eps, 5, x_t), rtol=1e-12)
+
+
+def test_bad_schedule_arguments_are_named():
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionSchedule(beta_schedule("linear", 10), prediction_type="x")
+    with pytest.raises(ValueError, match="cosinus"):
+        beta_schedule("cosinus", 10)
