@@ -93,6 +93,8 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again after cred_expire seconds (default 120): keep tests quick.
+AuthInfo=cred_expire=10
 MpiDefault=none
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
@@ -142,19 +144,20 @@ EOF
 
 # --- daemons ------------------------------------------------------------------------------
 
-sql() { mariadb --no-defaults --socket="$DIR/mysql.sock" -uroot -e "$1"; }
+# mariadbd drops to the mysql user, so its socket, pid and log live in a dir that user owns.
+sql() { mariadb --no-defaults --socket="$DIR/db/mysql.sock" -uroot -e "$1"; }
 
 start_mariadbd() {
-    if [[ ! -d $DIR/mysql/mysql ]]; then
-        mkdir -p "$DIR/mysql" && chown mysql:mysql "$DIR/mysql"
-        mariadb-install-db --no-defaults --user=mysql --datadir="$DIR/mysql" \
+    install -d -o mysql -g mysql -m 0750 "$DIR/db"
+    if [[ ! -d $DIR/db/data/mysql ]]; then
+        mariadb-install-db --no-defaults --user=mysql --datadir="$DIR/db/data" \
             --auth-root-authentication-method=socket --skip-test-db >>"$DIR/log/mariadbd.out" 2>&1 \
             || die "mariadb-install-db failed (see $DIR/log/mariadbd.out)"
     fi
-    spawn mariadbd mariadbd --no-defaults --user=mysql --datadir="$DIR/mysql" \
-        --socket="$DIR/mysql.sock" --pid-file="$DIR/run/mariadbd.pid" \
+    spawn mariadbd mariadbd --no-defaults --user=mysql --datadir="$DIR/db/data" \
+        --socket="$DIR/db/mysql.sock" --pid-file="$DIR/db/mariadbd.pid" \
         --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve \
-        --innodb-buffer-pool-size=32M --log-error="$DIR/log/mariadbd.log"
+        --innodb-buffer-pool-size=32M --log-error="$DIR/db/mariadbd.log"
     wait_for "MariaDB" 60 sql "SELECT 1"
     local pass
     pass=$(<"$DIR/db.pass")
