@@ -84,7 +84,8 @@ def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     """Encode RGB to png|jpg|webp bytes; deterministic for a given Pillow build."""
     buf = io.BytesIO()
     if fmt == "png":
-        img.save(buf, "PNG", compress_level=6)
+        # zlib level 6 costs ~3x the encode time of level 3 for ~10% smaller photo-like PNGs
+        img.save(buf, "PNG", compress_level=3)
     elif fmt == "jpg":
         img.save(buf, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
     elif fmt == "webp":

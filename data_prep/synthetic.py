@@ -1,6 +1,6 @@
 """Procedural faces: the embedded data set that the demo, the tests and the benchmarks use.
 
-Each face is drawn with PIL at 4x the target size and downsampled with LANCZOS, so edges
+Each face is drawn with PIL at up to 4x the target size and downsampled with LANCZOS, so edges
 are antialiased like a photo's. Every face is a pure function of (seed, index). The layout
 is deliberately consistent (centred, upright-ish, same framing as CelebA-HQ) and the
 variety sits in colours and shapes, so a tiny DDPM learns the set in minutes on a CPU.
@@ -11,13 +11,19 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-SUPERSAMPLE = 4
+
+
+def supersample(size: int) -> int:
+    """Drawing scale: 4x for small faces, less for large ones where pixels are already fine."""
+    return max(1, min(4, 512 // size))
+
 
 SKIN_TONES = [(255, 226, 200), (241, 200, 166), (224, 172, 135), (190, 134, 98), (141, 92, 62), (95, 62, 44)]
 HAIR_COLOURS = [(25, 20, 18), (55, 38, 28), (96, 62, 38), (150, 105, 60), (214, 178, 112),
                 (160, 70, 35), (170, 165, 160)]
 IRIS_COLOURS = [(70, 45, 25), (110, 75, 40), (60, 110, 160), (70, 120, 80), (40, 30, 25)]
 HAIR_STYLES = ("short", "long", "bob", "bald", "curly", "bangs")
+HAIR_STYLE_WEIGHTS = (0.24, 0.22, 0.16, 0.08, 0.12, 0.18)
 
 
 def _lerp(a, b, t):
@@ -28,16 +34,17 @@ def _jitter(rng, colour, amount):
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in colour)
 
 
-def _background(rng, side: int) -> Image.Image:
+def _background(rng, size: int, side: int) -> Image.Image:
     """A soft two-colour gradient at a random angle, like a studio backdrop."""
     grey = rng.uniform(60, 210)
     top = grey + (rng.uniform(0, 255, size=3) - grey) * 0.55  # muted: pulled towards a grey
     bottom = np.clip(top + rng.uniform(-70, 70) + rng.uniform(-25, 25, size=3), 0, 255)
     angle = rng.uniform(-0.6, 0.6)
-    yy, xx = np.mgrid[0:side, 0:side] / (side - 1)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
     t = np.clip((yy - 0.5) * np.cos(angle) + (xx - 0.5) * np.sin(angle) + 0.5, 0, 1)[..., None]
     pixels = top * (1 - t) + bottom * t
-    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+    # a smooth gradient loses nothing by being computed at the output size and upsampled
+    return Image.fromarray(pixels.astype(np.uint8), "RGB").resize((side, side), Image.Resampling.BILINEAR)
 
 
 class _Pen:
@@ -55,7 +62,9 @@ class _Pen:
         self.draw.ellipse(self.box(cx, cy, rx, ry), fill=fill, outline=outline, width=int(width * self.s))
 
     def chord(self, cx, cy, rx, ry, start, end, fill):
-        self.draw.chord(self.box(cx, cy, rx, ry), start, end, fill=fill)
+        # As a polygon: ImageDraw.chord smears a bar across large canvases with float boxes.
+        t = np.radians(np.linspace(start, end, 48))
+        self.polygon(list(zip(cx + rx * np.cos(t), cy + ry * np.sin(t))), fill)
 
     def arc(self, cx, cy, rx, ry, start, end, fill, width):
         self.draw.arc(self.box(cx, cy, rx, ry), start, end, fill=fill, width=max(1, int(width * self.s)))
@@ -93,11 +102,10 @@ def _hair_front(pen, rng, style, hair, cx, cy, rx, ry):
     # chord from 180+a to 360-a passes over the crown; its straight edge is the hairline
     pen.chord(cx, cy - ry * 0.03, rx * 1.05, ry * 1.03, 180 + a, 360 - a, hair)
     pen.ellipse(cx, cy - ry * 0.62, rx * 0.92, ry * 0.42, hair)  # fill the crown above the chord
-    if style in ("short", "bob", "long"):  # a side-swept lock so hairlines differ
-        part = rng.choice([-1, 1])
+    if style in ("short", "bob", "long"):  # a side-swept fringe so hairlines differ
+        part = rng.choice([-1.0, 1.0])
         y0 = cy - ry * hairline
-        pen.polygon([(cx + part * rx * 0.95, y0 + ry * 0.02), (cx + part * rx * 0.1, y0),
-                     (cx - part * rx * 0.3, y0 - ry * 0.25), (cx + part * rx * 0.9, y0 - ry * 0.3)], hair)
+        pen.ellipse(cx + part * rx * 0.4, y0 - ry * 0.02, rx * 0.62, ry * rng.uniform(0.1, 0.16), hair)
 
 
 def _eye(pen, cx, cy, w, iris, lid, look):
@@ -147,20 +155,21 @@ def _lips_base(skin):
 def draw_face(seed: int, index: int, size: int) -> Image.Image:
     """One procedural face, RGB, size x size; identical for identical (seed, index, size)."""
     rng = np.random.default_rng([seed, index])
-    side = size * SUPERSAMPLE
-    img = _background(rng, side)
+    side = size * supersample(size)
+    img = _background(rng, size, side)
     layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
     pen = _Pen(layer)
 
     skin = _jitter(rng, _lerp(*_pick_pair(rng, SKIN_TONES)), 8)
     hair = _jitter(rng, HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))], 12)
-    style = HAIR_STYLES[rng.integers(len(HAIR_STYLES))]
+    style = HAIR_STYLES[rng.choice(len(HAIR_STYLES), p=HAIR_STYLE_WEIGHTS)]
     shirt = tuple(int(c) for c in rng.integers(20, 235, size=3))
     cx, cy = 0.5 + rng.uniform(-0.02, 0.02), 0.47 + rng.uniform(-0.02, 0.02)
     rx, ry = rng.uniform(0.23, 0.27), rng.uniform(0.3, 0.34)
 
+    # shoulders go straight onto the background: only the head tilts, and no rotated edge shows
+    _Pen(img).ellipse(0.5, 1.08, rng.uniform(0.38, 0.46), 0.26, shirt)
     _hair_back(pen, rng, style, hair, cx, cy, rx, ry)
-    pen.ellipse(0.5, 1.08, rng.uniform(0.38, 0.46), 0.26, shirt)  # shoulders
     neck = _lerp(skin, (0, 0, 0), 0.12)
     pen.polygon([(cx - rx * 0.45, cy + ry * 0.6), (cx + rx * 0.45, cy + ry * 0.6),
                  (cx + rx * 0.5, 0.88), (cx - rx * 0.5, 0.88)], neck)
@@ -171,7 +180,7 @@ def draw_face(seed: int, index: int, size: int) -> Image.Image:
     _features(pen, rng, cx, cy, rx, ry, skin, hair)
 
     tilt = rng.uniform(-7, 7)
-    layer = layer.rotate(tilt, resample=Image.Resampling.BICUBIC, center=(cx * side, cy * side))
+    layer = layer.rotate(tilt, resample=Image.Resampling.BILINEAR, center=(cx * side, cy * side))
     img.paste(layer, (0, 0), layer)
     return img.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=None)
 
