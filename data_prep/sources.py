@@ -46,6 +46,8 @@ def open_source(path: str | Path, match: str | None = None) -> Source:
     path = Path(path)
     if not path.exists():
         raise SourceError(f"--src {path}: no such file or directory")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise SourceError(f"--src {path}: permission denied")
     digest = hashlib.sha256()
     if path.is_dir():
         entries = []

@@ -136,7 +136,7 @@ class ShardImages(IterableDataset):
         rng = random.Random(f"samples/{self.seed}/{self.rank}/{worker}/{self.epoch}")
         samples = wds.tarfile_samples(self.shard_urls(self.epoch, worker, num_workers), handler=self.handler)
         if self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+            samples = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
         for sample in samples:
             try:
                 image = self.decode(sample)

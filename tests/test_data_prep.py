@@ -243,6 +243,13 @@ def test_cli_errors_are_one_line_exit_2(args, expect, tmp_path):
     assert len(lines) == 1 and expect in lines[0], proc.stderr
 
 
+def test_src_that_is_neither_folder_nor_zip(tmp_path):
+    (tmp_path / "list.txt").write_text("00001.jpg\n")
+    proc = run_prep("--src", tmp_path / "list.txt", "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("list.txt: not a folder or a .zip archive")
+    assert not (tmp_path / "out").exists()
+
+
 def test_different_settings_refuse_to_mix(prepared, corpus):
     src, _, _ = corpus
     proc = run_prep("--src", src, "--out", prepared, "--size", 48, "--shard-size", 16, "--val-fraction", 0.2,
