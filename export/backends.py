@@ -1,0 +1,274 @@
+"""Denoiser backends behind one interface: `denoiser(x (B,C,H,W) f32, t (B,) f32) -> (B,C,H,W) f32`.
+
+    OrtDenoiser    denoiser.onnx + sidecar, ONNX Runtime (CUDA provider when it really runs, else CPU)
+    TrtDenoiser    denoiser.plan + sidecar, TensorRT with cuda.bindings buffers on one stream
+    TorchDenoiser  a checkpoint directory, PyTorch eager (the reference)
+
+Each exposes `info` (an `export.sidecar.Sidecar`) and `name` (what actually ran). Heavy modules
+are imported inside the class that needs them, so the ORT and TensorRT paths never import torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from export.sidecar import SidecarError, read_sidecar, sidecar_from_config
+
+
+class ModelError(ValueError):
+    """The model the user pointed at cannot be used as asked; the message names the file."""
+
+
+class BackendUnavailable(RuntimeError):
+    """A runtime the backend needs (TensorRT, a CUDA device, torch) is missing on this machine."""
+
+
+MODEL_SUFFIXES = {".onnx": "onnx", ".plan": "tensorrt", ".engine": "tensorrt"}
+
+
+def load_denoiser(path: str | Path, *, provider: str = "auto", threads: int | None = None,
+                  device: str = "cpu"):
+    """The backend for `path`: .onnx -> ORT, .plan/.engine -> TensorRT, a directory -> torch."""
+    path = Path(path)
+    if path.is_dir():
+        return TorchDenoiser(path, device=device, threads=threads)
+    kind = MODEL_SUFFIXES.get(path.suffix)
+    if kind is None:
+        raise ModelError(f"{path}: unknown model type {path.suffix!r}; expected .onnx, .plan, .engine "
+                         f"or a checkpoint directory")
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    if kind == "onnx":
+        return OrtDenoiser(path, provider=provider, threads=threads)
+    return TrtDenoiser(path)
+
+
+def default_threads() -> int:
+    """Cores this process may use (respects taskset / Slurm cpu binding)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# --- ONNX Runtime ------------------------------------------------------------------------
+
+def _cuda_driver_present() -> bool:
+    """libcuda loads: asking ORT for CUDA is worth trying (and will not spray load errors)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+class OrtDenoiser:
+    """denoiser.onnx on ONNX Runtime. provider: auto | cuda | cpu; `provider` says what runs."""
+
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None):
+        import onnxruntime as ort
+        self.path = Path(path)
+        self.info = read_sidecar(self.path)
+        if provider not in ("auto", "cuda", "cpu"):
+            raise ModelError(f"provider {provider!r}: expected auto, cuda or cpu")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+        driver = _cuda_driver_present()
+        if provider == "cuda" and not driver:
+            raise BackendUnavailable("--provider cuda: no NVIDIA driver on this machine (libcuda.so.1 not found); "
+                                     "use --provider cpu")
+        want_cuda = provider == "cuda" or (provider == "auto" and driver
+                                           and "CUDAExecutionProvider" in ort.get_available_providers())
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for bad files
+            raise ModelError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        # ORT drops a provider it cannot create with only a log line; check what we really got.
+        self.provider = self.session.get_providers()[0]
+        if provider == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise BackendUnavailable(f"--provider cuda: onnxruntime could not start CUDAExecutionProvider here "
+                                     f"(available: {ort.get_available_providers()}; needs an NVIDIA GPU with "
+                                     f"CUDA and cuDNN); use --provider cpu")
+        self.name = f"onnxruntime {ort.__version__} {self.provider}"
+        self._check_io()
+        self._dtype = np.float16 if self.info.dtype == "float16" else np.float32
+        self._in_sample, self._in_t = self.info.input_names
+        self._out = self.info.output_names[0]
+
+    def _check_io(self) -> None:
+        """The graph's inputs must be what the sidecar says: names, dtype, image size."""
+        info, where = self.info, self.path
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if sorted(inputs) != sorted(info.input_names):
+            raise ModelError(f"{where}: inputs {sorted(inputs)} != sidecar input_names {info.input_names}")
+        sample = inputs[info.input_names[0]]
+        want_type = "tensor(float16)" if info.dtype == "float16" else "tensor(float)"
+        if sample.type != want_type:
+            raise ModelError(f"{where}: input {sample.name} is {sample.type}, sidecar says {info.dtype}")
+        expected = [info.channels, info.image_size, info.image_size]
+        if list(sample.shape[1:]) != expected:
+            raise ModelError(f"{where}: input {sample.name} has shape {sample.shape}, sidecar says "
+                             f"(batch, {', '.join(map(str, expected))}): wrong image size or channels")
+
+    def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        feeds = {self._in_sample: x.astype(self._dtype, copy=False), self._in_t: t.astype(np.float32, copy=False)}
+        out = self.session.run([self._out], feeds)[0]
+        return out.astype(np.float32, copy=False)
+
+
+# --- TensorRT ----------------------------------------------------------------------------
+
+def require_tensorrt():
+    """(tensorrt, cuda.bindings.runtime), or BackendUnavailable naming what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendUnavailable(f"TensorRT is not installed ({e}); on a machine with an NVIDIA GPU run "
+                                 f"`pip install tensorrt cuda-python` (or `pip install -e .[tensorrt]`)") from None
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError as e:
+        raise BackendUnavailable(f"the CUDA Python bindings are not installed ({e}); run `pip install cuda-python`") from None
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count == 0:
+        reason = cudart.cudaGetErrorString(err)[1].decode() if err != cudart.cudaError_t.cudaSuccess else "0 devices"
+        raise BackendUnavailable(f"TensorRT {trt.__version__} is installed but there is no CUDA device ({reason}); "
+                                 f"run on a machine with an NVIDIA GPU")
+    return trt, cudart
+
+
+def _cuda(result):
+    """Unpack a cuda.bindings call `(err, *values)`, raising on error."""
+    from cuda.bindings import runtime as cudart
+    err, *values = result
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA error: {cudart.cudaGetErrorString(err)[1].decode()}")
+    return values[0] if len(values) == 1 else (values or None)
+
+
+class TrtDenoiser:
+    """denoiser.plan on TensorRT: device and pinned host buffers allocated once at the profile's
+    maximum batch, one stream, host copies only at the ends of each call."""
+
+    def __init__(self, path: str | Path, device: int = 0):
+        self.path = Path(path)
+        self.info = read_sidecar(self.path)
+        if self.info.format != "tensorrt":
+            raise ModelError(f"{self.path}: sidecar format is {self.info.format!r}, not a TensorRT engine")
+        trt, cudart = require_tensorrt()
+        self._cudart = cudart
+        _cuda(cudart.cudaSetDevice(device))
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise ModelError(f"{self.path}: TensorRT {trt.__version__} cannot deserialize this engine (built with "
+                             f"TensorRT {self.info.producer.get('tensorrt', '?')} or for another GPU; rebuild it)")
+        self.context = self.engine.create_execution_context()
+        gpu = _cuda(cudart.cudaGetDeviceProperties(device)).name
+        gpu = (gpu.decode() if isinstance(gpu, bytes) else str(gpu)).rstrip("\x00")
+        self.name = f"tensorrt {trt.__version__} on {gpu}"
+        self._stream = _cuda(cudart.cudaStreamCreate())
+        self._device, self._host, self._row_bytes = {}, {}, {}
+        self._batch = None
+        self._allocate(trt)
+
+    def _allocate(self, trt) -> None:
+        info, engine = self.info, self.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        if sorted(names) != sorted(info.input_names + info.output_names):
+            raise ModelError(f"{self.path}: engine tensors {names} != sidecar {info.input_names + info.output_names}")
+        lo, _, hi = (tuple(d) for d in engine.get_tensor_profile_shape(info.input_names[0], 0))
+        expected = (info.channels, info.image_size, info.image_size)
+        if hi[1:] != expected or (lo[0], hi[0]) != (info.batch_min, info.batch_max):
+            raise ModelError(f"{self.path}: engine profile {lo}..{hi} disagrees with its sidecar "
+                             f"(batch {info.batch_range()}, image {expected})")
+        for name in names:
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            row = (1,) + (expected if name != info.input_names[1] else ())
+            self._row_bytes[name] = int(np.prod(row)) * dtype.itemsize
+            nbytes = self._row_bytes[name] * info.batch_max
+            self._device[name] = _cuda(self._cudart.cudaMalloc(nbytes))
+            host_ptr = _cuda(self._cudart.cudaMallocHost(nbytes))  # pinned: async copies really overlap
+            raw = (ctypes.c_byte * nbytes).from_address(host_ptr)
+            self._host[name] = (host_ptr, np.frombuffer(raw, dtype).reshape((info.batch_max,) + row[1:]))
+            self.context.set_tensor_address(name, int(self._device[name]))
+
+    def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        cudart, info = self._cudart, self.info
+        (sample, timestep), output = info.input_names, info.output_names[0]
+        b = len(x)
+        if b != self._batch:
+            self.context.set_input_shape(sample, (b, info.channels, info.image_size, info.image_size))
+            self.context.set_input_shape(timestep, (b,))
+            self._batch = b
+        np.copyto(self._host[sample][1][:b], x, casting="same_kind")
+        np.copyto(self._host[timestep][1][:b], t, casting="same_kind")
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name in (sample, timestep):
+            _cuda(cudart.cudaMemcpyAsync(self._device[name], self._host[name][0], b * self._row_bytes[name], h2d, self._stream))
+        if not self.context.execute_async_v3(int(self._stream)):
+            raise RuntimeError(f"{self.path}: TensorRT execute_async_v3 failed (batch {b})")
+        _cuda(cudart.cudaMemcpyAsync(self._host[output][0], self._device[output], b * self._row_bytes[output], d2h, self._stream))
+        _cuda(cudart.cudaStreamSynchronize(self._stream))
+        return self._host[output][1][:b].astype(np.float32)  # a copy: the pinned buffer is reused
+
+    def close(self) -> None:
+        cudart = self._cudart
+        for ptr in self._device.values():
+            cudart.cudaFree(ptr)
+        for ptr, _ in self._host.values():
+            cudart.cudaFreeHost(ptr)
+        self._device, self._host = {}, {}
+        cudart.cudaStreamDestroy(self._stream)
+
+    def __del__(self):
+        if getattr(self, "_device", None):
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown: the CUDA context is going away anyway
+                pass
+
+
+# --- PyTorch (reference) -----------------------------------------------------------------
+
+class TorchDenoiser:
+    """The EMA U-Net of a checkpoint (or run) directory, in PyTorch eager mode."""
+
+    def __init__(self, ckpt: str | Path, device: str = "cpu", threads: int | None = None, half: bool = False):
+        import torch
+        from pipeline.checkpoint import CheckpointError, find_checkpoint, load_ema_unet, load_model_json
+        from pipeline.diffusion import schedule_from_config
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            self.model, model_cfg, diffusion_cfg = load_ema_unet(ckpt, device=device)
+            self.checkpoint = find_checkpoint(ckpt)
+            step = load_model_json(self.checkpoint)[2].get("step", 0)
+        except CheckpointError as e:
+            raise ModelError(str(e)) from None
+        if half:
+            self.model.half()
+        self._torch, self._device = torch, torch.device(device)
+        self._dtype = torch.float16 if half else torch.float32
+        self.info = sidecar_from_config(model_cfg, diffusion_cfg, schedule_from_config(diffusion_cfg).betas,
+                                        fmt="torch", dtype="float16" if half else "float32",
+                                        source=str(self.checkpoint), step=step)
+        self.name = f"torch {torch.__version__} eager {device}{' fp16' if half else ''}"
+
+    def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            xs = torch.from_numpy(np.ascontiguousarray(x)).to(self._device, self._dtype)
+            ts = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self._device)
+            return self.model(xs, ts).float().cpu().numpy()
+
+
+__all__ = ["BackendUnavailable", "ModelError", "OrtDenoiser", "SidecarError", "TorchDenoiser", "TrtDenoiser",
+           "load_denoiser", "require_tensorrt"]

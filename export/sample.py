@@ -1,0 +1,161 @@
+"""Sample images from an exported denoiser (or a checkpoint) with the NumPy DDPM/DDIM loop.
+
+    python -m export.sample --model denoiser.onnx|denoiser.plan|CKPT_DIR --sampler ddim|ddpm
+        [--steps 50] [--eta 0] [--spacing leading] [--num 64] [--batch 16] [--seed 0]
+        [--provider auto|cuda|cpu] [--threads N] --out grid.png|samples.npz
+
+`.npz` holds `images`, uint8 (N,H,W,C); `.png` is a grid. Image i depends only on (seed, i),
+not on --batch. With an .onnx or .plan model this imports neither torch nor onnx.
+Exit status: 0 done, 2 bad input (one line on stderr), 1 a runtime is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export.backends import BackendUnavailable, ModelError, load_denoiser
+from export.sampler import SAMPLERS, generate
+from export.sidecar import SidecarError
+from pipeline.fileio import atomic_write_bytes
+from pipeline.schedule import SPACINGS
+
+OUT_SUFFIXES = (".png", ".npz")
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message names the flag."""
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(N,H,W,C) uint8 -> one (rows*H, cols*W, C) image, 2 px gutters."""
+    n, h, w, c = images.shape
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = img
+    return grid
+
+
+def save_images(images: np.ndarray, out: Path) -> None:
+    """Atomically write a .npz (`images`) or a .png grid."""
+    buffer = io.BytesIO()
+    if out.suffix == ".npz":
+        np.savez(buffer, images=images)
+    else:
+        from PIL import Image
+        grid = image_grid(images)
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+    atomic_write_bytes(out, buffer.getvalue())
+
+
+class Progress:
+    """tqdm on a terminal; otherwise a log line every `interval` seconds (batch logs stay short)."""
+
+    def __init__(self, total: int, interval: float = 10.0):
+        self.total, self.done, self.interval = total, 0, interval
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit="step", file=sys.stderr)
+            except ImportError:  # the standalone sampler needs only numpy + an engine
+                pass
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.interval or self.done == self.total:
+            self.last = now
+            print(f"  step {self.done}/{self.total} ({now - self.start:.1f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m export.sample", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help=".onnx, .plan/.engine (each with its .json sidecar) or a checkpoint dir")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--steps", type=int, help="network evaluations per image (default: ddim 50, ddpm all T)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--spacing", choices=SPACINGS, default="leading", help="how respaced steps are chosen")
+    p.add_argument("--num", type=int, default=64, help="number of images")
+    p.add_argument("--batch", type=int, help="images per engine call (default: 16 clamped to the engine's range)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="ONNX Runtime provider")
+    p.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime / torch (default: all allowed)")
+    p.add_argument("--out", required=True, help="grid .png or .npz")
+    return p.parse_args(argv)
+
+
+def check_args(args, info) -> int:
+    """Validate flags against the model; returns the batch size to use."""
+    if args.num < 1:
+        raise UsageError(f"--num {args.num}: must be >= 1")
+    if args.eta < 0:
+        raise UsageError(f"--eta {args.eta}: must be >= 0")
+    if args.steps is not None and not 1 <= args.steps <= info.num_timesteps:
+        raise UsageError(f"--steps {args.steps}: must be in [1, {info.num_timesteps}] (the model's T)")
+    if args.batch is None:
+        batch = max(min(16, info.batch_max or 16), info.batch_min)
+    elif not info.accepts_batch(args.batch):
+        raise UsageError(f"--batch {args.batch}: outside the engine's batch range {info.batch_range()} "
+                         f"(rebuild the engine with --batch MIN,OPT,MAX to change it)")
+    else:
+        batch = args.batch
+    return batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        if out.suffix not in OUT_SUFFIXES:  # checked before minutes of sampling, not after
+            raise UsageError(f"--out {out}: unknown output type {out.suffix!r}; expected .png or .npz")
+        if out.suffix == ".png":
+            try:
+                import PIL.Image  # noqa: F401
+            except ImportError:
+                raise UsageError(f"--out {out}: writing a PNG grid needs pillow (pip install pillow); "
+                                 f"or write .npz") from None
+        if not out.parent.is_dir():
+            raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+        denoiser = load_denoiser(args.model, provider=args.provider, threads=args.threads)
+        batch = check_args(args, denoiser.info)
+    except (UsageError, ModelError, SidecarError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BackendUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    info = denoiser.info
+    steps = args.steps or (info.num_timesteps if args.sampler == "ddpm" else min(50, info.num_timesteps))
+    print(f"{args.model}: {info.image_size}px {info.dtype}, batch {info.batch_range()}; running on {denoiser.name}",
+          file=sys.stderr)
+    progress = Progress(total=math.ceil(args.num / batch) * steps)
+    start = time.perf_counter()
+    images = generate(denoiser, args.num, batch=batch, sampler=args.sampler, steps=steps, eta=args.eta,
+                      spacing=args.spacing, seed=args.seed, on_step=progress)
+    seconds = time.perf_counter() - start
+    progress.close()
+    save_images(images, out)
+    print(f"wrote {out}: {args.num} images, {args.sampler} {steps} steps, batch {batch}, {seconds:.2f}s, "
+          f"{args.num / seconds:.2f} images/s on {denoiser.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
