@@ -1,0 +1,372 @@
+"""The interactive demo: generate, edit (SDEdit) and inpaint faces with the exported denoiser.
+
+    python -m export.app --model denoiser.onnx|denoiser.plan|CKPT_DIR [--host 127.0.0.1] [--port 7860]
+
+A Gradio page with three tabs on one model loaded at start. Requests are queued one at a time
+(the engine is not shared between two batches) and every batch fits the engine's profile.
+Uploads are checked, converted to the model's channels, center-cropped and resized to its
+size; anything the page cannot use is reported in the page, never as a traceback. Gradio's
+analytics and version check are off, no share link is made: nothing leaves the host.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import html
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from export.backends import BackendUnavailable, ModelError, SidecarError, load_denoiser
+from export.editing import X0Trajectory, generate, inpaint, sdedit
+from export.sampler import sampler_timesteps, to_uint8
+
+# Set before gradio is imported: it reads them at import and Blocks() time (telemetry, version check).
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+import gradio as gr  # noqa: E402
+
+MAX_UPLOAD_BYTES = 20 * 2 ** 20
+MAX_SIDE = 4096            # px; bigger uploads are refused before they are decoded
+DEFAULT_MAX_BATCH = 16     # engines without a batch maximum (ONNX) still get bounded batches
+TRAJECTORY_FRAMES = 8
+TRAJECTORY_ROWS = 4
+IMAGE_HEIGHT = 256        # px on the page for single results
+MAX_SEED = 2 ** 32 - 1
+
+
+class UserInputError(ValueError):
+    """Something in the request the page cannot use; the message is shown to the user."""
+
+
+# --- images in and out ---------------------------------------------------------------------
+
+def open_upload(source) -> Image.Image:
+    """A PIL image from an upload (path or PIL image), checked for size before decoding."""
+    if source is None:
+        raise UserInputError("Upload an image first.")
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source["path"] if isinstance(source, dict) else source)  # dict: gradio's FileData
+        if path.stat().st_size > MAX_UPLOAD_BYTES:
+            raise UserInputError(f"The file is {path.stat().st_size / 2 ** 20:.1f} MB; the limit is "
+                                 f"{MAX_UPLOAD_BYTES // 2 ** 20} MB.")
+        try:
+            image = Image.open(path)  # reads the header only
+        except (UnidentifiedImageError, OSError):
+            raise UserInputError("That file is not an image this page can read (use PNG, JPEG or WebP).") from None
+    if max(image.size) > MAX_SIDE:
+        raise UserInputError(f"The image is {image.size[0]}x{image.size[1]} px; the limit is {MAX_SIDE} px a side.")
+    try:
+        image.load()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise UserInputError(f"The image could not be decoded ({e}).") from None
+    return ImageOps.exif_transpose(image)
+
+
+def to_model_mode(image: Image.Image, channels: int) -> Image.Image:
+    """RGB (or L for 1-channel models); transparency is flattened onto white, CMYK/16-bit converted."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.asarray(image, np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def center_square(image: Image.Image, size: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
+    """The largest centered square, resized to size x size."""
+    return ImageOps.fit(image, (size, size), method=resample, centering=(0.5, 0.5))
+
+
+def image_to_model(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """(1, C, size, size) float32 in [-1, 1]."""
+    pixels = np.asarray(center_square(to_model_mode(image, channels), size), np.float32)
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    return (pixels.transpose(2, 0, 1)[None] / 127.5 - 1.0).astype(np.float32)
+
+
+def model_to_pil(x: np.ndarray) -> list[Image.Image]:
+    """(B, C, H, W) in [-1, 1] -> B PIL images."""
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(x)]
+
+
+def keep_mask_from_layers(layers, canvas_size: tuple[int, int], size: int) -> np.ndarray:
+    """(1, 1, size, size) float32, 1 = keep: the painted strokes (alpha > 0) are what to regenerate."""
+    painted = np.zeros(canvas_size[::-1], bool)
+    for layer in layers or []:
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
+        if alpha.shape != painted.shape:
+            layer_img = Image.fromarray(alpha.astype(np.uint8) * 255).resize(canvas_size, Image.Resampling.NEAREST)
+            alpha = np.asarray(layer_img) > 0
+        painted |= alpha
+    if not painted.any():
+        raise UserInputError("Paint over the region to regenerate first: the mask is empty.")
+    # Same crop as the image; a model pixel is regenerated when any part of it was painted.
+    small = center_square(Image.fromarray(painted.astype(np.uint8) * 255), size, Image.Resampling.BOX)
+    keep = (np.asarray(small) == 0).astype(np.float32)
+    if keep.all():
+        raise UserInputError(f"The painted region vanishes at the model's {size} px (paint a larger area).")
+    return keep[None, None]
+
+
+def trajectory_strip(frames, rows: int, min_tile: int = 64) -> Image.Image:
+    """x0 predictions as a grid: one row per image (up to `rows`), one column per recorded step.
+    Small models' tiles are enlarged by an integer factor (nearest) so the strip is legible."""
+    tiles = [model_to_pil(x0[:rows]) for _, x0 in frames]
+    factor = max(1, -(-min_tile // tiles[0][0].size[0]))
+    tiles = [[t.resize((t.size[0] * factor, t.size[1] * factor), Image.Resampling.NEAREST) for t in column]
+             for column in tiles]
+    w, h = tiles[0][0].size
+    strip = Image.new(tiles[0][0].mode, (w * len(tiles), h * len(tiles[0])))
+    for col, column in enumerate(tiles):
+        for row, tile in enumerate(column):
+            strip.paste(tile, (col * w, row * h))
+    return strip
+
+
+def check_range(name: str, value, lo: float, hi: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not lo <= number <= hi:  # also False for NaN
+        raise UserInputError(f"{name} must be from {lo:g} to {hi:g}; got {value}.")
+    return number
+
+
+def check_seed(seed) -> int:
+    number = check_range("The seed", seed, 0, MAX_SEED)
+    if not number.is_integer():
+        raise UserInputError(f"The seed must be a whole number; got {seed}.")
+    return int(number)
+
+
+def timing(n: int, seconds: float, what: str) -> str:
+    per_second = n / max(seconds, 1e-9)
+    return f"{n} image{'s' if n != 1 else ''} in {seconds:.2f} s ({per_second:.2f} images/s) · {what}"
+
+
+# --- the handlers --------------------------------------------------------------------------
+
+def shown_to_user(fn):
+    """Handler wrapper: a failed request leaves the page as it was, shows a warning toast and puts the
+    one-line reason into the status box (the last output). Unexpected errors also log a traceback."""
+    @functools.wraps(fn)  # keeps the signature, so gradio still sees the gr.Progress default
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserInputError as e:
+            message = str(e)
+        except Exception as e:  # the server must survive whatever one request does
+            traceback.print_exc()
+            message = f"Sampling failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        gr.Warning(html.escape(message))
+        return (gr.skip(), gr.skip(), f"⚠ {message}")
+    return wrapped
+
+
+class Demo:
+    """The loaded denoiser and what the three tabs do with it. Each handler returns
+    (images or gallery, image, status line) and raises UserInputError for input it cannot use."""
+
+    def __init__(self, denoiser, max_images: int = 16):
+        self.denoiser, self.info = denoiser, denoiser.info
+        self.batch = min(self.info.batch_max or DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH)
+        self.max_images = max_images
+
+    def _sampler(self, sampler, steps, seed) -> tuple[str, int, int]:
+        sampler = str(sampler).lower()
+        if sampler not in ("ddim", "ddpm"):
+            raise UserInputError(f"Unknown sampler {sampler!r}; choose DDIM or DDPM.")
+        return sampler, int(check_range("Steps", steps, 1, self.info.num_timesteps)), check_seed(seed)
+
+    @staticmethod
+    def _progress(progress, total: int, desc: str):
+        """A no-argument step counter driving gr.Progress (or nothing, outside the page)."""
+        if progress is None:
+            return None
+        done = [0]
+
+        def step(*_):
+            done[0] += 1
+            progress((done[0], total), desc=desc)
+        progress((0, total), desc=desc)
+        return step
+
+    def generate(self, seed, sampler, steps, eta, num, progress=None):
+        """-> (gallery [(image, caption)], trajectory strip, status)."""
+        sampler, steps, seed = self._sampler(sampler, steps, seed)
+        eta = check_range("eta", eta, 0.0, 1.0)
+        num = int(check_range("Number of images", num, 1, self.max_images))
+        chunks = -(-num // self.batch)
+        on_step = self._progress(progress, chunks * steps, f"{sampler.upper()}, {steps} steps")
+        recorder = X0Trajectory(steps, max(1, steps // (TRAJECTORY_FRAMES - 1)), on_step)
+        start = time.perf_counter()
+        x = generate(self.denoiser, num, batch=self.batch, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                     callback=recorder)
+        seconds = time.perf_counter() - start
+        gallery = [(im, f"seed {seed} #{i}") for i, im in enumerate(model_to_pil(x))]
+        what = f"{sampler.upper()} {steps} steps{f', eta {eta:g}' if sampler == 'ddim' else ''} · {self.denoiser.name}"
+        return gallery, trajectory_strip(recorder.frames, TRAJECTORY_ROWS), timing(num, seconds, what)
+
+    def edit(self, upload, strength, sampler, steps, seed, progress=None):
+        """SDEdit -> (the input as the model sees it, result, status)."""
+        sampler, steps, seed = self._sampler(sampler, steps, seed)
+        strength = check_range("Strength", strength, 0.0, 1.0)
+        x = image_to_model(open_upload(upload), self.info.image_size, self.info.channels)
+        n_run = int(round(strength * len(sampler_timesteps(self.info.schedule(), sampler, steps))))
+        on_step = self._progress(progress, max(n_run, 1), f"SDEdit, {n_run} of {steps} steps")
+        start = time.perf_counter()
+        out = sdedit(self.denoiser, x, strength, sampler=sampler, steps=steps, seed=seed, callback=on_step)
+        seconds = time.perf_counter() - start
+        status = timing(1, seconds, f"strength {strength:.2f}: {n_run} of {steps} {sampler.upper()} steps")
+        return model_to_pil(x)[0], model_to_pil(out)[0], status
+
+    def inpaint(self, editor, sampler, steps, resample, seed, progress=None):
+        """RePaint -> (the input with the region to regenerate greyed out, result, status)."""
+        sampler, steps, seed = self._sampler(sampler, steps, seed)
+        resample = int(check_range("Resampling", resample, 1, 10))
+        background = (editor or {}).get("background")
+        image = open_upload(background)
+        keep = keep_mask_from_layers(editor.get("layers"), background.size, self.info.image_size)
+        x = image_to_model(image, self.info.image_size, self.info.channels)
+        on_step = self._progress(progress, steps, f"Inpainting, {steps} steps x {resample}")
+        start = time.perf_counter()
+        out = inpaint(self.denoiser, x, keep, sampler=sampler, steps=steps, seed=seed, resample=resample,
+                      callback=on_step)
+        seconds = time.perf_counter() - start
+        status = timing(1, seconds, f"{steps * resample} denoiser calls ({steps} {sampler.upper()} steps x {resample})")
+        return model_to_pil(np.where(keep > 0, x, 0.0))[0], model_to_pil(out)[0], status
+
+
+# --- the page ------------------------------------------------------------------------------
+
+CSS = """
+/* Model-size images (16..256 px) shown large and sharp rather than as thumbnails or blurred. */
+.pixelated img { image-rendering: pixelated; object-fit: contain; width: 100%; height: 100%; }
+"""
+
+
+def result_image(label: str, elem_id: str) -> gr.Image:
+    """An output image at the model's size, shown enlarged (PNG: no compression artefacts)."""
+    return gr.Image(label=label, format="png", interactive=False, elem_id=elem_id, elem_classes="pixelated",
+                    height=IMAGE_HEIGHT)
+
+
+def build_ui(demo: Demo) -> gr.Blocks:
+    info = demo.info
+    samplers = ["DDIM", "DDPM"]
+    max_steps = info.num_timesteps
+
+    @shown_to_user
+    def on_generate(seed, sampler, steps, eta, num, progress=gr.Progress()):
+        return demo.generate(seed, sampler, steps, eta, num, progress)
+
+    @shown_to_user
+    def on_edit(upload, strength, sampler, steps, seed, progress=gr.Progress()):
+        return demo.edit(upload, strength, sampler, steps, seed, progress)
+
+    @shown_to_user
+    def on_inpaint(editor, sampler, steps, resample, seed, progress=gr.Progress()):
+        return demo.inpaint(editor, sampler, steps, resample, seed, progress)
+
+    # delete_cache: uploads and results older than an hour are removed hourly (a long-running demo).
+    with gr.Blocks(title="DDPM faces", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+        gr.Markdown(f"## DDPM faces\n{info.image_size} px · {info.prediction_type} model · "
+                    f"{info.num_timesteps} training steps · running on {demo.denoiser.name}")
+        with gr.Tab("Generate", id="generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
+                    sampler = gr.Radio(samplers, value="DDIM", label="Sampler")
+                    steps = gr.Slider(1, max_steps, value=min(50, max_steps), step=1, label="Steps")
+                    eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (DDIM noise; 0 = deterministic)")
+                    num = gr.Slider(1, demo.max_images, value=min(8, demo.max_images), step=1,
+                                    label=f"Number of images (batches of up to {demo.batch})")
+                    run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                with gr.Column(scale=2):
+                    gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="gallery",
+                                         elem_classes="pixelated", object_fit="contain", height="auto")
+                    trajectory = gr.Image(label="Denoising trajectory: x0 prediction, left to right as t falls "
+                                          f"(first {TRAJECTORY_ROWS} images)", format="png", interactive=False,
+                                          elem_id="trajectory", elem_classes="pixelated")
+                    status = gr.Textbox(label="Time", interactive=False, elem_id="generate-status")
+            run.click(on_generate, [seed, sampler, steps, eta, num], [gallery, trajectory, status])
+        with gr.Tab("Edit", id="edit"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    upload = gr.Image(type="filepath", label="Image to edit", sources=["upload", "clipboard"],
+                                      elem_id="edit-input")
+                    strength = gr.Slider(0.0, 1.0, value=0.5, step=0.05,
+                                         label="Strength (0 = keep the image, 1 = a new face)")
+                    edit_sampler = gr.Radio(samplers, value="DDIM", label="Sampler")
+                    edit_steps = gr.Slider(1, max_steps, value=min(50, max_steps), step=1, label="Steps")
+                    edit_seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
+                    edit_run = gr.Button("Edit", variant="primary", elem_id="edit-button")
+                with gr.Column(scale=1):
+                    edit_before = result_image(f"Input at {info.image_size} px", "edit-before")
+                    edit_after = result_image("Result", "edit-result")
+                    edit_status = gr.Textbox(label="Time", interactive=False, elem_id="edit-status")
+            # preprocess=False: the handler gets the upload's (validated) path, not gradio's decode of it,
+            # so a file that is not an image is reported by open_upload like any other bad input.
+            edit_run.click(on_edit, [upload, strength, edit_sampler, edit_steps, edit_seed],
+                           [edit_before, edit_after, edit_status], preprocess=False)
+        with gr.Tab("Inpaint", id="inpaint"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    editor = gr.ImageMask(type="pil", label="Upload, then paint the region to regenerate",
+                                          sources=["upload", "clipboard"], format="png", transforms=(),
+                                          layers=False, elem_id="inpaint-input")
+                    paint_sampler = gr.Radio(samplers, value="DDIM", label="Sampler")
+                    paint_steps = gr.Slider(1, max_steps, value=min(50, max_steps), step=1, label="Steps")
+                    resample = gr.Slider(1, 10, value=2, step=1, label="Resampling per step (RePaint; more "
+                                         "blends the seam better, costs linearly)")
+                    paint_seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
+                    paint_run = gr.Button("Inpaint", variant="primary", elem_id="inpaint-button")
+                with gr.Column(scale=1):
+                    paint_before = result_image("Kept region", "inpaint-before")
+                    paint_after = result_image("Result", "inpaint-result")
+                    paint_status = gr.Textbox(label="Time", interactive=False, elem_id="inpaint-status")
+            paint_run.click(on_inpaint, [editor, paint_sampler, paint_steps, resample, paint_seed],
+                            [paint_before, paint_after, paint_status])
+    # One request at a time: the engine runs one batch at once; a bounded queue refuses the rest.
+    return page.queue(default_concurrency_limit=1, max_size=32)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m export.app", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="denoiser.onnx, denoiser.plan or a checkpoint/run directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--provider", default="auto", choices=["auto", "cuda", "cpu"], help="ONNX Runtime provider")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the denoiser")
+    parser.add_argument("--max-images", type=int, default=16, help="most images one Generate request may ask for")
+    args = parser.parse_args(argv)
+    try:
+        denoiser = load_denoiser(args.model, provider=args.provider, threads=args.threads)
+    except (ModelError, SidecarError, BackendUnavailable) as e:
+        raise SystemExit(f"export.app: {e}") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"export.app: binding {args.host}: anyone who can reach this host can use the page", file=sys.stderr)
+    demo = Demo(denoiser, max_images=args.max_images)
+    print(f"export.app: {denoiser.name}, {demo.info.image_size} px, batches of up to {demo.batch}", flush=True)
+    try:
+        build_ui(demo).launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
+                              show_error=True, max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, mcp_server=False,
+                              pwa=False, enable_monitoring=False, run_history=False, footer_links=["settings"],
+                              css=CSS)
+    except OSError as e:  # port taken, address not on this host
+        raise SystemExit(f"export.app: cannot serve on {args.host}:{args.port} ({e})") from None
+
+
+if __name__ == "__main__":
+    main()
