@@ -312,7 +312,8 @@ def format_table(result: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m pipeline.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", required=True, help="npz with `images` uint8 (N, H, W, C)")
+    p.add_argument("--samples", required=True, action="append", metavar="[NAME=]PATH",
+                   help="npz with `images` uint8 (N, H, W, C); repeat with NAME=PATH to compare several")
     p.add_argument("--shards", required=True, help="shard directory with manifest.json (from data_prep)")
     p.add_argument("--split", default="train", choices=("train", "val"), help="real images to compare with")
     p.add_argument("--features", choices=("classifier", "inception"),
@@ -324,8 +325,36 @@ def parse_args(argv=None):
     p.add_argument("--feature-net-steps", type=int, default=FEATURE_NET_STEPS,
                    help="training steps, used only when the feature net is trained")
     p.add_argument("--max-real", type=int, default=10000, help="at most this many real images (seeded subset)")
+    p.add_argument("--floor", action="store_true",
+                   help="also score the val split against train, at the samples' N: the best a model can do")
     p.add_argument("--out", help="write the result as JSON here (atomically)")
     return p.parse_args(argv)
+
+
+def named_samples(specs: list[str]) -> dict[str, str]:
+    """['a.npz', 'ema=b.npz'] -> {'a': 'a.npz', 'ema': 'b.npz'}."""
+    named = {}
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec else (Path(spec).stem, "", spec)
+        if name in named:
+            raise EvaluateError(f"--samples {spec}: the name {name!r} is given twice")
+        named[name] = path
+    return named
+
+
+def format_comparison(results: dict[str, dict]) -> str:
+    """One row per sample set: the Fréchet distance and the k-NN metrics side by side."""
+    first = next(iter(results.values()))
+    columns = list(first["metrics"])
+    width = max(12, *(len(n) for n in results)) + 2
+    lines = [f"{'samples':<{width}}{'N':>6}" + "".join(f"{c:>16}" for c in columns)]
+    for name, result in results.items():
+        lines.append(f"{name:<{width}}{result['n_fake']:>6}"
+                     + "".join(f"{result['metrics'][c]:>16.4f}" for c in columns))
+    net = first.get("feature_net") or first.get("inception")
+    lines.append(f"against {first['n_real']} real images ({first['split']} split); features: "
+                 f"{first['features']} ({net['path']}); precision/recall/density/coverage at k={first['k']}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -338,14 +367,23 @@ def main(argv=None) -> int:
             raise EvaluateError(f"--max-real {args.max_real}: need at least 2 real images")
         if args.feature_net_steps < 1:
             raise EvaluateError(f"--feature-net-steps {args.feature_net_steps}: need at least 1")
-        samples = load_samples(args.samples)
+        paths = named_samples(args.samples)
+        named = {name: load_samples(path) for name, path in paths.items()}
         featurizer = Featurizer(features, args.shards, args.feature_net, args.inception, args.feature_net_steps)
-        result = {**evaluate(samples, args.shards, args.split, args.max_real, featurizer=featurizer),
-                  "samples": str(args.samples)}
+        results = {name: {**evaluate(samples, args.shards, args.split, args.max_real, featurizer=featurizer),
+                          "samples": str(paths[name])} for name, samples in named.items()}
+        if args.floor:
+            n = max(len(samples) for samples in named.values())
+            results["val split (floor)"] = reference_floor(args.shards, n, args.max_real, featurizer=featurizer)
     except EvaluateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(result))
+    if len(results) == 1:
+        result = next(iter(results.values()))
+        print(format_table(result))
+    else:
+        result = {"runs": results}
+        print(format_comparison(results))
     if args.out:
         atomic_write_json(args.out, result)
         print(f"wrote {args.out}")

@@ -191,6 +191,25 @@ def test_cli_writes_table_and_json_and_reuses_the_net(shards, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
+def test_cli_compares_named_sample_sets_with_the_floor(shards, tmp_path, capsys):
+    real, noise = tmp_path / "real.npz", tmp_path / "noise.npz"
+    val = ev.read_split(shards, "val", 40)
+    np.savez(real, images=val)
+    np.savez(noise, images=np.random.default_rng(0).integers(0, 256, val.shape, dtype=np.uint8))
+    out = tmp_path / "scores.json"
+    argv = ["--shards", str(shards), "--samples", f"real={real}", "--samples", f"noise={noise}", "--floor",
+            "--max-real", "200", "--out", str(out)]
+    assert ev.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["real", "noise", "val"]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"real", "noise", "val split (floor)"}
+    assert runs["real"]["metrics"]["classifier-FID"] < runs["noise"]["metrics"]["classifier-FID"]
+    assert runs["val split (floor)"]["n_fake"] == 40
+    assert ev.main(argv[:2] + ["--samples", f"a={real}", "--samples", f"a={noise}"]) == 2
+    assert "the name 'a' is given twice" in capsys.readouterr().err
+
+
 def test_bad_samples_file_is_one_clear_line(shards, tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     np.savez(bad, pictures=np.zeros((4, 8, 8, 3), np.uint8))
