@@ -52,7 +52,11 @@ echo "train.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_
     "$SLURM_NTASKS tasks, $gpus GPUs per node, master $MASTER_ADDR:$MASTER_PORT, $(date -Is)"
 
 # srun in Slurm 22.05+ does not inherit --cpus-per-task from sbatch: pass it on.
-srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+# --wait=60, not --kill-on-bad-exit: after a USR1 checkpoint every rank exits with the requeue
+# status within moments of the others, and killing the slower ones would turn that status
+# into 143. A rank that crashes still takes the others down, 60 s later, instead of leaving
+# them blocked in a collective until the process-group timeout.
+srun --wait=60 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     python -m pipeline.train --config "$@"
 status=$?
 

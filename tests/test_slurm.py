@@ -1,0 +1,177 @@
+"""Training under a real Slurm: `sbatch slurm/train.sh`, the submitit launcher, USR1 preemption and requeue.
+
+Needs a cluster: `bash slurm/dev-cluster.sh start` brings up a one-node one on this machine.
+Each job runs 2 tasks (ranks) of the tiny model on CPU over gloo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import complete_checkpoints
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.image_size=16", "model.ch=32", "train.batch_size=4", "train.warmup_steps=2", "log.every=1", "log.sample_every=0",
+        "log.tensorboard=false", "data.num_workers=0", "train.keep_checkpoints=5"]
+TWO_TASKS = ["--ntasks-per-node=2", "--cpus-per-task=1"]
+JOB_TIMEOUT_S = 600  # generous: the first DeepSpeed start may compile its CPU comm op
+
+
+def _cluster_missing() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "sbatch is not on PATH (start a dev cluster: bash slurm/dev-cluster.sh start)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: slurmctld is not answering (bash slurm/dev-cluster.sh status)"
+    states = out.stdout.split()
+    if out.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
+        return f"no Slurm node is up (sinfo: {out.stderr.strip() or states}); run bash slurm/dev-cluster.sh start"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    reason = _cluster_missing()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("slurm") / "shards"
+    subprocess.run([sys.executable, "-m", "data_prep", "--synthetic", "64", "--out", str(out), "--size", "16",
+                    "--workers", "1", "--shard-size", "32"], cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+def job_env() -> dict:
+    """The test's Python on PATH (sbatch exports the environment to the job), one thread per rank."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if (Path(sys.prefix) / "bin" / "activate").is_file():
+        env["DDPM_VENV"] = sys.prefix
+    return env
+
+
+def overrides(run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    return [f"run.dir={run_dir}", f"data.shards={shards}", *TINY, *extra]
+
+
+def sacct_states(job_id: str) -> list[str]:
+    """Every run of the job, oldest first: REQUEUED for each requeue, then the current state."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id, "-o", "State"],
+                         capture_output=True, text=True, check=True)
+    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+
+
+def wait_for_job(job_id: str, timeout: float = JOB_TIMEOUT_S) -> str:
+    """Poll accounting until the job's latest run has ended; returns its state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = sacct_states(job_id)
+        if states and states[-1] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return states[-1]
+        time.sleep(2)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"job {job_id} did not finish within {timeout} s (states: {sacct_states(job_id)})")
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_step(run_dir: Path, step: int, job_id: str, timeout: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(s >= step for s in metric_steps(run_dir)):
+            return
+        if sacct_states(job_id)[-1:] in (["FAILED"], ["CANCELLED"], ["COMPLETED"]):
+            pytest.fail(f"job {job_id} ended before step {step}")
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} did not reach step {step} within {timeout} s")
+
+
+def steps_of(checkpoints: list[Path]) -> list[int]:
+    return [int(c.name.removeprefix("step_")) for c in checkpoints]
+
+
+def test_sbatch_two_tasks_train_and_checkpoint(tmp_path, shards):
+    run_dir = tmp_path / "run"
+    cmd = ["sbatch", "--parsable", "--wait", *TWO_TASKS, f"--output={tmp_path}/slurm-%j.out",
+           "slurm/train.sh", "configs/tiny_cpu.yaml",
+           *overrides(run_dir, shards, "train.max_steps=4", "train.checkpoint_every=2")]
+    done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    job_id = done.stdout.split()[0].split(";")[0]
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert done.returncode == 0, f"{done.stderr}\n{log}"
+
+    assert "2 process(es)" in log, log  # one world of 2 ranks, not 2 single-process runs
+    assert steps_of(complete_checkpoints(run_dir)) == [2, 4]
+    assert metric_steps(run_dir) == [1, 2, 3, 4]
+    assert sacct_states(job_id) == ["COMPLETED"]
+
+
+def test_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, shards):
+    run_dir, max_steps = tmp_path / "run", 30
+    cmd = ["sbatch", "--parsable", *TWO_TASKS, f"--output={tmp_path}/slurm-%j.out",
+           "slurm/train.sh", "configs/tiny_cpu.yaml",
+           *overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000")]
+    job_id = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True,
+                            check=True).stdout.split(";")[0].strip()
+    wait_for_step(run_dir, 2, job_id)
+    # What Slurm does 120 s before the time limit (--signal=USR1@120): USR1 to every task.
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    state = wait_for_job(job_id)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", log
+
+    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"], log
+    (preempted, final) = steps_of(complete_checkpoints(run_dir))
+    assert 2 <= preempted < max_steps and final == max_steps, log
+    assert f"step {preempted}: stopped on request" in log
+    assert f"resumed from {run_dir}/checkpoints/step_{preempted:09d} (step {preempted}," in log
+    assert "train.sh: job" in log and "(restart 1)" in log
+    # every step logged exactly once: the resumed run picked up where the signal stopped the first
+    assert metric_steps(run_dir) == list(range(1, max_steps + 1))
+
+
+def test_submitit_launcher_trains_and_survives_preemption(tmp_path, shards):
+    run_dir, max_steps = tmp_path / "run", 30
+    cmd = [sys.executable, "-m", "pipeline.launch", "--config", "configs/tiny_cpu.yaml", "--tasks-per-node", "2",
+           "--cpus-per-task", "1", "--time", "30", "--wait",
+           *overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000")]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        first = launcher.stdout.readline()
+        assert first.startswith("submitted job "), first + launcher.stdout.read()
+        job_id = first.split()[2].rstrip(":")
+        wait_for_step(run_dir, 2, job_id)
+        subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+        rest, _ = launcher.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    logs = "\n".join(p.read_text() for p in sorted((run_dir / "submitit").glob(f"{job_id}_*_log.*")))
+    assert launcher.returncode == 0, first + rest + logs
+    assert f"job {job_id} finished: [0, 0]" in rest  # both ranks ran the training and returned 0
+
+    assert wait_for_job(job_id) == "COMPLETED"  # the results are in before the processes have left
+    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"], logs
+    (preempted, final) = steps_of(complete_checkpoints(run_dir))
+    assert 2 <= preempted < max_steps and final == max_steps, logs
+    assert f"resumed from {run_dir}/checkpoints/step_{preempted:09d}" in logs
+    assert metric_steps(run_dir) == list(range(1, max_steps + 1))
