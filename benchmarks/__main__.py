@@ -1,0 +1,86 @@
+"""python -m benchmarks <name>|all [--quick] [--device cpu|cuda] [--out DIR]
+
+Benchmarks: train, data, sampler, end_to_end. Each writes <out>/<name>.json (machine, versions,
+config, every repeat) and <out>/<name>.md (tables, targets, method), plus PNG plots where a curve
+says more than a table; `all` also writes <out>/summary.md and summary.json with every target.
+--quick finishes in a few minutes on 2 CPU cores (a smoke run: numbers are not representative).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import common
+
+NAMES = ("train", "data", "sampler", "end_to_end")
+
+
+def module(name: str):
+    return importlib.import_module(f"benchmarks.{'data_harness' if name == 'data' else name}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=NAMES + ("all",), help="which benchmark, or all of them")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes (minutes on 2 CPU cores)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
+    p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results/<device>)")
+    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: usable cores)")
+    for name in NAMES:
+        module(name).add_arguments(p)
+    args = p.parse_args(argv)
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible to torch on this machine")
+    args.out = args.out or Path("benchmarks/results") / args.device
+    for name in NAMES:
+        module(name).defaults(args)
+    return args
+
+
+def summary(results: dict[str, dict], out_dir: Path, seconds: float) -> None:
+    targets = [t for r in results.values() for t in r["targets"]]
+    first = next(iter(results.values()))
+    md = ["# Benchmark summary", "", f"`{first['command']}` · {first['date']} · {seconds / 60:.1f} min",
+          "", f"Machine: {common.machine_line(first['machine'])}", "",
+          common.targets_table(targets), "", "Details: " + ", ".join(f"[{n}]({n}.md)" for n in results), ""]
+    common.atomic_write_text(out_dir / "summary.md", "\n".join(md))
+    common.atomic_write_json(out_dir / "summary.json", {
+        "command": first["command"], "date": first["date"], "seconds": seconds, "machine": first["machine"],
+        "versions": first["versions"], "benchmarks": list(results), "targets": targets})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    names = NAMES if args.name == "all" else (args.name,)
+    args.out.mkdir(parents=True, exist_ok=True)
+    progress = common.Progress(sum(module(n).steps(args) for n in names))
+    start, results = time.monotonic(), {}
+    try:
+        for name in names:
+            progress.describe(name)
+            result = module(name).run(args, progress)
+            result["seconds"] = time.monotonic() - start - sum(r["seconds"] for r in results.values())
+            json_path, md_path = common.write_result(result, args.out)
+            results[name] = result
+            print(f"benchmarks: {name} done in {result['seconds']:.0f} s -> {md_path}", file=sys.stderr)
+    finally:
+        progress.close()
+    if len(names) > 1:
+        summary(results, args.out, time.monotonic() - start)
+    for result in results.values():
+        for t in result["targets"]:
+            print(f"{t['name']:45s} {common.fmt(t['value']):>8s} (need {t['op']} {t['threshold']:g}): "
+                  f"{common.target_verdict(t)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

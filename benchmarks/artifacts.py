@@ -1,0 +1,86 @@
+"""Models to time without training one: a random-weight checkpoint per config, its ONNX, its engine.
+
+Timing does not depend on what the weights learned, only on the architecture; the zero-initialised
+output layers are given random values too, so no path is all zeros. Exports take a while, so
+they are cached under the system temp dir, keyed by config, torch and onnxruntime versions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from benchmarks import common
+from pipeline.config import Config, config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(tempfile.gettempdir()) / "ddpm-benchmarks"
+
+
+def config(name: str) -> Config:
+    return load_config(REPO / "configs" / f"{name}.yaml")
+
+
+def _key(cfg: Config, seed: int) -> str:
+    v = common.versions()
+    text = json.dumps([config_to_dict(cfg)["model"], config_to_dict(cfg)["diffusion"], seed, v["torch"],
+                       v["onnx"], v["onnxruntime-gpu"] or v["onnxruntime"]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def random_checkpoint(cfg: Config, seed: int = 0) -> Path:
+    """A complete checkpoint directory (ema.safetensors, model.json, COMPLETE) with random weights."""
+    import torch
+    from pipeline.checkpoint import checkpoint_dir, is_complete, mark_complete, save_export_files
+    from pipeline.unet import UNet
+    run_dir = CACHE / _key(cfg, seed)
+    ckpt = checkpoint_dir(run_dir, 0)
+    if is_complete(ckpt):
+        return ckpt
+    shutil.rmtree(ckpt, ignore_errors=True)
+    ckpt.mkdir(parents=True)
+    torch.manual_seed(seed)
+    model = UNet(cfg.model)
+    for layer in model.modules():  # re-draw the zero-initialised residual outputs with their default init
+        if hasattr(layer, "reset_parameters") and all(not p.any() for p in layer.parameters(recurse=False)):
+            layer.reset_parameters()
+    save_export_files(ckpt, model.state_dict(), cfg, step=0, images_seen=0)
+    mark_complete(ckpt)
+    return ckpt
+
+
+def onnx_model(cfg: Config, fp16: bool = False, seed: int = 0) -> Path:
+    """denoiser[_fp16].onnx (+ sidecar) exported by export.onnx from the random checkpoint."""
+    from export.onnx import export_onnx
+    ckpt = random_checkpoint(cfg, seed)
+    out = ckpt / ("denoiser_fp16.onnx" if fp16 else "denoiser.onnx")
+    if not (out.is_file() and out.with_suffix(".json").is_file()):
+        export_onnx(ckpt, out, fp16=fp16)
+    return out
+
+
+def tensorrt_engine(cfg: Config, batch: tuple[int, int, int], fp16: bool = True, seed: int = 0) -> Path:
+    """denoiser.plan built by export.trt (TensorRT and a CUDA device needed)."""
+    import tensorrt
+    from export.trt import build_engine
+    # TensorRT 11 is strongly typed: fp16 comes from an fp16 graph; TensorRT 10 takes the builder flag.
+    strongly_typed = int(tensorrt.__version__.split(".")[0]) >= 11
+    onnx_path = onnx_model(cfg, fp16=fp16 and strongly_typed, seed=seed)
+    out = onnx_path.with_name(f"denoiser_{'fp16' if fp16 else 'fp32'}_{'-'.join(map(str, batch))}.plan")
+    if not (out.is_file() and out.with_suffix(".json").is_file()):
+        build_engine(onnx_path, out, batch=batch, fp16=fp16, timing_cache=onnx_path.parent / "timing.cache")
+    return out
+
+
+def tensorrt_available() -> str | None:
+    """None when TensorRT can run here, else the reason it cannot."""
+    try:
+        from export.backends import BackendUnavailable, require_tensorrt
+        require_tensorrt()
+        return None
+    except BackendUnavailable as e:
+        return str(e)
+    except Exception as e:  # a broken install is a reason too, not a crash of the whole harness
+        return f"{type(e).__name__}: {e}"

@@ -1,0 +1,300 @@
+"""What every benchmark shares: the machine, timing with warm-up and repeats, targets, writers.
+
+A benchmark returns one result dict (see `new_result`) holding the machine, the versions, its
+config, every repeat, tables, targets and plots; `write_result` turns it into `<name>.json`
+(atomic) and `<name>.md`. Side-by-side timings are interleaved (A B B A ...) so that the load of a
+shared machine drifts over both sides alike, and ratios are medians of the per-round ratios.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import io
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+PACKAGES = ("torch", "deepspeed", "onnxruntime-gpu", "onnxruntime", "onnx", "diffusers", "tensorrt",
+            "numpy", "webdataset", "pillow")
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (taskset, cgroups via affinity, Slurm binding)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def versions() -> dict:
+    """Installed versions of what we measure (None: not installed); read without importing."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import torch
+    info = {"cpu": cpu_model(), "cores": usable_cores(), "logical_cpus": os.cpu_count(), "ram_gib": ram_gib(),
+            "platform": platform.platform(), "hostname": platform.node(), "torch_threads": torch.get_num_threads(),
+            "cuda_available": torch.cuda.is_available(), "gpu": None, "load_average": _load_average()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_line(machine: dict) -> str:
+    gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"
+    return f"{machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM{gpu}"
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+def summarize(values: list[float]) -> dict:
+    """Median and spread of repeats: interquartile range, min, max, and every value."""
+    values = [float(v) for v in values]
+    if len(values) >= 2:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values),
+            "repeats": values}
+
+
+def cuda_sync(device: str) -> Callable[[], None]:
+    if str(device).startswith("cuda"):
+        import torch
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_call(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
+                sync: Callable[[], None] = lambda: None, on_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, rounds alternating forward and reverse order (A B, B A, ...)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(time_call(fns[name], sync))
+        if on_round:
+            on_round()
+    return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """Median (and spread) of round-by-round ratios: robust to load that drifts between rounds."""
+    return summarize([a / b for a, b in zip(numerator, denominator)])
+
+
+# --- targets ----------------------------------------------------------------------------
+
+def target(name: str, description: str, value: float | None, threshold: float, op: str, *,
+           unit: str = "x", detail: str = "") -> dict:
+    """A target from the issue and whether this run met it; `missed_by` is relative to the threshold."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return {"name": name, "target": description, "value": None, "threshold": threshold, "op": op, "unit": unit,
+                "met": None, "missed_by": None, "detail": detail or "not measured on this machine"}
+    met = value >= threshold if op == ">=" else value <= threshold
+    missed_by = 0.0 if met else abs(value - threshold) / threshold
+    return {"name": name, "target": description, "value": value, "threshold": threshold, "op": op, "unit": unit,
+            "met": met, "missed_by": missed_by, "detail": detail}
+
+
+def target_verdict(t: dict) -> str:
+    if t["met"] is None:
+        return "n/a"
+    return "met" if t["met"] else f"missed by {100 * t['missed_by']:.0f} %"
+
+
+# --- results --------------------------------------------------------------------------------
+
+def new_result(name: str, *, quick: bool, device: str, config: dict, method: str) -> dict:
+    return {"benchmark": name, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]])
+            if sys.argv and sys.argv[0].endswith("__main__.py") else " ".join(map(shlex.quote, sys.argv)),
+            "quick": quick, "device": device, "machine": machine_info(device), "versions": versions(),
+            "config": config, "method": method, "results": {}, "tables": [], "targets": [], "plots": [], "notes": []}
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> dict:
+    return {"title": title, "columns": columns, "rows": rows}
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def targets_table(targets: list[dict]) -> str:
+    rows = [[t["name"], t["target"], fmt(t["value"]), f"{t['op']} {fmt(t['threshold'])}", target_verdict(t)]
+            for t in targets]
+    return markdown_table(["target", "what", "measured", "needed", "verdict"], rows)
+
+
+def to_markdown(result: dict) -> str:
+    m = result["machine"]
+    out = [f"# {result['benchmark']}", "",
+           f"`{result['command']}` · {result['date']} · {'quick' if result['quick'] else 'full'} run on {result['device']}",
+           "", f"Machine: {machine_line(m)}; load average at start {m.get('load_average')}.",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v), ""]
+    if result["targets"]:
+        out += ["## Targets", "", targets_table(result["targets"]), ""]
+        out += [f"- **{t['name']}**: {t['detail']}" for t in result["targets"] if t.get("detail")] + [""]
+    for tab in result["tables"]:
+        out += [f"## {tab['title']}", "", markdown_table(tab["columns"], tab["rows"]), ""]
+    for plot in result["plots"]:
+        out += [f"![{plot}]({plot})", ""]
+    if result.get("method"):
+        out += ["## Method", "", result["method"].strip(), ""]
+    if result["notes"]:
+        out += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    return "\n".join(out)
+
+
+def write_result(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """<out>/<name>.json (every repeat) and <out>/<name>.md, each written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{result['benchmark']}.json", out_dir / f"{result['benchmark']}.md"
+    atomic_write_json(json_path, result)
+    atomic_write_text(md_path, to_markdown(result))
+    return json_path, md_path
+
+
+def plot_curves(path: str | Path, title: str, xlabel: str, ylabel: str,
+                series: dict[str, tuple[list, list]], *, logx: bool = False, logy: bool = False) -> Path:
+    """A line plot (one line per series) written atomically as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+# --- progress -------------------------------------------------------------------------------
+
+class Progress:
+    """One bar over the whole run: tqdm on a terminal, else a log line at most every `interval` s."""
+
+    def __init__(self, total: int, interval: float = 15.0, quiet: bool = False):
+        self.total, self.done, self.interval, self.quiet = total, 0, interval, quiet
+        self.start = self.last = time.monotonic()
+        self.text, self.bar = "", None
+        if sys.stderr.isatty() and not quiet:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def describe(self, text: str) -> None:
+        self.text = text
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if not self.quiet and (now - self.last >= self.interval or self.done >= self.total):
+            self.last = now
+            print(f"benchmarks: {self.done}/{self.total} steps, {now - self.start:.0f} s, {self.text}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def no_progress() -> Progress:
+    return Progress(0, quiet=True)
+
+
+def set_threads(threads: int | None) -> int:
+    """torch intra-op threads = usable cores unless told; returns the number set."""
+    import torch
+    threads = threads or usable_cores()
+    torch.set_num_threads(threads)
+    return threads

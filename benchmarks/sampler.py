@@ -1,0 +1,344 @@
+"""Sampler benchmark: per-evaluation time of ONNX Runtime vs torch eager vs TensorRT, and the loop's overhead.
+
+  python -m benchmarks sampler [--quick] [--device cpu|cuda] [--out DIR]
+
+1. One denoiser evaluation (B images at one timestep) through `export.backends.OrtDenoiser` (the
+   backend `export.sample` uses), the U-Net in torch eager (tensors in, tensors out: the baseline is
+   not charged for NumPy conversions) and, where TensorRT and a GPU are present, `TrtDenoiser`.
+2. The NumPy DDIM loop's overhead: a whole `export.sampler.generate` run with the network calls
+   timed inside it; overhead = (total - sum of network time) / total.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import artifacts, common
+
+PLAN = {
+    "quick": {"cpu": [("tiny_cpu", [1, 8])], "cuda": [("tiny_cpu", [1, 8])]},
+    "full": {"cpu": [("tiny_cpu", [1, 4, 16, 64]), ("celebahq64", [1, 4, 16])],
+             "cuda": [("tiny_cpu", [1, 16, 64]), ("celebahq64", [1, 16, 64]), ("celebahq256", [1, 4, 16])]},
+}
+TARGET_BATCH = 16                       # the batch export.sample uses by default
+LOOP = {"quick": ("tiny_cpu", 4, 10, 2), "full": ("tiny_cpu", 16, 50, 3)}  # config, batch, DDIM steps, runs
+SECONDS_PER_CASE = {"quick": 2.0, "full": 12.0}
+
+METHOD = """
+**Per evaluation.** x ~ N(0, I) of shape (B, C, H, W) and B timesteps, the same for every backend. ORT is
+`export.backends.OrtDenoiser` exactly as `export.sample` builds it (NumPy in, NumPy out, all graph
+optimisations, intra-op threads = usable cores). torch eager is `pipeline.unet.UNet` in `inference_mode` on
+tensors that are already on the device (fp16 weights and inputs on CUDA; fp32 on CPU), with the same number
+of threads, both NCHW-contiguous and channels_last; the faster of the two is the baseline. TensorRT is `export.backends.TrtDenoiser` on an engine from `export.trt` (fp16), host copies
+included. All backends run the same random weights. After one warm-up call each, rounds alternate their order;
+the repeat count is chosen so each case takes a few seconds. The speed-up is the median of per-round ratios.
+
+**Loop overhead.** `export.sampler.generate` (DDIM, eta 0, the sampler `export.sample` runs) over an ORT
+denoiser wrapped in a timer; overhead = (wall time of the whole run - time inside the network calls) / wall
+time. It includes the initial noise, the per-step schedule arithmetic, and the uint8 conversion.
+"""
+
+
+# --- backends ---------------------------------------------------------------------------------
+
+class TorchEager:
+    """The U-Net in torch eager, called on device tensors (the baseline people would use)."""
+
+    def __init__(self, ckpt: Path, device: str, half: bool, channels_last: bool = False):
+        import torch
+        from pipeline.checkpoint import load_ema_unet
+        self.torch, self.device = torch, device
+        self.model = load_ema_unet(ckpt, device=device)[0]
+        self.dtype = torch.float16 if half else torch.float32
+        self.format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(self.dtype, memory_format=self.format)
+        self.name = (f"torch {torch.__version__} eager {device}{' fp16' if half else ''}"
+                     f"{' channels_last' if channels_last else ''}")
+
+    def prepare(self, x: np.ndarray, t: np.ndarray):
+        torch = self.torch
+        xs = torch.from_numpy(x).to(self.device, self.dtype).contiguous(memory_format=self.format)
+        ts = torch.from_numpy(t).to(self.device)
+        return lambda: self._call(xs, ts)
+
+    def _call(self, xs, ts):
+        with self.torch.inference_mode():
+            return self.model(xs, ts)
+
+
+class NumpyBackend:
+    """An export.backends denoiser (ORT, TensorRT): NumPy in, NumPy out."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.name = denoiser, denoiser.name
+
+    def prepare(self, x: np.ndarray, t: np.ndarray):
+        return lambda: self.denoiser(x, t)
+
+
+class TimedDenoiser:
+    """Wraps a denoiser and adds up the seconds spent inside its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.info, self.name = inner, inner.info, inner.name
+        self.seconds, self.calls = 0.0, 0
+
+    def __call__(self, x, t):
+        start = time.perf_counter()
+        out = self.inner(x, t)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def backends_for(name: str, args) -> tuple[dict, list[str]]:
+    """{label: backend} for one config, and notes on what could not run."""
+    from export.backends import OrtDenoiser, TrtDenoiser
+    cfg, notes = artifacts.config(name), []
+    ckpt = artifacts.random_checkpoint(cfg)
+    cuda = args.device.startswith("cuda")
+    ort = OrtDenoiser(artifacts.onnx_model(cfg, fp16=cuda), provider="cuda" if cuda else "cpu", threads=args.threads)
+    found = {"torch": TorchEager(ckpt, args.device, half=cuda),
+             "torch+channels_last": TorchEager(ckpt, args.device, half=cuda, channels_last=True),
+             "ort": NumpyBackend(ort)}
+    reason = artifacts.tensorrt_available() if cuda else "TensorRT needs a CUDA device (this run is on CPU)"
+    if reason is None:
+        batches = dict(PLAN["quick" if args.quick else "full"]["cuda"])[name]
+        plan = artifacts.tensorrt_engine(cfg, (1, min(batches[-1], TARGET_BATCH), batches[-1]), fp16=True)
+        found["tensorrt"] = NumpyBackend(TrtDenoiser(plan))
+    else:
+        notes.append(f"TensorRT not measured: {reason}")
+    return found, notes
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+def per_evaluation(name: str, batches: list[int], args, progress) -> tuple[list[dict], list[str]]:
+    backends, notes = backends_for(name, args)
+    cfg = artifacts.config(name).model
+    sync = common.cuda_sync(args.device)
+    rows = []
+    for b in batches:
+        rng = np.random.default_rng(b)
+        x = rng.standard_normal((b, cfg.in_channels, cfg.image_size, cfg.image_size), dtype=np.float32)
+        t = np.full(b, 500.0, np.float32)
+        calls = {label: backend.prepare(x, t) for label, backend in backends.items()}
+        first = {label: common.time_call(call, sync) for label, call in calls.items()}  # also the warm-up
+        repeats = auto_repeats(sum(first.values()), SECONDS_PER_CASE["quick" if args.quick else "full"])
+        progress.describe(f"sampler: {name} batch {b} ({repeats} rounds)")
+        times = common.interleaved(calls, warmup=0, repeats=repeats, sync=sync)
+        row = {"config": name, "batch": b, "backends": {label: backends[label].name for label in backends},
+               "seconds": {label: common.summarize(v) for label, v in times.items()}}
+        # The baseline is the faster of the two torch memory formats: it is never handicapped.
+        row["torch_baseline"] = min(("torch", "torch+channels_last"), key=lambda l: row["seconds"][l]["median"])
+        row["ort_speedup_vs_torch"] = common.paired_ratio(times[row["torch_baseline"]], times["ort"])
+        if "tensorrt" in times:
+            row["tensorrt_speedup_vs_torch"] = common.paired_ratio(times[row["torch_baseline"]], times["tensorrt"])
+        rows.append(row)
+        progress.update()
+    return rows, notes
+
+
+def auto_repeats(seconds_per_round: float, budget: float, lo: int = 3, hi: int = 200) -> int:
+    return int(min(hi, max(lo, budget / max(seconds_per_round, 1e-6))))
+
+
+def loop_overhead(args, progress) -> dict:
+    """Share of a whole DDIM run spent outside the network calls (ORT backend)."""
+    from export.backends import OrtDenoiser
+    from export.sampler import generate
+    name, batch, steps, runs = LOOP["quick" if args.quick else "full"]
+    cfg = artifacts.config(name)
+    cuda = args.device.startswith("cuda")
+    denoiser = OrtDenoiser(artifacts.onnx_model(cfg, fp16=cuda), provider="cuda" if cuda else "cpu",
+                           threads=args.threads)
+    generate(denoiser, batch, batch=batch, sampler="ddim", steps=2, seed=0)  # warm-up
+    progress.describe(f"sampler: loop overhead, {name} DDIM-{steps} batch {batch}")
+    totals, networks = [], []
+    for _ in range(runs):
+        timed = TimedDenoiser(denoiser)
+        start = time.perf_counter()
+        generate(timed, batch, batch=batch, sampler="ddim", steps=steps, seed=0)
+        totals.append(time.perf_counter() - start)
+        networks.append(timed.seconds)
+        progress.update()
+    shares = [(total - net) / total for total, net in zip(totals, networks)]
+    return {"config": name, "batch": batch, "sampler": "ddim", "steps": steps, "backend": denoiser.name,
+            "total_seconds": common.summarize(totals), "network_seconds": common.summarize(networks),
+            "overhead_share": common.summarize(shares),
+            "overhead_ms_per_step": common.summarize([1e3 * (t - n) / steps for t, n in zip(totals, networks)])}
+
+
+# --- profiles (where a target is missed, say what limits it) ------------------------------------
+
+def ort_profile(onnx_path: Path, batch: int, threads: int | None, calls: int = 5, top: int = 8) -> list[dict]:
+    """Share of ORT node time by operator type, from onnxruntime's own profiler."""
+    import onnxruntime as ort
+    from export.backends import default_threads
+    from export.sidecar import read_sidecar
+    info = read_sidecar(onnx_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((batch, info.channels, info.image_size, info.image_size),
+                                                     dtype=np.float32)
+        for _ in range(calls):
+            session.run(None, {info.input_names[0]: x, info.input_names[1]: np.full(batch, 500.0, np.float32)})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"]
+    total = sum(by_op.values()) or 1.0
+    return [{"op": op, "share": us / total, "ms_per_call": us / 1e3 / calls}
+            for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def torch_profile(ckpt: Path, batch: int, calls: int = 5, top: int = 8) -> list[dict]:
+    """Share of torch eager CPU self time by aten op."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from pipeline.checkpoint import load_ema_unet
+    model, cfg, _ = load_ema_unet(ckpt)
+    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+    t = torch.full((batch,), 500.0)
+    with torch.inference_mode():
+        model(x, t)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                model(x, t)
+    stats = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(us for _, us in stats) or 1.0
+    return [{"op": op, "share": us / total, "ms_per_call": us / 1e3 / calls}
+            for op, us in sorted(stats, key=lambda kv: -kv[1])[:top]]
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+def plan(args) -> list:
+    return PLAN["quick" if args.quick else "full"]["cuda" if args.device.startswith("cuda") else "cpu"]
+
+
+def steps(args) -> int:
+    return sum(len(b) for _, b in plan(args)) + LOOP["quick" if args.quick else "full"][3] + 1
+
+
+def run(args, progress=None) -> dict:
+    progress = progress or common.no_progress()
+    common.set_threads(args.threads)
+    result = common.new_result("sampler", quick=args.quick, device=args.device, method=METHOD, config={
+        "cases": [{"config": c, "batches": b} for c, b in plan(args)], "target_batch": TARGET_BATCH,
+        "loop": dict(zip(("config", "batch", "steps", "runs"), LOOP["quick" if args.quick else "full"])),
+        "threads": args.threads or common.usable_cores()})
+    evals = []
+    for name, batches in plan(args):
+        rows, notes = per_evaluation(name, batches, args, progress)
+        evals += rows
+        result["notes"] += [n for n in notes if n not in result["notes"]]
+    result["results"] = {"per_evaluation": evals, "loop": loop_overhead(args, progress)}
+    if not args.device.startswith("cuda"):
+        progress.describe("sampler: profiles (ORT and torch)")
+        name = "celebahq64" if any(c == "celebahq64" for c, _ in plan(args)) else plan(args)[0][0]
+        batch = min(4, max(plan(args)[-1][1]))
+        cfg = artifacts.config(name)
+        result["results"]["profiles"] = {"config": name, "batch": batch,
+                                         "ort": ort_profile(artifacts.onnx_model(cfg), batch, args.threads),
+                                         "torch": torch_profile(artifacts.random_checkpoint(cfg), batch)}
+    progress.update()
+    report(result, Path(args.out))
+    return result
+
+
+def report(result: dict, out_dir: Path) -> None:
+    res = result["results"]
+    labels = list(res["per_evaluation"][0]["seconds"])
+    rows = []
+    for r in res["per_evaluation"]:
+        row = [r["config"], r["batch"]] + [1e3 * r["seconds"][label]["median"] if label in r["seconds"] else None
+                                           for label in labels]
+        row += [r["torch_baseline"], _spread(r["ort_speedup_vs_torch"])]
+        if "tensorrt" in labels:
+            row.append(_spread(r["tensorrt_speedup_vs_torch"]) if "tensorrt_speedup_vs_torch" in r else None)
+        rows.append(row)
+    names = res["per_evaluation"][0]["backends"]
+    result["tables"].append(common.table(
+        "Per-evaluation time (ms, median)", ["config", "batch"] + [f"{names[label]} ms" for label in labels]
+        + ["torch baseline (the faster)", "ORT speed-up vs torch (median [IQR])"]
+        + (["TensorRT speed-up vs torch"] if "tensorrt" in labels else []),
+        rows))
+    cuda = result["device"].startswith("cuda")
+    for name in dict.fromkeys(r["config"] for r in res["per_evaluation"]):
+        mine = [r for r in res["per_evaluation"] if r["config"] == name]
+        r = next((r for r in mine if r["batch"] == TARGET_BATCH), max(mine, key=lambda r: r["batch"]))
+        s = r["ort_speedup_vs_torch"]
+        if not cuda:
+            result["targets"].append(common.target(
+                f"ort_vs_torch_cpu[{name}]", f"ORT CPU >= 1.3x torch eager ({name}, batch {r['batch']})", s["median"],
+                1.3, ">=", detail=f"per-round ratios {_spread(s)}; all batches: "
+                + ", ".join(f"b{x['batch']} {x['ort_speedup_vs_torch']['median']:.2f}x" for x in mine)))
+        elif name == "celebahq256":
+            trt = r.get("tensorrt_speedup_vs_torch")
+            result["targets"].append(common.target(
+                "tensorrt_fp16_vs_torch_fp16[celebahq256]", f"TensorRT fp16 >= 2.5x torch eager fp16 (256², batch {r['batch']})",
+                trt["median"] if trt else None, 2.5, ">=", detail="" if trt else "; ".join(result["notes"])))
+    loop = res["loop"]
+    result["tables"].append(common.table(
+        f"NumPy loop overhead: DDIM-{loop['steps']}, {loop['config']}, batch {loop['batch']}, {loop['backend']}",
+        ["total s", "in network s", "overhead share", "overhead ms/step"],
+        [[loop["total_seconds"]["median"], loop["network_seconds"]["median"], _spread(loop["overhead_share"], pct=True),
+          loop["overhead_ms_per_step"]["median"]]]))
+    result["targets"].append(common.target(
+        "loop_overhead", "NumPy loop overhead <= 3 % of a whole sampling run", loop["overhead_share"]["median"],
+        0.03, "<=", unit="share", detail=f"{loop['overhead_ms_per_step']['median']:.3f} ms per step outside the network"))
+    if "profiles" in res:
+        prof = res["profiles"]
+        for side in ("ort", "torch"):
+            result["tables"].append(common.table(
+                f"Profile: {side} ({prof['config']}, batch {prof['batch']}), top operators by time",
+                ["operator", "share", "ms per evaluation"], [[p["op"], f"{100 * p['share']:.1f} %", p["ms_per_call"]]
+                                                             for p in prof[side]]))
+    _plot(result, out_dir)
+
+
+def _plot(result: dict, out_dir: Path) -> None:
+    series = {}
+    for name in dict.fromkeys(r["config"] for r in result["results"]["per_evaluation"]):
+        mine = [r for r in result["results"]["per_evaluation"] if r["config"] == name]
+        if len(mine) < 2:
+            continue
+        for label in mine[0]["seconds"]:
+            series[f"{label} {name}"] = ([r["batch"] for r in mine],
+                                         [r["batch"] / r["seconds"][label]["median"] for r in mine])
+    if series:
+        path = common.plot_curves(out_dir / "sampler_throughput.png", "Denoiser evaluations: images/s vs batch",
+                                  "batch size", "images per second (one evaluation)", series, logx=True, logy=True)
+        result["plots"].append(path.name)
+
+
+def _spread(s: dict, pct: bool = False) -> str:
+    if pct:
+        return f"{100 * s['median']:.2f} % [{100 * s['q1']:.2f}–{100 * s['q3']:.2f}]"
+    return f"{s['median']:.2f} [{s['q1']:.2f}–{s['q3']:.2f}]"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def defaults(args) -> None:
+    pass
+
+
+if __name__ == "__main__":
+    import sys
+    from benchmarks.__main__ import main
+    sys.exit(main(["sampler", *sys.argv[1:]]))

@@ -1,0 +1,460 @@
+"""Training-step benchmark: our U-Net vs diffusers' UNet2DModel, gradient checkpointing, ZeRO memory.
+
+  python -m benchmarks train [--quick] [--device cpu|cuda] [--out DIR]
+
+1. images/s of one full training step (q_sample, forward, MSE loss, backward, AdamW step) for
+   `pipeline.unet.UNet` and the same architecture built as `diffusers.UNet2DModel`, at the same
+   config, batch and precision; the two are timed interleaved and shown to compute the same function.
+2. Our U-Net with and without gradient checkpointing: time ratio and peak activation memory ratio.
+3. ZeRO stage 0 / 2 / 3 per-rank bytes with 2 ranks of real DeepSpeed (benchmarks.zero_memory).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from benchmarks import common
+from pipeline.config import Config, ModelConfig, load_config
+from pipeline.diffusion import GaussianDiffusion, schedule_from_config
+from pipeline.unet import UNet, count_parameters, import_diffusers_unet
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 2 ** 20
+
+# (config, batch sizes for the throughput curve, batch for the checkpointing comparison)
+PLAN = {
+    "quick": {"cpu": [("tiny_cpu", [8], 8)], "cuda": [("tiny_cpu", [8], 8)]},
+    "full": {"cpu": [("tiny_cpu", [8, 16, 32], 32), ("celebahq64", [2], 2)],
+             "cuda": [("tiny_cpu", [32, 128], 128), ("celebahq64", [16, 64], 64), ("celebahq256", [4, 16], 16)]},
+}
+ZERO_CONFIGS = {"quick": ["tiny_cpu"], "full": ["tiny_cpu", "celebahq64", "celebahq256"]}
+
+METHOD = """
+**Training step.** One step = `optimizer.zero_grad()`, `GaussianDiffusion.training_loss` (q_sample, forward,
+MSE against the noise), `backward()`, `AdamW.step()` (the optimizer pipeline.train builds). The batch is
+fixed and already in memory: data loading is the `data` benchmark's business. Ours is `pipeline.unet.UNet`;
+the baseline is `diffusers.UNet2DModel` with the same config (block_out_channels = ch x ch_mult,
+Attn*Block2D at the attention resolution, single-head attention, layers_per_block, norm_eps=1e-6,
+downsample_padding=0, flip_sin_to_cos=False, freq_shift=1); before timing, the diffusers weights are
+converted into ours and both outputs are checked to agree, so the two compute the same function with the
+same parameter count. Both run eager, same threads, same precision (autocast for fp16/bf16 on CUDA, with a
+GradScaler for fp16; fp32 on CPU). Each model runs twice: NCHW-contiguous (as shipped) and channels_last
+(model and batch converted with `memory_format=torch.channels_last`), and the target compares the fastest
+of ours with the fastest of diffusers, so the baseline gets the same optimisation we use. Rounds alternate
+A B C D / D C B A after a warm-up; the speed-up is the median of per-round time ratios (robust to the load
+of a shared machine drifting between rounds).
+
+**Activation memory.** Parameter gradients are allocated before the measurement, so what a step adds on top
+is activations (tensors saved for backward) plus transient buffers. On CUDA: `torch.cuda.max_memory_allocated()`
+minus `memory_allocated()` at the start of forward. On CPU there is no allocator peak counter, so the step
+runs once under `torch.profiler` with `profile_memory=True` and the peak is read from the CPU allocator's own
+running total (`total_allocated` of every allocation event) minus its value at the start; "held after forward"
+is that total just before `backward()` starts (what autograd keeps for backward). The profiled pass is
+separate from the timed ones.
+
+**ZeRO.** `torchrun --nproc_per_node 2 -m benchmarks.zero_memory`: each rank builds the engine exactly as
+pipeline.train does (`pipeline.ds_config.build_ds_config` + `pipeline.train.build_engine`), takes one
+training step so Adam's state exists, then walks the tensors it holds: optimizer state = the tensors in the
+inner torch optimizer's `state` (exp_avg, exp_avg_sq); fp32 master partition = the optimizer's own
+parameters when they are not the model's; parameters = the model's (ZeRO-3: the rank's `ds_tensor`
+partition); gradients = `.grad` of both plus DeepSpeed's partitioned gradient buffers; bytes are counted
+per distinct storage. The ZeRO run feeds a small image (the state does not depend on the image size).
+"""
+
+
+# --- the two models --------------------------------------------------------------------------
+
+def diffusers_twin(cfg: ModelConfig):
+    """The same network expressed as a diffusers UNet2DModel (the model people would otherwise use)."""
+    from diffusers import UNet2DModel
+    sizes = [cfg.image_size // 2 ** i for i in range(len(cfg.ch_mult))]
+    down = tuple("AttnDownBlock2D" if s in cfg.attn_resolutions else "DownBlock2D" for s in sizes)
+    up = tuple("AttnUpBlock2D" if s in cfg.attn_resolutions else "UpBlock2D" for s in reversed(sizes))
+    return UNet2DModel(sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+                       block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), down_block_types=down,
+                       up_block_types=up, layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.num_groups,
+                       norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+                       dropout=cfg.dropout, attention_head_dim=None)
+
+
+class SampleOutput(torch.nn.Module):
+    """diffusers returns a dataclass; the loss wants the tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t):
+        return self.model(x, t).sample
+
+
+def build_pair(cfg: ModelConfig, device: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+    """(ours, theirs, max |difference| of outputs): ours carries theirs' random weights."""
+    torch.manual_seed(seed)
+    theirs = diffusers_twin(cfg)
+    with torch.no_grad():  # zero-initialised output layers would make the equivalence check vacuous
+        for p in theirs.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    ours = import_diffusers_unet(theirs.state_dict(), cfg)
+    if count_parameters(ours) != count_parameters(theirs):
+        raise RuntimeError("diffusers twin has a different parameter count: the comparison would be unfair")
+    ours, theirs = ours.to(device).eval(), theirs.to(device).eval()
+    x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    t = torch.tensor([10, 900], device=device)
+    with torch.no_grad():
+        diff = (ours(x, t) - theirs(x, t).sample).abs().max().item()
+    return ours.train(), SampleOutput(theirs).train(), diff
+
+
+# --- one training step ------------------------------------------------------------------------
+
+def make_batch(cfg: ModelConfig, batch: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+    x0 = (torch.rand(shape, generator=g) * 2 - 1).to(device)
+    noise = torch.randn(shape, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    return x0, t, noise
+
+
+def autocast(device: str, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def make_train_step(model, diffusion: GaussianDiffusion, batch, device: str, precision: str, lr: float = 1e-4):
+    """A closure running one full training step on a fixed batch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
+    x0, t, noise = batch
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = diffusion.training_loss(model, x0, t, noise)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return loss
+    return step
+
+
+# --- activation memory ------------------------------------------------------------------------
+
+def step_memory(model, diffusion: GaussianDiffusion, batch, device: str, precision: str) -> dict:
+    """Bytes a forward+backward adds on top of parameters and their (pre-allocated) gradients."""
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    x0, t, noise = batch
+
+    def forward():
+        with autocast(device, precision):
+            return diffusion.training_loss(model, x0, t, noise)
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = forward()
+        held = torch.cuda.memory_allocated() - base
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        peak, held = _cpu_profiled_memory(forward)
+        method = "torch.profiler CPU allocator total_allocated"
+    model.zero_grad(set_to_none=True)
+    return {"peak_bytes": peak, "held_after_forward_bytes": held, "method": method}
+
+
+def _cpu_profiled_memory(forward) -> tuple[int, int]:
+    """(peak, held-after-forward) bytes above the start, from the CPU allocator's running total."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = forward()
+        with record_function("benchmark::backward"):
+            loss.backward()
+    allocations, backward_start = [], None
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            allocations.append((event.start_time_ns, event.typed[1].total_allocated, event.typed[1].alloc_size))
+        elif event.name == "benchmark::backward":
+            backward_start = event.start_time_ns
+    if not allocations or backward_start is None:
+        raise RuntimeError("torch.profiler recorded no CPU allocations; cannot measure activation memory")
+    allocations.sort()
+    base = allocations[0][1] - allocations[0][2]
+    peak = max(total for _, total, _ in allocations) - base
+    before_backward = [total for when, total, _ in allocations if when < backward_start]
+    held = (before_backward[-1] if before_backward else base) - base
+    return peak, held
+
+
+# --- the measurements -------------------------------------------------------------------------
+
+def compare_with_diffusers(cfg: Config, name: str, batches: list[int], args, progress) -> list[dict]:
+    """images/s of ours vs diffusers at each batch size, each in both memory formats, interleaved."""
+    device, precision = args.device, precision_for(cfg, args.device)
+    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
+    ours, theirs, diff = build_pair(cfg.model, device)
+    models = {"ours": ours, "diffusers": theirs}
+    if not args.contiguous_only:
+        for side in ("ours", "diffusers"):
+            models[f"{side}+channels_last"] = copy.deepcopy(models[side]).to(memory_format=torch.channels_last)
+    rows = []
+    for b in batches:
+        batch = make_batch(cfg.model, b, device)
+        cl_batch = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in batch)
+        steps = {label: make_train_step(m, diffusion, cl_batch if "channels_last" in label else batch, device, precision)
+                 for label, m in models.items()}
+        progress.describe(f"train: {name} batch {b} ours vs diffusers")
+        times = common.interleaved(steps, warmup=args.warmup, repeats=args.repeats, sync=common.cuda_sync(device),
+                                   on_round=progress.update)
+        seconds = {label: common.summarize(v) for label, v in times.items()}
+        best = {side: min((label for label in times if label.startswith(side)), key=lambda l: seconds[l]["median"])
+                for side in ("ours", "diffusers")}
+        rows.append({"config": name, "batch": b, "precision": precision, "params": count_parameters(ours),
+                     "max_output_difference": diff, "seconds": seconds,
+                     "images_per_second": {label: b / s["median"] for label, s in seconds.items()},
+                     "best_ours": best["ours"], "best_diffusers": best["diffusers"],
+                     "ours_images_per_second": b / seconds[best["ours"]]["median"],
+                     "diffusers_images_per_second": b / seconds[best["diffusers"]]["median"],
+                     "speedup": common.paired_ratio(times[best["diffusers"]], times[best["ours"]]),
+                     "speedup_both_contiguous": common.paired_ratio(times["diffusers"], times["ours"])})
+    return rows
+
+
+def compare_checkpointing(cfg: Config, name: str, b: int, args, progress) -> dict:
+    """Our U-Net with and without gradient checkpointing: step time and activation memory."""
+    device, precision = args.device, precision_for(cfg, args.device)
+    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
+    torch.manual_seed(0)
+    plain, ckpt = UNet(cfg.model).to(device), UNet(cfg.model).to(device)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.grad_checkpointing = True
+    batch = make_batch(cfg.model, b, device)
+    progress.describe(f"train: {name} batch {b} activation memory")
+    memory = {"plain": step_memory(plain, diffusion, batch, device, precision),
+              "checkpointed": step_memory(ckpt, diffusion, batch, device, precision)}
+    progress.update()
+    steps = {"plain": make_train_step(plain, diffusion, batch, device, precision),
+             "checkpointed": make_train_step(ckpt, diffusion, batch, device, precision)}
+    progress.describe(f"train: {name} batch {b} checkpointing time")
+    times = common.interleaved(steps, warmup=args.warmup, repeats=args.repeats, sync=common.cuda_sync(device),
+                               on_round=progress.update)
+    return {"config": name, "batch": b, "precision": precision, "memory": memory,
+            "plain_seconds": common.summarize(times["plain"]), "checkpointed_seconds": common.summarize(times["checkpointed"]),
+            "time_ratio": common.paired_ratio(times["checkpointed"], times["plain"]),
+            "peak_memory_ratio": memory["checkpointed"]["peak_bytes"] / memory["plain"]["peak_bytes"],
+            "held_memory_ratio": memory["checkpointed"]["held_after_forward_bytes"]
+            / max(1, memory["plain"]["held_after_forward_bytes"])}
+
+
+def zero_memory(config_names: list[str], args, progress) -> list[dict]:
+    """Per-rank bytes for ZeRO 0/2/3 with 2 ranks, from a torchrun subprocess per config."""
+    rows = []
+    for name in config_names:
+        progress.describe(f"train: ZeRO 0/2/3 memory, {name}, 2 ranks")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "zero.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(_free_port()), "-m", "benchmarks.zero_memory", "--config", str(REPO / "configs" / f"{name}.yaml"),
+                   "--stages", "0,2,3", "--device", args.device, "--out", str(out)]
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+            if not args.device.startswith("cuda"):
+                env["DS_ACCELERATOR"] = "cpu"
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0 or not out.is_file():
+                tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+                raise RuntimeError(f"ZeRO memory run for {name} failed (exit {proc.returncode}):\n{tail}")
+            rows += [dict(r, config=name) for r in json.loads(out.read_text())]
+        progress.update()
+    return rows
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def precision_for(cfg: Config, device: str) -> str:
+    """The config's precision on CUDA; fp32 on CPU (fp16 is GPU-only, bf16 on CPU is emulated here)."""
+    return cfg.train.precision if device.startswith("cuda") else "fp32"
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+def plan(args) -> tuple[list, list[str]]:
+    kind = "quick" if args.quick else "full"
+    return PLAN[kind]["cuda" if args.device.startswith("cuda") else "cpu"], ZERO_CONFIGS[kind]
+
+
+def steps(args) -> int:
+    """Progress units this benchmark reports (for the bar over the whole run)."""
+    cases, zero_configs = plan(args)
+    return sum(len(batches) + 1 for _, batches, _ in cases) * args.repeats + len(cases) + len(zero_configs)
+
+
+def run(args, progress=None) -> dict:
+    progress = progress or common.no_progress()
+    common.set_threads(args.threads)
+    cases, zero_configs = plan(args)
+    result = common.new_result("train", quick=args.quick, device=args.device, method=METHOD, config={
+        "cases": [{"config": c, "batches": b, "checkpointing_batch": cb} for c, b, cb in cases],
+        "zero_configs": zero_configs, "zero_ranks": 2, "warmup": args.warmup, "repeats": args.repeats,
+        "threads": torch.get_num_threads()})
+    throughput, checkpointing = [], []
+    for name, batches, ckpt_batch in cases:
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        throughput += compare_with_diffusers(cfg, name, batches, args, progress)
+        checkpointing.append(compare_checkpointing(cfg, name, ckpt_batch, args, progress))
+    zero = zero_memory(zero_configs, args, progress) if not args.skip_zero else []
+    result["results"] = {"throughput": throughput, "checkpointing": checkpointing, "zero": zero}
+    report(result, Path(args.out))
+    return result
+
+
+def report(result: dict, out_dir: Path) -> None:
+    """Tables, targets and plots from result['results']."""
+    res = result["results"]
+    labels = list(res["throughput"][0]["images_per_second"])
+    rows = [[r["config"], r["batch"], r["precision"], r["params"]] + [r["images_per_second"][l] for l in labels]
+            + [f"{r['best_ours']} / {r['best_diffusers']}", _spread(r["speedup"]), _spread(r["speedup_both_contiguous"]),
+               r["max_output_difference"]] for r in res["throughput"]]
+    result["tables"].append(common.table(
+        "Training step images/s: ours vs diffusers UNet2DModel (same architecture, batch, precision)",
+        ["config", "batch", "precision", "parameters"] + [f"{l} images/s" for l in labels]
+        + ["fastest ours / fastest diffusers", "speed-up, fastest vs fastest (median [IQR])",
+           "speed-up, both contiguous", "max |output difference|"], rows))
+    for name in dict.fromkeys(r["config"] for r in res["throughput"]):
+        largest = max((r for r in res["throughput"] if r["config"] == name), key=lambda r: r["batch"])
+        result["targets"].append(common.target(
+            f"train_step_vs_diffusers[{name}]", f"our training step >= 1.25x diffusers ({name}, batch {largest['batch']})",
+            largest["speedup"]["median"], 1.25, ">=", detail=_speedup_detail(largest)))
+
+    rows = [[c["config"], c["batch"], c["plain_seconds"]["median"], c["checkpointed_seconds"]["median"],
+             _spread(c["time_ratio"]), c["memory"]["plain"]["peak_bytes"] / MiB,
+             c["memory"]["checkpointed"]["peak_bytes"] / MiB, c["peak_memory_ratio"],
+             c["memory"]["plain"]["held_after_forward_bytes"] / MiB,
+             c["memory"]["checkpointed"]["held_after_forward_bytes"] / MiB, c["held_memory_ratio"]]
+            for c in res["checkpointing"]]
+    result["tables"].append(common.table(
+        "Gradient checkpointing (our U-Net): step time and activation memory",
+        ["config", "batch", "plain s/step", "checkpointed s/step", "time ratio", "peak MiB plain",
+         "peak MiB checkpointed", "peak ratio", "held after fwd MiB plain", "held MiB checkpointed", "held ratio"], rows))
+    for c in res["checkpointing"]:
+        tag = f"{c['config']}, batch {c['batch']}"
+        result["targets"].append(common.target(
+            f"checkpointing_memory[{c['config']}]", f"checkpointing <= 0.5x peak activation memory ({tag})",
+            c["peak_memory_ratio"], 0.5, "<=", detail=f"held-after-forward ratio {c['held_memory_ratio']:.2f}"))
+        result["targets"].append(common.target(
+            f"checkpointing_time[{c['config']}]", f"checkpointing <= 1.35x step time ({tag})",
+            c["time_ratio"]["median"], 1.35, "<=", detail=f"IQR {_spread(c['time_ratio'])}"))
+    if res["zero"]:
+        _report_zero(result, out_dir)
+    _plot_throughput(result, out_dir)
+
+
+def _report_zero(result: dict, out_dir: Path) -> None:
+    zero = result["results"]["zero"]
+    rows = []
+    for r in zero:
+        b, s = r["after_backward"], r["after_step"]
+        stage0 = next(z for z in zero if z["config"] == r["config"] and z["stage"] == 0 and z["rank"] == r["rank"])
+        total = s["parameters"] + s["optimizer_state"] + s["fp32_master_partition"] + b["gradients"]
+        rows.append([r["config"], r["model_parameters"], r["stage"], r["rank"], s["optimizer_state"] / MiB,
+                     s["fp32_master_partition"] / MiB, s["parameters"] / MiB, b["gradients"] / MiB, total / MiB,
+                     s["optimizer_state"] / stage0["after_step"]["optimizer_state"]])
+    result["tables"].append(common.table(
+        "ZeRO per-rank memory, 2 ranks (real DeepSpeed, one training step)",
+        ["config", "parameters", "stage", "rank", "optimizer state MiB", "fp32 master partition MiB",
+         "parameters MiB", "gradients MiB (after backward)", "total MiB", "optimizer state vs stage 0"], rows))
+    for name in dict.fromkeys(r["config"] for r in zero):
+        def state(stage):
+            return max(z["after_step"]["optimizer_state"] for z in zero if z["config"] == name and z["stage"] == stage)
+        ratio = state(2) / state(0)
+        total2 = max(row[8] for row in rows if row[0] == name and row[2] == 2)
+        total0 = max(row[8] for row in rows if row[0] == name and row[2] == 0)
+        result["targets"].append(common.target(
+            f"zero2_optimizer_state[{name}]", f"ZeRO-2 per-rank optimizer state <= 0.55x stage 0 ({name}, 2 ranks)",
+            ratio, 0.55, "<=", detail=f"with the fp32 master partition and gradients, per-rank total is "
+                                      f"{total2 / total0:.2f}x stage 0 (ZeRO-3: "
+                                      f"{max(r[8] for r in rows if r[0] == name and r[2] == 3) / total0:.2f}x)"))
+    params = sorted({r["model_parameters"] for r in zero})
+    if len(params) > 1:
+        series = {}
+        for stage in sorted({r["stage"] for r in zero}):
+            ys = [max(row[8] for row in rows if row[1] == p and row[2] == stage) for p in params]
+            series[f"ZeRO-{stage}"] = (params, ys)
+        path = common.plot_curves(out_dir / "train_zero_memory.png", "Per-rank memory, 2 ranks (params+grads+optimizer)",
+                                  "model parameters", "MiB per rank", series, logx=False, logy=True)
+        result["plots"].append(path.name)
+
+
+def _plot_throughput(result: dict, out_dir: Path) -> None:
+    rows = result["results"]["throughput"]
+    series = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["batch"])
+        if len(mine) < 2:
+            continue
+        xs = [r["batch"] for r in mine]
+        for label in mine[0]["images_per_second"]:
+            series[f"{label} {name}"] = (xs, [r["images_per_second"][label] for r in mine])
+    if series:
+        path = common.plot_curves(out_dir / "train_throughput.png", "Training step throughput",
+                                  "batch size", "images/s", series, logx=True)
+        result["plots"].append(path.name)
+
+
+def _spread(s: dict) -> str:
+    return f"{s['median']:.3f} [{s['q1']:.3f}–{s['q3']:.3f}]"
+
+
+def _speedup_detail(r: dict) -> str:
+    return (f"fastest of each: {r['best_ours']} {r['ours_images_per_second']:.3g} vs {r['best_diffusers']} "
+            f"{r['diffusers_images_per_second']:.3g} images/s, per-round ratios {_spread(r['speedup'])}; "
+            f"both contiguous (NCHW): {_spread(r['speedup_both_contiguous'])}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1, quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 3)")
+    p.add_argument("--skip-zero", action="store_true", help="leave out the 2-rank DeepSpeed ZeRO memory run")
+    p.add_argument("--contiguous-only", action="store_true", help="train: time NCHW-contiguous models only")
+
+
+def defaults(args) -> None:
+    args.warmup = 1 if args.warmup is None else args.warmup
+    args.repeats = (3 if args.quick else 7) if args.repeats is None else args.repeats
+
+
+if __name__ == "__main__":
+    import sys
+    from benchmarks.__main__ import main
+    sys.exit(main(["train", *sys.argv[1:]]))

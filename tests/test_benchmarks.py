@@ -1,0 +1,65 @@
+"""The benchmark harness end to end: `python -m benchmarks all --quick` produces every result file.
+
+Only that results were produced, with the keys the README and the demo read, is asserted; never a speed.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import common
+
+BENCHMARKS = ("train", "data", "sampler", "end_to_end")
+
+
+def test_summarize_and_target_arithmetic():
+    s = common.summarize([3.0, 1.0, 2.0, 10.0])
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0 and s["repeats"] == [3.0, 1.0, 2.0, 10.0]
+    assert s["q1"] <= s["median"] <= s["q3"]
+    assert common.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])["median"] == 2.0
+    met = common.target("a", "a >= 1.25", 1.5, 1.25, ">=")
+    missed = common.target("b", "b <= 0.5", 0.6, 0.5, "<=")
+    assert met["met"] is True and met["missed_by"] == 0.0
+    assert missed["met"] is False and missed["missed_by"] == pytest.approx(0.2)
+    assert common.target("c", "c", None, 1.0, ">=")["met"] is None
+
+
+def test_interleaved_alternates_order():
+    calls = []
+    common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+
+
+@pytest.mark.integration
+def test_quick_run_writes_every_result(tmp_path, repo_root):
+    out = tmp_path / "results"
+    env = dict(os.environ, PYTHONPATH=repo_root, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    for name in BENCHMARKS:
+        result = json.loads((out / f"{name}.json").read_text())
+        for key in ("benchmark", "date", "command", "machine", "versions", "config", "method", "results",
+                    "tables", "targets", "quick"):
+            assert key in result, f"{name}.json lacks {key}"
+        assert result["benchmark"] == name and result["quick"] is True
+        assert result["machine"]["cores"] >= 1 and result["versions"]["torch"]
+        for t in result["targets"]:
+            assert {"name", "target", "value", "threshold", "op", "met", "missed_by"} <= set(t)
+        md = (out / f"{name}.md").read_text()
+        assert md.startswith(f"# {name}") and "| " in md
+
+    train = json.loads((out / "train.json").read_text())["results"]
+    assert train["throughput"][0]["seconds"]["ours"]["repeats"] and train["checkpointing"][0]["memory"]["plain"]["peak_bytes"] > 0
+    assert {(r["stage"], r["rank"]) for r in train["zero"]} == {(s, r) for s in (0, 2, 3) for r in (0, 1)}
+    sampler = json.loads((out / "sampler.json").read_text())["results"]
+    assert sampler["per_evaluation"] and 0 <= sampler["loop"]["overhead_share"]["median"] < 1
+    assert json.loads((out / "end_to_end.json").read_text())["results"]["runs"][0]["images_per_second"]["median"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {t["name"].split("[")[0] for t in summary["targets"]} >= {
+        "train_step_vs_diffusers", "checkpointing_memory", "checkpointing_time", "zero2_optimizer_state",
+        "loader_vs_consumption", "ort_vs_torch_cpu", "loop_overhead"}
+    assert (out / "summary.md").read_text().startswith("# Benchmark summary")
