@@ -121,6 +121,7 @@ def test_sbatch_two_tasks_train_and_checkpoint(tmp_path, shards):
     assert "2 process(es)" in log, log  # one world of 2 ranks, not 2 single-process runs
     assert steps_of(complete_checkpoints(run_dir)) == [2, 4]
     assert metric_steps(run_dir) == [1, 2, 3, 4]
+    assert wait_for_job(job_id) == "COMPLETED"  # accounting may trail sbatch --wait by a moment
     assert sacct_states(job_id) == ["COMPLETED"]
 
 
