@@ -47,9 +47,11 @@ class Train(submitit.helpers.Checkpointable):
                 MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(master_port(env.raw_job_id)),
             )
         status = train.main(self.argv)
-        if status == train.REQUEUE_EXIT_CODE and in_slurm:
+        if not in_slurm:  # --local: the caller gets the exit status (REQUEUE_EXIT_CODE: run it again)
+            return status
+        if status == train.REQUEUE_EXIT_CODE:
             self._requeue(status)
-        if status != 0:
+        if status != 0:  # submitit records the job as failed, with this message
             raise RuntimeError(f"pipeline.train exited with status {status}")
         return status
 
@@ -96,7 +98,7 @@ def make_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecut
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
     params = dict(
         name="ddpm", nodes=args.nodes, tasks_per_node=tasks_per_node(args), cpus_per_task=args.cpus_per_task,
-        timeout_min=args.time, slurm_signal_delay_s=SIGNAL_DELAY_S,
+        timeout_min=args.time,
         # The training's signal, not submitit's USR2 (see the module docstring).
         slurm_additional_parameters={"signal": f"USR1@{SIGNAL_DELAY_S}", "requeue": True},
         # srun (Slurm >= 22.05) no longer inherits --cpus-per-task from the allocation.
