@@ -116,3 +116,109 @@ def load_ema_unet(path: str | Path, device: str | torch.device = "cpu"):
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"{ckpt / EMA_FILE}: cannot load EMA weights ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), model_cfg, diffusion_cfg
+
+
+# --- resume state that is not DeepSpeed's: RNG streams, interrupted writes, safe loading --------
+
+RNG_DIR = "rng"
+
+
+def remove_incomplete(run_dir: str | Path) -> list[Path]:
+    """Delete every checkpoint directory without COMPLETE (a write that was interrupted)."""
+    root = Path(run_dir) / CHECKPOINTS
+    removed = [d for d in root.iterdir() if _STEP_DIR.match(d.name) and not is_complete(d)] if root.is_dir() else []
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's python, numpy and torch (CPU and CUDA) generator states as plain tensors."""
+    import random
+    import numpy as np
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python_mt": torch.tensor(mt, dtype=torch.int64),
+        "python_version_gauss": torch.tensor([version, float("nan") if gauss is None else gauss], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos_gauss": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    import math
+    import random
+    import numpy as np
+    version, gauss = state["python_version_gauss"].tolist()
+    random.setstate((int(version), tuple(state["python_mt"].tolist()), None if math.isnan(gauss) else gauss))
+    pos, has_gauss, cached = state["numpy_pos_gauss"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def rng_path(ckpt_dir: str | Path, rank: int) -> Path:
+    return Path(ckpt_dir) / RNG_DIR / f"rank_{rank:05d}.pt"
+
+
+def save_rng(ckpt_dir: str | Path, rank: int) -> None:
+    import io
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    atomic_write_bytes(rng_path(ckpt_dir, rank), buf.getvalue())
+
+
+def load_rng(ckpt_dir: str | Path, rank: int) -> bool:
+    """Restore this rank's RNG states; False when the checkpoint has none for this rank."""
+    path = rng_path(ckpt_dir, rank)
+    if not path.is_file():
+        return False
+    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+    return True
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under root (files another rank wrote included)."""
+    import os
+    from pipeline.fileio import fsync_dir
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoints pickle besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make engine.load_checkpoint unpickle with weights_only=True (DeepSpeed's own loader does not).
+
+    Only plain containers, tensors and the classes in `deepspeed_safe_globals` are accepted,
+    so a tampered checkpoint cannot run code on load.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        return  # a configured alternative engine (nebula, fast, ...) keeps its own loader
+    allowed = deepspeed_safe_globals()
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)

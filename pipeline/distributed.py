@@ -1,0 +1,124 @@
+"""Process-group set-up for every launcher: a single process, torchrun, or srun under Slurm.
+
+Rank, local rank and world size come from torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE)
+or Slurm's (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS); the rendezvous address from
+MASTER_ADDR / MASTER_PORT, which the batch script exports. DeepSpeed's own launcher is not
+needed. Without CUDA, DeepSpeed is pointed at its CPU accelerator and gloo.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The environment does not describe a usable process group; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    backend: str             # nccl | gloo
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_var(environ, name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_env(environ=os.environ, cuda: bool | None = None) -> DistEnv:
+    """Where this process sits in the job, from torchrun's or Slurm's variables (or alone)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if "RANK" in environ and "WORLD_SIZE" in environ:           # torchrun, submitit, or set by hand
+        rank, world_size = _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
+        local_rank = _int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:  # srun, one task per GPU
+        rank, world_size = _int_var(environ, "SLURM_PROCID"), _int_var(environ, "SLURM_NTASKS")
+        local_rank = _int_var(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    if not 0 <= rank < world_size:
+        raise LaunchError(f"rank {rank} is outside world size {world_size}")
+
+    if world_size > 1 and ("MASTER_ADDR" not in environ or "MASTER_PORT" not in environ):
+        raise LaunchError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
+                          "(torchrun sets them; under srun the batch script exports them, see slurm/train.sh)")
+    master_addr = environ.get("MASTER_ADDR", "127.0.0.1")
+    master_port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistEnv(rank, local_rank, world_size, master_addr, master_port, "nccl" if cuda else "gloo", device)
+
+
+def import_deepspeed():
+    """Import DeepSpeed, first selecting its CPU accelerator when there is no CUDA device.
+
+    DeepSpeed picks its accelerator once, at import; it must be told before that.
+    """
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import logging
+    if cpu and "__compatible_ops__" not in vars(deepspeed.ops):
+        # On CPU, DeepSpeed's comm backend probes every op (spawning compilers) and JIT-builds a
+        # shared-memory all-reduce that serves only inference_all_reduce under its own launcher
+        # (LOCAL_SIZE set). Training never calls it; building it costs minutes on a fresh machine.
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines drown the training log
+    return deepspeed
+
+
+def init(env: DistEnv, timeout_minutes: float = 30.0):
+    """Start the process group and DeepSpeed's view of it. Returns the deepspeed module."""
+    # DeepSpeed and torch's env:// rendezvous read these, whichever launcher set the job up.
+    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    deepspeed = import_deepspeed()
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (env.rank, env.world_size):
+        raise LaunchError(f"this process already belongs to a process group as rank {dist.get_rank()} of "
+                          f"{dist.get_world_size()}, not {env.rank} of {env.world_size}")
+    if not dist.is_initialized():
+        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(minutes=timeout_minutes),
+                                device_id=env.device if env.device.type == "cuda" else None)
+    deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
+    return deepspeed
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group before the process exits (NCCL wants it destroyed explicitly).
+
+    DeepSpeed caches groups of the old process group, so it cannot be re-initialised afterwards
+    in this process: in-process callers that train twice keep the group up instead.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,487 @@
+"""Train the DDPM U-Net with DeepSpeed ZeRO: one process, torchrun, or srun under Slurm.
+
+    python -m pipeline.train --config configs/tiny_cpu.yaml [key=value ...]
+    torchrun --nproc_per_node 2 -m pipeline.train --config configs/tiny_cpu.yaml
+    srun python -m pipeline.train --config configs/celebahq256.yaml       (see slurm/train.sh)
+
+Every source of randomness in a step is a function of (train.seed, rank, step): timesteps,
+noise and dropout are drawn from generators seeded per step, and the data stream is re-seeded
+every train.checkpoint_every steps. A checkpoint records the stream's seed step and how many
+batches were drawn from it; resuming re-creates the stream and skips those batches (none at a
+periodic checkpoint). A resumed run therefore replays exactly what the uninterrupted run did:
+on CPU in fp32 the losses are bit-equal.
+
+On SIGUSR1 or SIGTERM (Slurm's warning before preemption or the time limit) the current step
+finishes, every rank writes the checkpoint, and the process exits with REQUEUE_EXIT_CODE.
+Exit status: 0 done, 1 training diverged, 2 user error, REQUEUE_EXIT_CODE stopped on request.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline import distributed
+from pipeline.checkpoint import (CheckpointError, EMA_FILE, checkpoint_dir, complete_checkpoints, fsync_tree,
+                                 load_rng, mark_complete, prune_checkpoints, remove_incomplete, save_export_files,
+                                 save_rng, use_weights_only_loading)
+from pipeline.config import Config, ConfigError, load_config, save_config
+from pipeline.distributed import DistEnv, LaunchError
+from pipeline.ds_config import batch_sizes, ds_config_for, precision_of
+from pipeline.fileio import atomic_write_json, atomic_write_text
+
+REQUEUE_EXIT_CODE = 3   # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
+EXIT_DIVERGED = 1
+EXIT_USER_ERROR = 2
+# Test hook: "STEP:SECONDS" makes rank 0 sleep after writing checkpoint STEP and before its
+# COMPLETE marker, so a test can SIGKILL the run in the middle of a checkpoint write.
+PAUSE_BEFORE_COMPLETE_ENV = "DDPM_TEST_PAUSE_BEFORE_COMPLETE"
+
+_stop_requested = False
+
+
+class TrainError(RuntimeError):
+    """A problem with the run set-up the user can fix; printed as one line."""
+
+
+def request_stop(signum=None, frame=None) -> None:
+    """Ask the running training to checkpoint at the end of this step and return REQUEUE_EXIT_CODE."""
+    global _stop_requested
+    _stop_requested = True
+
+
+STOP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
+
+
+def catch_stop_signals():
+    """Route SIGUSR1/SIGTERM to request_stop; returns what `release_stop_signals` restores.
+
+    The signals are also blocked in this thread, and the DataLoader workers forked from it inherit
+    the mask: torchrun and Slurm signal whole process groups, and an unblocked worker dies of
+    SIGTERM, taking the training down before it can checkpoint. Here they wait, pending, until
+    `poll_stop_signals` collects them at the end of the step.
+    """
+    handlers = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    return handlers, signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def poll_stop_signals() -> None:
+    if STOP_SIGNALS & signal.sigpending():
+        while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:
+            pass
+        request_stop()
+
+
+def release_stop_signals(handlers, mask) -> None:
+    poll_stop_signals()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+# --- randomness that depends on (seed, rank, step) only -------------------------------------
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integers (numpy's SeedSequence: independent streams per key)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def image_stream(cfg: Config, env: DistEnv, micro_batch: int, start_step: int, skip: int = 0):
+    """Endless (micro_batch, C, H, W) batches in [-1, 1] for this rank, seeded by (seed, start_step),
+    less the first `skip` (the ones a resumed run had already trained on)."""
+    from pipeline.data import make_loader
+    loader = make_loader(cfg.data.shards, batch_size=micro_batch, rank=env.rank, world_size=env.world_size,
+                         num_workers=cfg.data.num_workers, seed=derived_seed(cfg.train.seed, start_step, 1),
+                         shuffle_buffer=cfg.data.shuffle_buffer, random_flip=cfg.data.random_flip,
+                         max_corrupt=cfg.data.max_corrupt)
+    if loader.manifest["resolution"] != cfg.model.image_size:
+        raise TrainError(f"data.shards: {cfg.data.shards} holds {loader.manifest['resolution']} px images "
+                         f"but model.image_size is {cfg.model.image_size}")
+
+    def batches():
+        while True:  # resampled epochs of equal length on every rank
+            yield from loader
+    stream = batches()
+    for _ in range(skip):
+        next(stream)
+    return stream
+
+
+# --- the training state that is not DeepSpeed's ---------------------------------------------
+
+@dataclass
+class TrainState:
+    step: int = 0            # optimizer steps taken (skipped fp16 overflow steps included)
+    images_seen: int = 0
+    stream_start: int = 0    # data position: the step whose seed started the current stream,
+    batches_drawn: int = 0   # and the micro-batches this rank has drawn from it since
+
+
+def warmup_lambda(warmup_steps: int):
+    """Linear warm-up factor for LambdaLR: (step + 1) / warmup_steps, then 1."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def build_engine(cfg: Config, ds_config: dict, deepspeed):
+    """The DeepSpeed engine around a freshly initialised U-Net (same weights on every rank)."""
+    from pipeline.unet import UNet
+    torch.manual_seed(cfg.train.seed)
+    model = UNet(cfg.model)
+    model.grad_checkpointing = cfg.train.grad_checkpointing
+    t = cfg.train
+    optimizer = scheduler = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                      weight_decay=t.weight_decay)
+    if "scheduler" not in ds_config:
+        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps)))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=model.parameters() if optimizer is None else None,
+                                           config=ds_config)
+    use_weights_only_loading(engine)
+    return engine
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def save_checkpoint(engine, ema, state: TrainState, cfg: Config, env: DistEnv) -> Path:
+    """Every rank writes its DeepSpeed shards and RNG; rank 0 the export files, then COMPLETE."""
+    ckpt = checkpoint_dir(cfg.run.dir, state.step)
+    if env.is_main:
+        shutil.rmtree(ckpt, ignore_errors=True)  # a leftover of an interrupted write
+        ckpt.mkdir(parents=True)
+    distributed.barrier()
+    client_state = {"step": state.step, "images_seen": state.images_seen, "stream_start": state.stream_start,
+                    "batches_drawn": state.batches_drawn, "ema_num_updates": ema.num_updates,
+                    "world_size": env.world_size}
+    engine.save_checkpoint(str(ckpt), tag="deepspeed", client_state=client_state, save_latest=False)
+    save_rng(ckpt, env.rank)
+    distributed.barrier()
+    fsync_tree(ckpt)  # each rank flushes what it wrote (and, harmlessly, what the others wrote)
+    distributed.barrier()
+    if env.is_main:
+        save_export_files(ckpt, ema.state_dict(), cfg, state.step, state.images_seen)
+        _test_pause_before_complete(state.step)
+        mark_complete(ckpt)  # the commit point: before this line the checkpoint does not exist
+        prune_checkpoints(cfg.run.dir, cfg.train.keep_checkpoints)
+    distributed.barrier()
+    return ckpt
+
+
+def _test_pause_before_complete(step: int) -> None:
+    spec = os.environ.get(PAUSE_BEFORE_COMPLETE_ENV)
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == step:
+            time.sleep(float(seconds))
+
+
+def resume(engine, ema, cfg: Config, env: DistEnv) -> TrainState:
+    """Load the newest complete checkpoint of run.dir, if any; interrupted writes are deleted."""
+    if env.is_main:
+        for d in remove_incomplete(cfg.run.dir):
+            print(f"removed incomplete checkpoint {d} (interrupted while writing)", flush=True)
+    distributed.barrier()
+    found = complete_checkpoints(cfg.run.dir)
+    # All ranks must load the same one: rank 0 decides.
+    choice = torch.tensor([int(found[-1].name[5:]) if found else -1], device=env.device)
+    dist.broadcast(choice, src=0)
+    if choice.item() < 0:
+        return TrainState()
+    ckpt = checkpoint_dir(cfg.run.dir, int(choice.item()))
+    try:
+        _, client = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"{ckpt}: cannot resume from it ({str(e).splitlines()[0][:300]}); "
+                              f"was it written by a different config or world size?") from None
+    if client is None:
+        raise CheckpointError(f"{ckpt}: DeepSpeed found no state under deepspeed/")
+    ema_state = {}
+    if env.is_main:
+        from safetensors.torch import load_file
+        ema_state = load_file(str(ckpt / EMA_FILE), device=str(env.device))
+    ema.load_state_dict(ema_state, client["ema_num_updates"])
+    if not load_rng(ckpt, env.rank) and env.is_main:
+        print(f"warning: {ckpt} has no RNG state for rank {env.rank}; continuing with fresh generators")
+    if env.is_main:
+        print(f"resumed from {ckpt} (step {client['step']}, {client['images_seen']} images seen)", flush=True)
+    return TrainState(step=client["step"], images_seen=client["images_seen"], stream_start=client["stream_start"],
+                      batches_drawn=client["batches_drawn"])
+
+
+# --- logging (rank 0) ---------------------------------------------------------------------------
+
+class MetricsLog:
+    """tqdm on a terminal or a line every log.every steps; metrics.jsonl and TensorBoard events."""
+
+    def __init__(self, cfg: Config, start_step: int, active: bool):
+        self.active, self.every, self.total = active, cfg.log.every, cfg.train.max_steps
+        self.run_dir = Path(cfg.run.dir)
+        self.losses, self.images, self.seconds, self.skipped = [], 0, 0.0, 0
+        self.bar = self.tb = None
+        if not active:
+            return
+        _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True)
+        if cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step)
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, images: int, seconds: float,
+             skipped: bool, engine) -> None:
+        if not self.active:
+            return
+        self.losses.append(loss)
+        self.images, self.seconds, self.skipped = self.images + images, self.seconds + seconds, self.skipped + skipped
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.every and step != self.total:
+            return
+        finite = [x for x in self.losses if math.isfinite(x)]
+        row = {"step": step, "loss": sum(finite) / len(finite) if finite else float("nan"),
+               "lr": lr, "grad_norm": grad_norm, "loss_scale": _loss_scale(engine),
+               "images_per_second": self.images / max(self.seconds, 1e-9), "skipped_steps": self.skipped,
+               "time": time.time()}
+        if torch.cuda.is_available():
+            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key not in ("step", "time") and value is not None:
+                    self.tb.add_scalar(f"train/{key}", value, step)
+        text = " ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k not in ("step", "time") and v is not None)
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        else:
+            print(f"step {step}/{self.total} {text}", flush=True)
+        self.losses, self.images, self.seconds, self.skipped = [], 0, 0.0, 0
+
+    def message(self, text: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _keeps_grad_norm(engine) -> bool:
+    """DeepSpeed's optimizer wrappers record the global gradient norm; ZeRO-0 fp32 (bare torch) does not."""
+    return bool(engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+
+
+def _grad_norm(module) -> float:
+    """Norm of the (already all-reduced) gradients, before clipping: ZeRO-0 fp32 only."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _loss_scale(engine) -> float | None:
+    if not engine.fp16_enabled():
+        return None
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return float(getattr(scaler, "cur_scale", getattr(engine.optimizer, "cur_scale", float("nan"))))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows after `step` (logged by a run that was interrupted before its next checkpoint)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(row + "\n" for row in rows))
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def train(cfg: Config) -> int:
+    """Run (or resume) the training described by cfg in this process; returns the exit status.
+
+    The process group stays up, so a later call in the same process reuses it (DeepSpeed caches
+    its groups); `main` tears it down before the process exits.
+    """
+    global _stop_requested
+    _stop_requested = False
+    # Only the main thread may set handlers; elsewhere the caller uses request_stop() itself.
+    caught = catch_stop_signals() if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _train(cfg)
+    except (ConfigError, CheckpointError, LaunchError, TrainError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        from pipeline.data import DataError
+        if isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+        raise
+    finally:
+        if caught is not None:
+            release_stop_signals(*caught)
+
+
+def _train(cfg: Config) -> int:
+    """Set up the process group, engine, EMA and data position (resumed if run.dir has a checkpoint)."""
+    t = cfg.train
+    env = distributed.read_env()
+    micro_batch, accum = batch_sizes(t, env.world_size)
+    ds_config = ds_config_for(cfg, env.world_size)
+    precision = precision_of(ds_config)
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise TrainError("train.precision=fp16 needs a CUDA GPU (DeepSpeed's loss-scaled fp16 does not run "
+                         "on CPU); use train.precision=bf16 or fp32 here")
+    deepspeed = distributed.init(env)
+    torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later; no effect on CPU
+    run_dir = Path(cfg.run.dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        atomic_write_json(run_dir / "deepspeed_config.json", ds_config)
+    image_stream(cfg, env, micro_batch, 0)  # checks the shards before the model is built
+
+    engine = build_engine(cfg, ds_config, deepspeed)
+    from pipeline.ema import EMA
+    ema = EMA(engine.module, cfg.ema.decay, warmup=cfg.ema.warmup, keep=env.is_main)
+    state = resume(engine, ema, cfg, env)
+    if state.step >= t.max_steps:
+        if env.is_main:
+            print(f"{run_dir}: already at step {state.step} >= train.max_steps={t.max_steps}; nothing to do")
+        return 0
+    if env.is_main and state.batches_drawn:
+        print(f"skipping {state.batches_drawn} batches to restore the data position", flush=True)
+    batches = image_stream(cfg, env, micro_batch, state.stream_start, skip=state.batches_drawn)
+
+    log = MetricsLog(cfg, state.step, env.is_main)
+    log.message(f"training {run_dir}: {env.world_size} process(es) on {env.device.type}, {precision}, "
+                f"ZeRO-{engine.zero_optimization_stage()}, batch {t.batch_size} = {micro_batch} x {accum} "
+                f"accumulation x {env.world_size}, from step {state.step} to {t.max_steps}")
+    try:
+        return train_loop(cfg, env, engine, ema, state, batches, log)
+    finally:
+        log.close()
+
+
+def train_step(engine, diffusion, batches, state: TrainState, seed: int, env: DistEnv):
+    """One optimizer step over gradient_accumulation_steps micro-batches -> (summed loss, grad norm)."""
+    model_dtype = next(engine.module.parameters()).dtype
+    accum = engine.gradient_accumulation_steps()
+    loss_sum, grad_norm = torch.zeros((), device=env.device), None
+    for micro in range(accum):
+        x0 = next(batches).to(env.device, non_blocking=True)
+        state.batches_drawn += 1
+        # timesteps, noise and dropout from (seed, rank, step, micro): independent of history
+        generator = torch.Generator(env.device).manual_seed(derived_seed(seed, env.rank, state.step, micro, 2))
+        timesteps = diffusion.sample_timesteps(x0.shape[0], generator=generator, device=env.device)
+        noise = torch.randn(x0.shape, generator=generator, device=env.device)
+        torch.manual_seed(derived_seed(seed, env.rank, state.step, micro, 3))
+        loss = diffusion.training_loss(lambda x_t, t: engine(x_t.to(model_dtype), t), x0, timesteps, noise)
+        engine.backward(loss)
+        if micro == accum - 1 and not _keeps_grad_norm(engine):
+            grad_norm = _grad_norm(engine.module)  # before step() clips and zeroes the gradients
+        engine.step()  # applies the optimizer at the accumulation boundary only
+        loss_sum += loss.detach().float()
+    if _keeps_grad_norm(engine) and engine.get_global_grad_norm() is not None:
+        grad_norm = float(engine.get_global_grad_norm())
+    return loss_sum, grad_norm
+
+
+def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batches, log: MetricsLog) -> int:
+    from pipeline.diffusion import GaussianDiffusion, schedule_from_config
+    t = cfg.train
+    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
+    fp16 = engine.fp16_enabled()
+    bad_steps = 0
+    engine.train()
+    while state.step < t.max_steps:
+        started, lr = time.perf_counter(), engine.get_lr()[0]
+        loss_sum, grad_norm = train_step(engine, diffusion, batches, state, t.seed, env)
+        # One small collective per step: the loss summed over ranks, and whether any rank was signalled.
+        poll_stop_signals()
+        flags = torch.stack([loss_sum, torch.tensor(float(_stop_requested), device=env.device)])
+        dist.all_reduce(flags)
+        loss = flags[0].item() / (engine.gradient_accumulation_steps() * env.world_size)
+        stop = flags[1].item() > 0
+        state.step += 1
+        state.images_seen += t.batch_size
+
+        # fp16: DeepSpeed skipped the step on overflow. bf16/fp32 have no scaler: after a non-finite
+        # loss or gradient the weights may be damaged, so neither the EMA nor a checkpoint takes them.
+        applied = engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm or 0.0)
+        bad_steps = 0 if applied else bad_steps + 1
+        if applied:
+            ema.update(engine.module)
+        else:
+            log.message(f"step {state.step}: loss {loss:.4g}, grad norm {grad_norm}, " + (
+                f"fp16 overflow, step skipped, loss scale now {_loss_scale(engine):g}" if fp16 else "non-finite"))
+        log.step(state.step, loss, lr, grad_norm, t.batch_size, time.perf_counter() - started, not applied, engine)
+        if bad_steps > t.max_bad_steps:
+            log.message(f"error: {bad_steps} consecutive non-finite steps (train.max_bad_steps={t.max_bad_steps}); "
+                        f"stopping. The last complete checkpoint under {Path(cfg.run.dir) / 'checkpoints'} is intact.")
+            return EXIT_DIVERGED
+
+        if state.step % t.checkpoint_every == 0:  # a fresh stream, so a resume from here skips nothing
+            batches = image_stream(cfg, env, engine.train_micro_batch_size_per_gpu(), state.step)
+            state.stream_start, state.batches_drawn = state.step, 0
+        weights_ok = fp16 or bad_steps == 0
+        last = state.step == t.max_steps
+        if env.is_main and weights_ok and cfg.log.sample_every and (state.step % cfg.log.sample_every == 0 or last):
+            log.message(f"step {state.step}: EMA samples in {preview(cfg, ema, diffusion, state.step, env)}")
+        if weights_ok and (state.step % t.checkpoint_every == 0 or last or stop):
+            log.message(f"step {state.step}: checkpoint {save_checkpoint(engine, ema, state, cfg, env)}")
+        if stop:
+            log.message(f"step {state.step}: stopped on request; exit {REQUEUE_EXIT_CODE} so the job is requeued")
+            return REQUEUE_EXIT_CODE
+    return 0
+
+
+def preview(cfg: Config, ema, diffusion, step: int, env: DistEnv) -> Path:
+    """EMA samples drawn with the NumPy DDIM loop into run.dir/samples/ (rank 0)."""
+    from pipeline.sample_grid import save_preview
+    from pipeline.unet import UNet
+    model = ema.copy_to(UNet(cfg.model).to(env.device))
+    return save_preview(model, diffusion.schedule, cfg.run.dir, step, cfg.log.num_samples, cfg.log.sample_steps,
+                        device=env.device)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        return train(cfg)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
