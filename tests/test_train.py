@@ -62,7 +62,8 @@ def test_ds_config_blocks():
     cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.precision = 64, 4, "fp16"
     cfg.zero.stage = 2
     ds = build_ds_config(cfg, world_size=4)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 4, 4)
+    batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert batch == (64, 4, 4)
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                           "hysteresis": 2, "min_loss_scale": 1} == {"enabled": True, **FP16_LOSS_SCALING}
     assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.0
@@ -215,13 +216,30 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards
 
 # --- real DeepSpeed, 2 processes ------------------------------------------------------------------
 
-def torchrun(shards: Path, run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+@pytest.fixture
+def launched():
+    """Popen objects of torchrun runs; whatever still runs when the test ends (failed) is killed."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            for p in workers(proc, recursive=True).values():
+                p.kill()
+            proc.kill()
+            proc.communicate()
+
+
+def torchrun(shards: Path, run_dir: Path, *overrides: str, env: dict | None = None,
+             launched: list | None = None) -> subprocess.Popen:
     """Start `torchrun --standalone --nproc_per_node 2 -m pipeline.train` with the tiny model."""
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline.train",
            "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *TINY, f"data.shards={shards}",
            f"run.dir={run_dir}", *overrides]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if launched is not None:
+        launched.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -229,13 +247,18 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def workers(proc: subprocess.Popen) -> dict[int, "psutil.Process"]:
-    """The training processes torchrun started, by rank (they live in sessions of their own)."""
+def workers(proc: subprocess.Popen, recursive: bool = False) -> dict[int, "psutil.Process"]:
+    """The training processes torchrun started, by rank (they live in sessions of their own);
+    recursive: their DataLoader workers too, keyed by pid."""
     import psutil
     found = {}
-    for child in psutil.Process(proc.pid).children():  # not their DataLoader workers
+    try:
+        children = psutil.Process(proc.pid).children(recursive=recursive)
+    except psutil.Error:
+        return found
+    for child in children:
         try:
-            found[int(child.environ()["RANK"])] = child
+            found[child.pid if recursive else int(child.environ()["RANK"])] = child
         except (KeyError, psutil.Error):
             pass
     return found
@@ -251,15 +274,18 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 180):
 
 
 @pytest.mark.integration
-def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16):
+def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16, launched):
     from safetensors.torch import load_file
     from pipeline.train import REQUEUE_EXIT_CODE
     # adam_eps=1e-3: Adam's update g / (sqrt(v) + eps) then does not blow up the last-bit differences of
     # near-zero gradients between ZeRO-0's all-reduce and ZeRO-3's reduce-scatter.
     # One DataLoader worker per rank: it gets the signals too (they go to whole process groups) and must survive.
     common = ["train.adam_eps=1e-3", "train.checkpoint_every=1000", "data.num_workers=1"]
+    def start(run_dir, *overrides):
+        return torchrun(shards16, run_dir, *overrides, *common, launched=launched)
+
     interrupted = tmp_path / "interrupted"
-    proc = torchrun(shards16, interrupted, "zero.stage=3", "train.max_steps=1000", *common)
+    proc = start(interrupted, "zero.stage=3", "train.max_steps=1000")
     wait_for(lambda: (interrupted / "metrics.jsonl").exists(), proc)
     ranks = workers(proc)
     # Slurm's warning to one rank, torchrun's SIGTERM to the other (each to the rank's process group):
@@ -274,14 +300,14 @@ def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16):
     assert f"step {stop_step}: stopped on request" in out and 1 <= stop_step < 1000
     total = stop_step + 2
 
-    status, out = finish(torchrun(shards16, interrupted, "zero.stage=3", f"train.max_steps={total}", *common))
+    status, out = finish(start(interrupted, "zero.stage=3", f"train.max_steps={total}"))
     assert status == 0, out[-3000:]
     assert f"resumed from {stopped[0]}" in out and f"skipping {stop_step} batches" in out
     straight = tmp_path / "straight"
-    status, out = finish(torchrun(shards16, straight, "zero.stage=3", f"train.max_steps={total}", *common))
+    status, out = finish(start(straight, "zero.stage=3", f"train.max_steps={total}"))
     assert status == 0, out[-3000:]
     zero0 = tmp_path / "zero0"
-    status, out = finish(torchrun(shards16, zero0, "zero.stage=0", f"train.max_steps={total}", *common))
+    status, out = finish(start(zero0, "zero.stage=0", f"train.max_steps={total}"))
     assert status == 0, out[-3000:]
 
     assert losses(interrupted) == losses(straight)  # bit-equal, step by step
@@ -294,13 +320,13 @@ def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16):
 
 
 @pytest.mark.integration
-def test_zero2_bf16_killed_while_checkpointing_resumes_from_the_previous_one(tmp_path, shards16):
+def test_zero2_bf16_killed_while_checkpointing_resumes_from_the_previous_one(tmp_path, shards16, launched):
     from pipeline.train import PAUSE_BEFORE_COMPLETE_ENV
     run = tmp_path / "run"
     args = ["zero.stage=2", "train.precision=bf16", "train.grad_checkpointing=true", "train.max_steps=6",
             "train.checkpoint_every=2", "train.keep_checkpoints=2", "log.sample_every=6", "log.sample_steps=2",
             "log.num_samples=4"]
-    proc = torchrun(shards16, run, *args, env={PAUSE_BEFORE_COMPLETE_ENV: "4:60"})
+    proc = torchrun(shards16, run, *args, env={PAUSE_BEFORE_COMPLETE_ENV: "4:60"}, launched=launched)
     step4 = run / "checkpoints" / "step_000000004"
     # rank 0 has written the DeepSpeed state and the export files and now sleeps before COMPLETE
     wait_for(lambda: (step4 / "model.json").exists() and (run / "checkpoints/step_000000002/COMPLETE").exists(),
@@ -312,7 +338,7 @@ def test_zero2_bf16_killed_while_checkpointing_resumes_from_the_previous_one(tmp
     assert (step4 / "deepspeed").is_dir() and not (step4 / "COMPLETE").exists()
     assert [d.name for d in complete_checkpoints(run)] == ["step_000000002"]
 
-    status, out = finish(torchrun(shards16, run, *args))
+    status, out = finish(torchrun(shards16, run, *args, launched=launched))
     assert status == 0, out[-3000:]
     assert f"removed incomplete checkpoint {step4}" in out
     assert f"resumed from {run / 'checkpoints' / 'step_000000002'}" in out
