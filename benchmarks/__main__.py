@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,9 @@ def summary(results: dict[str, dict], out_dir: Path, seconds: float) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    common.COMMAND = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     names = NAMES if args.name == "all" else (args.name,)
     args.out.mkdir(parents=True, exist_ok=True)
     progress = common.Progress(sum(module(n).steps(args) for n in names))

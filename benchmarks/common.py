@@ -22,6 +22,7 @@ from typing import Callable
 
 from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
+COMMAND = ""  # the command line of this run, set by benchmarks.__main__
 PACKAGES = ("torch", "deepspeed", "onnxruntime-gpu", "onnxruntime", "onnx", "diffusers", "tensorrt",
             "numpy", "webdataset", "pillow")
 
@@ -164,8 +165,7 @@ def target_verdict(t: dict) -> str:
 
 def new_result(name: str, *, quick: bool, device: str, config: dict, method: str) -> dict:
     return {"benchmark": name, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]])
-            if sys.argv and sys.argv[0].endswith("__main__.py") else " ".join(map(shlex.quote, sys.argv)),
+            "command": COMMAND or " ".join(map(shlex.quote, sys.argv)),
             "quick": quick, "device": device, "machine": machine_info(device), "versions": versions(),
             "config": config, "method": method, "results": {}, "tables": [], "targets": [], "plots": [], "notes": []}
 
@@ -231,21 +231,21 @@ def write_result(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def plot_curves(path: str | Path, title: str, xlabel: str, ylabel: str,
-                series: dict[str, tuple[list, list]], *, logx: bool = False, logy: bool = False) -> Path:
-    """A line plot (one line per series) written atomically as PNG."""
+                series: dict[str, tuple[list, list]], *, logx: int = 0, logy: bool = False) -> Path:
+    """A line plot (one line per series) written atomically as PNG; logx is the x log base (0: linear)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if logx:
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=logx)
     if logy:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

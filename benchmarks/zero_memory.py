@@ -9,7 +9,6 @@ writes one row per (stage, rank). Run by `python -m benchmarks train`; CPU runs 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -124,7 +123,7 @@ def measure(config_path: str, stage: int, device: str, env, deepspeed) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.zero_memory", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="a config YAML, or several separated by commas")
     p.add_argument("--stages", default="0,2,3")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", required=True)
@@ -133,14 +132,15 @@ def main(argv=None) -> int:
     env = distributed.read_env(cuda=args.device == "cuda")
     deepspeed = distributed.init(env)
     rows = []
-    for stage in (int(s) for s in args.stages.split(",")):
-        rows.append(measure(args.config, stage, args.device, env, deepspeed))
-        dist.barrier()
+    for config_path in args.config.split(","):
+        for stage in (int(s) for s in args.stages.split(",")):
+            rows.append({"config_path": config_path, **measure(config_path, stage, args.device, env, deepspeed)})
+            dist.barrier()
     gathered = [None] * env.world_size
     dist.gather_object(rows, gathered if env.rank == 0 else None, dst=0)
     if env.rank == 0:
         atomic_write_json(args.out, sorted((r for rank_rows in gathered for r in rank_rows),
-                                           key=lambda r: (r["stage"], r["rank"])))
+                                           key=lambda r: (r["model_parameters"], r["stage"], r["rank"])))
     distributed.shutdown()
     return 0
 
