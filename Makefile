@@ -46,14 +46,11 @@ demo: venv
 	OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m pipeline.train --config configs/tiny_cpu.yaml \
 		data.shards=$(DEMO_DATA) run.dir=$(DEMO_RUN)
 	$(PY) -m export.onnx --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/denoiser.onnx
-	$(PY) -m export.onnx --ckpt $(DEMO_RUN) --weights model --out $(DEMO_RUN)/denoiser_online.onnx
 	$(PY) -m export.sample --model $(DEMO_RUN)/denoiser.onnx --sampler ddim --steps 50 --num 64 --out $(DEMO_SAMPLES)/grid.png
 	$(SAMPLE) --model $(DEMO_RUN)/denoiser.onnx --sampler ddim --steps 50 --out $(DEMO_SAMPLES)/ema_ddim50.npz
-	$(SAMPLE) --model $(DEMO_RUN)/denoiser_online.onnx --sampler ddim --steps 50 --out $(DEMO_SAMPLES)/online_ddim50.npz
 	$(SAMPLE) --model $(DEMO_RUN)/denoiser.onnx --sampler ddpm --steps 250 --out $(DEMO_SAMPLES)/ema_ddpm250.npz
 	$(PY) -m pipeline.evaluate --shards $(DEMO_DATA) --floor --out $(DEMO_RUN)/scores.json \
 		--samples "EMA DDIM-50=$(DEMO_SAMPLES)/ema_ddim50.npz" \
-		--samples "non-EMA DDIM-50=$(DEMO_SAMPLES)/online_ddim50.npz" \
 		--samples "EMA DDPM-250=$(DEMO_SAMPLES)/ema_ddpm250.npz"
 	$(PY) -m benchmarks sampler --quick --out $(DEMO_RUN)/bench
 	@echo
