@@ -9,7 +9,6 @@ comes from (seed, rank, worker, epoch): the same arguments give the same batches
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -23,6 +22,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +73,10 @@ def check_shards(shards_dir: str | Path, split: str = "train", verify_sha256: bo
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise DataError(f"{path}: {size} bytes but {where} says {entry['bytes']}; re-run data_prep to repair")
-        if verify_sha256 and _sha256(path) != entry["sha256"]:
+        if verify_sha256 and sha256_file(path) != entry["sha256"]:
             raise DataError(f"{path}: sha256 does not match {where}; re-run data_prep to repair")
         paths.append(path)
     return paths
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- per-worker sample stream

@@ -9,13 +9,14 @@ pytorch-fid; without those patches the numbers would not be FID.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models import inception as tv
+
+from pipeline.fileio import sha256_file
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch.hub names files <name>-<first digits of sha256>.pth; anything else gives other numbers.
@@ -78,14 +79,6 @@ def fid_inception_v3() -> tv.Inception3:
     net.Mixed_7c = FIDInceptionE(2048, max_pool=True)
     net.fc = torch.nn.Identity()  # pool3 is what FID uses; the logits are never computed
     return net
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_fid_inception(path) -> tuple[tv.Inception3, dict]:
