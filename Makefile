@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # OpenMP threads that spin-wait for a busy core make torch many times slower on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test test-unit venv clean
+.PHONY: demo demo-results test test-unit venv clean
 
 venv: $(VENV)/.installed
 
@@ -28,7 +28,9 @@ test-unit: venv
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 # --- the demo: synthetic faces (or CELEBAHQ=/path/to/images) -> DeepSpeed on 2 CPU processes
-# -> ONNX -> NumPy DDIM through onnxruntime -> scores. Every step reuses what is already done.
+# -> ONNX (EMA and online weights) -> NumPy DDIM/DDPM through onnxruntime -> scores -> benchmark.
+# Data and training reuse what is done (their own checks); the rest are file targets that are
+# remade only when the newest checkpoint changes.
 DEMO_RUN ?= runs/demo
 DEMO_SAMPLES := $(DEMO_RUN)/samples
 ifdef CELEBAHQ
@@ -36,29 +38,69 @@ DEMO_DATA ?= data/celebahq32
 DEMO_SOURCE := --src $(CELEBAHQ)
 else
 DEMO_DATA ?= data/synthetic32
-DEMO_SOURCE := --synthetic 2000
+DEMO_SOURCE := --synthetic $(DEMO_SYNTHETIC)
 endif
+DEMO_SYNTHETIC ?= 3000
+# Extra config overrides / evaluate flags (the integration test shrinks the demo with these).
+DEMO_TRAIN_ARGS ?=
+DEMO_EVAL_ARGS ?=
+# Images per scored sample set and of the val floor: Fréchet distances only compare at equal N.
 DEMO_NUM ?= 256
+# The respaced DDPM that fits the budget (DDPM-1000 x 256 images is ~15 min on 2 cores).
+DEMO_DDPM_STEPS ?= 250
 SAMPLE := $(PY) -m export.sample --num $(DEMO_NUM) --batch 64 --seed 0
+# Its mtime moves whenever a checkpoint is added or pruned: the exports below follow it.
+CHECKPOINTS := $(DEMO_RUN)/checkpoints
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
 
 demo: venv
-	$(PY) -m data_prep $(DEMO_SOURCE) --out $(DEMO_DATA) --size 32
+	$(PY) -m data_prep $(DEMO_SOURCE) --out $(DEMO_DATA) --size 32 --val-fraction 0.1
 	OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m pipeline.train --config configs/tiny_cpu.yaml \
-		data.shards=$(DEMO_DATA) run.dir=$(DEMO_RUN)
-	$(PY) -m export.onnx --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/denoiser.onnx
-	$(PY) -m export.sample --model $(DEMO_RUN)/denoiser.onnx --sampler ddim --steps 50 --num 64 --out $(DEMO_SAMPLES)/grid.png
-	$(SAMPLE) --model $(DEMO_RUN)/denoiser.onnx --sampler ddim --steps 50 --out $(DEMO_SAMPLES)/ema_ddim50.npz
-	$(SAMPLE) --model $(DEMO_RUN)/denoiser.onnx --sampler ddpm --steps 250 --out $(DEMO_SAMPLES)/ema_ddpm250.npz
-	$(PY) -m pipeline.evaluate --shards $(DEMO_DATA) --floor --out $(DEMO_RUN)/scores.json \
-		--samples "EMA DDIM-50=$(DEMO_SAMPLES)/ema_ddim50.npz" \
-		--samples "EMA DDPM-250=$(DEMO_SAMPLES)/ema_ddpm250.npz"
-	$(PY) -m benchmarks sampler --quick --out $(DEMO_RUN)/bench
+		data.shards=$(DEMO_DATA) run.dir=$(DEMO_RUN) $(DEMO_TRAIN_ARGS)
+	$(MAKE) --no-print-directory demo-results
+
+demo-results: $(DEMO_RUN)/scores.txt $(DEMO_RUN)/bench/sampler.md
 	@echo
-	@echo "grid of faces:   $(DEMO_SAMPLES)/grid.png   (training previews beside it)"
-	@echo "checkpoint:      $$(ls -d $(DEMO_RUN)/checkpoints/step_* | tail -n 1)"
-	@echo "ONNX denoiser:   $(DEMO_RUN)/denoiser.onnx (+ denoiser.json)"
-	@echo "scores:          $(DEMO_RUN)/scores.json     benchmark: $(DEMO_RUN)/bench/"
+	@cat $(DEMO_RUN)/scores.txt
+	@echo
+	@sed -n '/^## Targets/,/^## NumPy/p' $(DEMO_RUN)/bench/sampler.md | grep '^|'
+	@echo
+	@echo "grid of faces:   $(DEMO_SAMPLES)/grid.png   (EMA, DDIM-50, eta 1; training previews beside it)"
+	@echo "checkpoint:      $$(ls -d $(CHECKPOINTS)/step_* | tail -n 1)"
+	@echo "ONNX denoiser:   $(DEMO_RUN)/denoiser.onnx (+ denoiser.json); online weights: denoiser_model.onnx"
+	@echo "scores:          $(DEMO_RUN)/scores.json   benchmark: $(DEMO_RUN)/bench/sampler.md"
 	@echo "try it:          $(PY) -m export.app --model $(DEMO_RUN)/denoiser.onnx   (http://127.0.0.1:7860)"
 
+$(CHECKPOINTS):
+	@echo "error: $(CHECKPOINTS): no checkpoints yet; 'make demo' trains first" >&2; exit 2
+$(DEMO_RUN)/denoiser.onnx: $(CHECKPOINTS)
+	$(PY) -m export.onnx --ckpt $(DEMO_RUN) --out $@
+$(DEMO_RUN)/denoiser_model.onnx: $(CHECKPOINTS)
+	$(PY) -m export.onnx --ckpt $(DEMO_RUN) --weights model --out $@
+
+# The grid is drawn stochastically (eta 1): at this training budget deterministic DDIM (eta 0) leaves
+# noise in some faces, which the scores show; EMA and online weights are compared on the same sampler.
+$(DEMO_SAMPLES)/ema_ddim50_eta1.npz: $(DEMO_RUN)/denoiser.onnx
+	$(SAMPLE) --model $< --sampler ddim --steps 50 --eta 1 --out $@ --grid $(DEMO_SAMPLES)/grid.png
+$(DEMO_SAMPLES)/model_ddim50_eta1.npz: $(DEMO_RUN)/denoiser_model.onnx
+	$(SAMPLE) --model $< --sampler ddim --steps 50 --eta 1 --out $@
+$(DEMO_SAMPLES)/ema_ddim50.npz: $(DEMO_RUN)/denoiser.onnx
+	$(SAMPLE) --model $< --sampler ddim --steps 50 --out $@
+$(DEMO_SAMPLES)/ema_ddpm$(DEMO_DDPM_STEPS).npz: $(DEMO_RUN)/denoiser.onnx
+	$(SAMPLE) --model $< --sampler ddpm --steps $(DEMO_DDPM_STEPS) --out $@
+
+DEMO_SETS := ema_ddim50_eta1 model_ddim50_eta1 ema_ddim50 ema_ddpm$(DEMO_DDPM_STEPS)
+$(DEMO_RUN)/scores.txt: $(DEMO_SETS:%=$(DEMO_SAMPLES)/%.npz)
+	$(PY) -m pipeline.evaluate --shards $(DEMO_DATA) --floor --out $(DEMO_RUN)/scores.json $(DEMO_EVAL_ARGS) \
+		--samples "EMA DDIM-50 eta 1=$(DEMO_SAMPLES)/ema_ddim50_eta1.npz" \
+		--samples "online DDIM-50 eta 1=$(DEMO_SAMPLES)/model_ddim50_eta1.npz" \
+		--samples "EMA DDIM-50 eta 0=$(DEMO_SAMPLES)/ema_ddim50.npz" \
+		--samples "EMA DDPM-$(DEMO_DDPM_STEPS)=$(DEMO_SAMPLES)/ema_ddpm$(DEMO_DDPM_STEPS).npz" | tee $@.tmp
+	mv $@.tmp $@
+
+$(DEMO_RUN)/bench/sampler.md: $(DEMO_RUN)/denoiser.onnx
+	$(PY) -m benchmarks sampler --quick --out $(DEMO_RUN)/bench
+
 clean:
-	rm -rf runs/demo data/synthetic32
+	rm -rf $(DEMO_RUN) $(DEMO_DATA)

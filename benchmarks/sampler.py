@@ -52,9 +52,9 @@ class TorchEager:
 
     def __init__(self, ckpt: Path, device: str, half: bool, channels_last: bool = False):
         import torch
-        from pipeline.checkpoint import load_ema_unet
+        from pipeline.checkpoint import load_unet
         self.torch, self.device = torch, device
-        self.model = load_ema_unet(ckpt, device=device)[0]
+        self.model = load_unet(ckpt, device=device)[0]
         self.dtype = torch.float16 if half else torch.float32
         self.format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(self.dtype, memory_format=self.format)
@@ -241,8 +241,8 @@ def torch_profile(ckpt: Path, batch: int, calls: int = 5, top: int = 8) -> list[
     """Share of torch eager CPU self time by aten op."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from pipeline.checkpoint import load_ema_unet
-    model, cfg, _ = load_ema_unet(ckpt)
+    from pipeline.checkpoint import load_unet
+    model, cfg, _ = load_unet(ckpt)
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     t = torch.full((batch,), 500.0)
     with torch.inference_mode():

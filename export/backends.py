@@ -243,12 +243,12 @@ class TorchDenoiser:
 
     def __init__(self, ckpt: str | Path, device: str = "cpu", threads: int | None = None, half: bool = False):
         import torch
-        from pipeline.checkpoint import CheckpointError, find_checkpoint, load_ema_unet, load_model_json
+        from pipeline.checkpoint import CheckpointError, find_checkpoint, load_unet, load_model_json
         from pipeline.diffusion import schedule_from_config
         if threads:
             torch.set_num_threads(threads)
         try:
-            self.model, model_cfg, diffusion_cfg = load_ema_unet(ckpt, device=device)
+            self.model, model_cfg, diffusion_cfg = load_unet(ckpt, device=device)
             self.checkpoint = find_checkpoint(ckpt)
             step = load_model_json(self.checkpoint)[2].get("step", 0)
         except CheckpointError as e:

@@ -1,6 +1,8 @@
 """Export a checkpoint's EMA denoiser to ONNX, check it, and write `denoiser.onnx` + `denoiser.json`.
 
-    python -m export.onnx --ckpt runs/demo [--out denoiser.onnx] [--fp16] [--opset 18]
+    python -m export.onnx --ckpt runs/demo [--out denoiser.onnx] [--fp16] [--opset 18] [--weights ema|model]
+
+--weights model exports the online (non-EMA) weights instead, to measure what the EMA buys.
 
 Inputs `sample (B,C,H,W)` (float32, or float16 with --fp16) and `timestep (B,)` (always float32,
 so respaced and fractional steps need no rounding); output `model_output`; the batch is dynamic.
@@ -67,23 +69,25 @@ def max_error_vs_torch(onnx_bytes: bytes, model, info: Sidecar, batch: int = 2, 
 
 
 def export_onnx(ckpt: str | Path, out: str | Path | None = None, fp16: bool = False,
-                opset: int = MIN_OPSET) -> tuple[Path, Sidecar, float]:
+                opset: int = MIN_OPSET, weights: str = "ema") -> tuple[Path, Sidecar, float]:
     """Export, check, verify, write. Returns (onnx path, sidecar, max error vs torch)."""
     import onnx
     import torch
-    from pipeline.checkpoint import find_checkpoint, load_ema_unet, load_model_json
+    from pipeline.checkpoint import find_checkpoint, load_unet, load_model_json
     from pipeline.diffusion import schedule_from_config
     if opset < MIN_OPSET:
         raise ValueError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")
     ckpt_dir = find_checkpoint(ckpt)
-    model, model_cfg, diffusion_cfg = load_ema_unet(ckpt_dir)
+    model, model_cfg, diffusion_cfg = load_unet(ckpt_dir, weights=weights)
     step = load_model_json(ckpt_dir)[2].get("step", 0)
-    out = Path(out) if out else ckpt_dir / ("denoiser_fp16.onnx" if fp16 else "denoiser.onnx")
+    suffix = ("" if weights == "ema" else f"_{weights}") + ("_fp16" if fp16 else "")
+    out = Path(out) if out else ckpt_dir / f"denoiser{suffix}.onnx"
     if out.suffix != ".onnx":
         raise ValueError(f"--out {out}: expected a .onnx file name")
     dtype = "float16" if fp16 else "float32"
     info = sidecar_from_config(model_cfg, diffusion_cfg, schedule_from_config(diffusion_cfg).betas, fmt="onnx",
-                               dtype=dtype, source=str(ckpt_dir.resolve()), step=step, batch=(1, 1, None))
+                               dtype=dtype, source=str(ckpt_dir.resolve()), step=step, batch=(1, 1, None),
+                               weights=weights)
     info.producer = {"torch": torch.__version__, "onnx": onnx.__version__, "opset": opset,
                      "exporter": "torch.onnx.export(dynamo=True)"}
 
@@ -107,17 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output .onnx (default: <checkpoint>/denoiser[_fp16].onnx)")
     parser.add_argument("--fp16", action="store_true", help="half-precision graph (fp32 timestep and norms)")
     parser.add_argument("--opset", type=int, default=MIN_OPSET)
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="ema (default) or model: the online weights, for the non-EMA comparison")
     args = parser.parse_args(argv)
     from pipeline.checkpoint import CheckpointError
     try:
-        out, info, error = export_onnx(args.ckpt, args.out, args.fp16, args.opset)
+        out, info, error = export_onnx(args.ckpt, args.out, args.fp16, args.opset, args.weights)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {info.dtype}, {info.image_size}px, opset {args.opset}) "
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.weights} weights, {info.dtype}, "
+          f"{info.image_size}px, opset {args.opset}) "
           f"and {out.with_suffix('.json').name}; max |onnxruntime - torch| = {error:.2e} "
           f"(tolerance {TOLERANCE[info.dtype]:g})")
     return 0

@@ -2,9 +2,9 @@
 
     python -m export.sample --model denoiser.onnx|denoiser.plan|CKPT_DIR --sampler ddim|ddpm
         [--steps 50] [--eta 0] [--spacing leading] [--num 64] [--batch 16] [--seed 0]
-        [--provider auto|cuda|cpu] [--threads N] --out grid.png|samples.npz
+        [--provider auto|cuda|cpu] [--threads N] --out grid.png|samples.npz [--grid grid.png]
 
-`.npz` holds `images`, uint8 (N,H,W,C); `.png` is a grid. Image i depends only on (seed, i),
+`.npz` holds `images`, uint8 (N,H,W,C); `.png` is a grid; --grid also draws the first 64 as one. Image i depends only on (seed, i),
 not on --batch. With an .onnx or .plan model this imports neither torch nor onnx.
 Exit status: 0 done, 2 bad input (one line on stderr), 1 a runtime is missing.
 """
@@ -26,6 +26,7 @@ from pipeline.fileio import atomic_write_bytes
 from pipeline.schedule import SPACINGS
 
 OUT_SUFFIXES = (".png", ".npz")
+GRID_IMAGES = 64  # what --grid draws: enough faces to judge, small enough to look at
 
 
 class UsageError(ValueError):
@@ -98,6 +99,7 @@ def parse_args(argv):
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="ONNX Runtime provider")
     p.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime / torch (default: all allowed)")
     p.add_argument("--out", required=True, help="grid .png or .npz")
+    p.add_argument("--grid", help=f"also write the first {GRID_IMAGES} images as a .png grid (beside an .npz)")
     return p.parse_args(argv)
 
 
@@ -119,20 +121,26 @@ def check_args(args, info) -> int:
     return batch
 
 
+def check_output(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
+    if path.suffix not in suffixes:
+        raise UsageError(f"{flag} {path}: unknown output type {path.suffix!r}; expected {' or '.join(suffixes)}")
+    if path.suffix == ".png":
+        try:
+            import PIL.Image  # noqa: F401
+        except ImportError:
+            raise UsageError(f"{flag} {path}: writing a PNG grid needs pillow (pip install pillow); "
+                             f"or write .npz") from None
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     try:
-        if out.suffix not in OUT_SUFFIXES:  # checked before minutes of sampling, not after
-            raise UsageError(f"--out {out}: unknown output type {out.suffix!r}; expected .png or .npz")
-        if out.suffix == ".png":
-            try:
-                import PIL.Image  # noqa: F401
-            except ImportError:
-                raise UsageError(f"--out {out}: writing a PNG grid needs pillow (pip install pillow); "
-                                 f"or write .npz") from None
-        if not out.parent.is_dir():
-            raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+        check_output(out, "--out", OUT_SUFFIXES)  # before minutes of sampling, not after
+        if args.grid:
+            check_output(Path(args.grid), "--grid", (".png",))
         denoiser = load_denoiser(args.model, provider=args.provider, threads=args.threads)
         batch = check_args(args, denoiser.info)
     except (UsageError, ModelError, SidecarError) as e:
@@ -152,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     progress.close()
     save_images(images, out)
+    if args.grid:
+        save_images(images[:GRID_IMAGES], Path(args.grid))
     print(f"wrote {out}: {args.num} images, {args.sampler} {steps} steps, batch {batch}, {seconds:.2f}s, "
-          f"{args.num / seconds:.2f} images/s on {denoiser.name}")
+          f"{args.num / seconds:.2f} images/s on {denoiser.name}" + (f"; grid {args.grid}" if args.grid else ""))
     return 0
 
 

@@ -49,6 +49,7 @@ class Sidecar:
     output_names: list[str] = field(default_factory=lambda: list(OUTPUT_NAMES))
     source_checkpoint: str = ""
     step: int = 0
+    weights: str = "ema"            # which weights of the checkpoint: ema | model (online, for comparison)
     model_file: str = ""            # basename of the model this sidecar describes
     model_bytes: int | None = None  # its size: a cheap check that the pair belongs together
     model_sha256: str = ""
@@ -171,6 +172,7 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
         output_names=list(_field(data, "output_names", list, where)),
         source_checkpoint=data.get("source_checkpoint", ""),
         step=data.get("step", 0),
+        weights=data.get("weights", "ema"),
         model_file=data.get("model_file", ""),
         model_bytes=data.get("model_bytes"),
         model_sha256=data.get("model_sha256", ""),
@@ -185,11 +187,11 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
 
 
 def sidecar_from_config(model_cfg, diffusion_cfg, betas, *, fmt: str, dtype: str, source: str = "",
-                        step: int = 0, batch: tuple = (1, 1, None)) -> Sidecar:
+                        step: int = 0, batch: tuple = (1, 1, None), weights: str = "ema") -> Sidecar:
     """A Sidecar for a model built from `pipeline.config` ModelConfig / DiffusionConfig."""
     return Sidecar(format=fmt, image_size=model_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype,
                    timestep_dtype="float32", batch_min=batch[0], batch_opt=batch[1], batch_max=batch[2],
                    betas=[float(b) for b in betas], num_timesteps=diffusion_cfg.num_timesteps,
                    prediction_type=diffusion_cfg.prediction_type, variance_type=diffusion_cfg.variance_type,
-                   clip_sample=diffusion_cfg.clip_sample, source_checkpoint=source, step=step,
+                   clip_sample=diffusion_cfg.clip_sample, source_checkpoint=source, step=step, weights=weights,
                    model_config=dataclasses.asdict(model_cfg))

@@ -3,6 +3,7 @@
     run.dir/checkpoints/step_000010000/
         deepspeed/          DeepSpeed engine state (model, optimizer, loss scaler), per rank
         ema.safetensors     EMA weights, fp32, keys of `pipeline.unet.UNet.state_dict()`
+        model.safetensors   the online (trained) weights, fp32, same keys: the non-EMA comparison
         model.json          model + diffusion config, step, images seen
         COMPLETE            written last, after every rank has finished and fsynced
 
@@ -24,6 +25,8 @@ from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 EMA_FILE = "ema.safetensors"
+MODEL_FILE = "model.safetensors"
+WEIGHT_FILES = {"ema": EMA_FILE, "model": MODEL_FILE}  # what `--weights` chooses between
 MODEL_JSON = "model.json"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
@@ -84,12 +87,15 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     return removed
 
 
-def save_export_files(ckpt_dir: str | Path, ema_state: dict, cfg: Config, step: int, images_seen: int) -> None:
-    """Write ema.safetensors (fp32) and model.json: everything export needs."""
+def save_export_files(ckpt_dir: str | Path, ema_state: dict, cfg: Config, step: int, images_seen: int,
+                      model_state: dict | None = None) -> None:
+    """Write ema.safetensors (fp32), model.safetensors (fp32, when given) and model.json."""
     from safetensors.torch import save
     ckpt_dir = Path(ckpt_dir)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ema_state.items()}
-    atomic_write_bytes(ckpt_dir / EMA_FILE, save(tensors))
+    for name, state in ((EMA_FILE, ema_state), (MODEL_FILE, model_state)):
+        if state is not None:
+            tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+            atomic_write_bytes(ckpt_dir / name, save(tensors))
     atomic_write_json(ckpt_dir / MODEL_JSON, {
         "model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion),
         "step": step, "images_seen": images_seen})
@@ -104,17 +110,26 @@ def load_model_json(ckpt_dir: str | Path) -> tuple[ModelConfig, DiffusionConfig,
         raise CheckpointError(f"{path}: unreadable model description ({e})") from None
 
 
-def load_ema_unet(path: str | Path, device: str | torch.device = "cpu"):
-    """(UNet in eval mode with EMA weights, ModelConfig, DiffusionConfig) from a checkpoint or run dir."""
+def load_unet(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"):
+    """(UNet in eval mode, ModelConfig, DiffusionConfig) from a checkpoint or run dir.
+
+    weights: "ema" (what is exported and served) or "model" (the online weights, for comparison).
+    """
     from safetensors.torch import load_file
     from pipeline.unet import UNet
+    if weights not in WEIGHT_FILES:
+        raise CheckpointError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_FILES)}")
     ckpt = find_checkpoint(path)
     model_cfg, diffusion_cfg, _ = load_model_json(ckpt)
+    file = ckpt / WEIGHT_FILES[weights]
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (checkpoints older than this file hold EMA weights only; "
+                              f"use weights=ema)")
     model = UNet(model_cfg)
     try:
-        model.load_state_dict(load_file(str(ckpt / EMA_FILE), device="cpu"), strict=True)
+        model.load_state_dict(load_file(str(file), device="cpu"), strict=True)
     except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"{ckpt / EMA_FILE}: cannot load EMA weights ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: cannot load {weights} weights ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), model_cfg, diffusion_cfg
 
 

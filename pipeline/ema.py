@@ -42,6 +42,18 @@ def _gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
+def full_weights(model: nn.Module, keep: bool = True, chunk_numel: int = GATHER_CHUNK_NUMEL) -> dict[str, torch.Tensor]:
+    """fp32 copies of the whole parameters, keyed by name; a collective under ZeRO-3 (call on
+    every rank), filled only where keep=True (elsewhere {})."""
+    weights: dict[str, torch.Tensor] = {}
+    for chunk in _chunks(list(model.named_parameters()), chunk_numel):
+        with _gathered([p for _, p in chunk]):
+            if keep:
+                for name, p in chunk:
+                    weights[name] = p.detach().to(torch.float32, copy=True)
+    return weights
+
+
 class EMA:
     """fp32 shadow weights keyed like `model.state_dict()`; held only where keep=True."""
 
@@ -49,12 +61,7 @@ class EMA:
                  chunk_numel: int = GATHER_CHUNK_NUMEL):
         self.decay, self.warmup, self.keep, self.chunk_numel = decay, warmup, keep, chunk_numel
         self.num_updates = 0
-        self.shadow: dict[str, torch.Tensor] = {}
-        for chunk in _chunks(list(model.named_parameters()), chunk_numel):
-            with _gathered([p for _, p in chunk]):
-                if keep:
-                    for name, p in chunk:
-                        self.shadow[name] = p.detach().to(torch.float32, copy=True)
+        self.shadow = full_weights(model, keep, chunk_numel)
 
     def current_decay(self) -> float:
         """The decay of the next update; with warm-up (1 + n) / (10 + n), capped at `decay`."""

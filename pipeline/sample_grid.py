@@ -79,7 +79,7 @@ def save_preview(model: torch.nn.Module, schedule: DiffusionSchedule, run_dir: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.checkpoint import CheckpointError, load_ema_unet
+    from pipeline.checkpoint import CheckpointError, load_unet
     from pipeline.diffusion import schedule_from_config
     p = argparse.ArgumentParser(prog="python -m pipeline.sample_grid", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (newest checkpoint)")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="grid.png")
     args = p.parse_args(argv)
     try:
-        model, _, diffusion_cfg = load_ema_unet(args.ckpt)
+        model, _, diffusion_cfg = load_unet(args.ckpt)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from pipeline.checkpoint import (CheckpointError, EMA_FILE, checkpoint_dir, comp
                                  save_rng, use_weights_only_loading)
 from pipeline.config import Config, ConfigError, load_config, save_config
 from pipeline.distributed import DistEnv, LaunchError
+from pipeline.ema import EMA, full_weights
 from pipeline.ds_config import batch_sizes, ds_config_for, precision_of
 from pipeline.fileio import atomic_write_json, atomic_write_text
 
@@ -168,11 +169,12 @@ def save_checkpoint(engine, ema, state: TrainState, cfg: Config, env: DistEnv) -
                     "world_size": env.world_size}
     engine.save_checkpoint(str(ckpt), tag="deepspeed", client_state=client_state, save_latest=False)
     save_rng(ckpt, env.rank)
+    online = full_weights(engine.module, keep=env.is_main)  # a collective under ZeRO-3
     distributed.barrier()
     fsync_tree(ckpt)  # each rank flushes what it wrote (and, harmlessly, what the others wrote)
     distributed.barrier()
     if env.is_main:
-        save_export_files(ckpt, ema.state_dict(), cfg, state.step, state.images_seen)
+        save_export_files(ckpt, ema.state_dict(), cfg, state.step, state.images_seen, model_state=online)
         _test_pause_before_complete(state.step)
         mark_complete(ckpt)  # the commit point: before this line the checkpoint does not exist
         prune_checkpoints(cfg.run.dir, cfg.train.keep_checkpoints)
@@ -360,7 +362,6 @@ def _train(cfg: Config) -> int:
     image_stream(cfg, env, micro_batch, 0)  # checks the shards before the model is built
 
     engine = build_engine(cfg, ds_config, deepspeed)
-    from pipeline.ema import EMA
     ema = EMA(engine.module, cfg.ema.decay, warmup=cfg.ema.warmup, keep=env.is_main)
     state = resume(engine, ema, cfg, env)
     if state.step >= t.max_steps:

@@ -37,7 +37,8 @@ def make_checkpoint(run_dir: Path, step: int = 10) -> Path:
                 p.normal_(0.0, 0.05)
     ckpt = checkpoint_dir(run_dir, step)
     ckpt.mkdir(parents=True)
-    save_export_files(ckpt, model.state_dict(), cfg, step, images_seen=640)
+    online = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}  # differs from the EMA
+    save_export_files(ckpt, model.state_dict(), cfg, step, images_seen=640, model_state=online)
     mark_complete(ckpt)
     return ckpt
 
@@ -107,6 +108,31 @@ def test_onnx_graph_and_sidecar(onnx32, ckpt):
     assert info.betas[0] == pytest.approx(1e-4) and info.betas[-1] == pytest.approx(0.02)
     assert (info.prediction_type, info.step, info.model_file) == ("epsilon", 10, "denoiser.onnx")
     assert info.source_checkpoint == str(ckpt.resolve())
+
+
+@pytest.mark.integration
+def test_weights_model_exports_the_online_weights(ckpt, onnx32, tmp_path, capsys):
+    import torch
+    from export.onnx import main
+    from pipeline.checkpoint import MODEL_FILE, load_unet
+    out = tmp_path / "online.onnx"
+    assert main(["--ckpt", str(ckpt), "--weights", "model", "--out", str(out)]) == 0
+    assert (read_sidecar(out).weights, read_sidecar(onnx32).weights) == ("model", "ema")
+    x, t = random_batch(3)
+    online = OrtDenoiser(out, provider="cpu", threads=THREADS)(x, t)
+    with torch.inference_mode():
+        want = load_unet(ckpt, weights="model")[0](torch.from_numpy(x), torch.from_numpy(t)).numpy()
+    np.testing.assert_allclose(online, want, atol=1e-4)
+    assert np.abs(online - OrtDenoiser(onnx32, provider="cpu", threads=THREADS)(x, t)).max() > 1e-3
+
+    old = tmp_path / "run"  # a checkpoint written before the online weights were saved
+    shutil.copytree(ckpt, old / "checkpoints" / ckpt.name)
+    (old / "checkpoints" / ckpt.name / MODEL_FILE).unlink()
+    capsys.readouterr()
+    assert main(["--ckpt", str(old), "--weights", "model", "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{MODEL_FILE}: missing" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.onnx").exists()
 
 
 @pytest.mark.integration
@@ -186,7 +212,9 @@ def test_standalone_sampler_runs_with_torch_blocked(onnx32, tmp_path):
     out = tmp_path / "samples.npz"
     args = ["--model", str(onnx32), "--sampler", "ddpm", "--steps", "5", "--num", "5", "--batch", "2",
             "--seed", "3", "--threads", str(THREADS), "--out", str(out)]
-    run = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], cwd=ROOT, capture_output=True, text=True)
+    beside = tmp_path / "beside.png"
+    run = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args, "--grid", str(beside)], cwd=ROOT,
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "images/s" in run.stdout and "CPUExecutionProvider" in run.stdout
     images = np.load(out)["images"]
@@ -196,6 +224,7 @@ def test_standalone_sampler_runs_with_torch_blocked(onnx32, tmp_path):
     assert sample_cli.main(args[:-1] + [str(grid)]) == 0
     from PIL import Image
     assert Image.open(grid).size == (3 * 18 + 2, 2 * 18 + 2)  # 5 images: 3 columns, 2 rows, 2 px gutters
+    assert np.array_equal(np.asarray(Image.open(beside)), np.asarray(Image.open(grid)))  # the same 5 images
 
 
 @pytest.fixture
@@ -242,6 +271,9 @@ def test_sample_cli_bad_input_is_one_line_exit_2(case, model_copy, tmp_path, cap
 def test_sample_cli_checks_the_output_type_first(tmp_path, capsys):
     assert sample_cli.main(["--model", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "x.jpg")]) == 2
     assert "unknown output type '.jpg'" in capsys.readouterr().err
+    assert sample_cli.main(["--model", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "x.npz"),
+                            "--grid", str(tmp_path / "g.npz")]) == 2
+    assert "--grid" in capsys.readouterr().err
 
 
 @pytest.mark.integration

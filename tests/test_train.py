@@ -317,6 +317,11 @@ def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16, l
     assert all(torch.equal(ema_resumed[k], ema_zero3[k]) for k in ema_zero3)
     assert max((ema_zero3[k] - ema_zero0[k]).abs().max().item() for k in ema_zero0) <= 1e-6
     assert set(ema_zero3) == set(ema_zero0) and all(v.dtype == torch.float32 for v in ema_zero3.values())
+    # The online weights beside the EMA: gathered whole under ZeRO-3, the same as ZeRO-0's, not the EMA.
+    online_zero3, online_zero0 = (load_file(str(d / name.replace("ema.", "model."))) for d in (straight, zero0))
+    assert set(online_zero3) == set(ema_zero3)
+    assert max((online_zero3[k] - online_zero0[k]).abs().max().item() for k in online_zero0) <= 1e-6
+    assert max((online_zero3[k] - ema_zero3[k]).abs().max().item() for k in ema_zero3) > 1e-4
 
 
 @pytest.mark.integration
