@@ -33,6 +33,7 @@ test-unit: venv
 # remade only when the newest checkpoint changes.
 DEMO_RUN ?= runs/demo
 DEMO_SAMPLES := $(DEMO_RUN)/samples
+DEMO_SYNTHETIC ?= 3000
 ifdef CELEBAHQ
 DEMO_DATA ?= data/celebahq32
 DEMO_SOURCE := --src $(CELEBAHQ)
@@ -40,7 +41,6 @@ else
 DEMO_DATA ?= data/synthetic32
 DEMO_SOURCE := --synthetic $(DEMO_SYNTHETIC)
 endif
-DEMO_SYNTHETIC ?= 3000
 # Extra config overrides / evaluate flags (the integration test shrinks the demo with these).
 DEMO_TRAIN_ARGS ?=
 DEMO_EVAL_ARGS ?=

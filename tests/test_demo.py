@@ -20,7 +20,7 @@ SETS = ("EMA DDIM-50 eta 1", "online DDIM-50 eta 1", "EMA DDIM-50 eta 0", "EMA D
 
 def make(tmp: Path, *targets: str, dry_run: bool = False, **variables: str) -> subprocess.CompletedProcess:
     small = {"VENV": str(VENV), "DEMO_RUN": str(tmp / "run"), "DEMO_DATA": str(tmp / "data"),
-             "DEMO_SYNTHETIC": "400", "DEMO_NUM": "16", "DEMO_DDPM_STEPS": "10",
+             "DEMO_NUM": "16", "DEMO_DDPM_STEPS": "10",
              "DEMO_TRAIN_ARGS": "train.max_steps=4 train.warmup_steps=2 train.checkpoint_every=2 "
                                 "log.sample_every=2 log.num_samples=4 log.sample_steps=2 data.shuffle_buffer=50",
              "DEMO_EVAL_ARGS": "--feature-net-steps 20", **variables}
