@@ -108,7 +108,7 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, fp16: bool = Fa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint directory, or run directory (newest complete)")
-    parser.add_argument("--out", help="output .onnx (default: <checkpoint>/denoiser[_fp16].onnx)")
+    parser.add_argument("--out", help="output .onnx (default: <checkpoint>/denoiser[_model][_fp16].onnx)")
     parser.add_argument("--fp16", action="store_true", help="half-precision graph (fp32 timestep and norms)")
     parser.add_argument("--opset", type=int, default=MIN_OPSET)
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",

@@ -4,8 +4,8 @@
         [--steps 50] [--eta 0] [--spacing leading] [--num 64] [--batch 16] [--seed 0]
         [--provider auto|cuda|cpu] [--threads N] --out grid.png|samples.npz [--grid grid.png]
 
-`.npz` holds `images`, uint8 (N,H,W,C); `.png` is a grid; --grid also draws the first 64 as one. Image i depends only on (seed, i),
-not on --batch. With an .onnx or .plan model this imports neither torch nor onnx.
+`.npz` holds `images`, uint8 (N,H,W,C); `.png` is a grid; --grid also draws the first 64 as one.
+Image i depends only on (seed, i), not on --batch. With an .onnx or .plan model this imports neither torch nor onnx.
 Exit status: 0 done, 2 bad input (one line on stderr), 1 a runtime is missing.
 """
 from __future__ import annotations

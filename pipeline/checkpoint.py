@@ -3,7 +3,8 @@
     run.dir/checkpoints/step_000010000/
         deepspeed/          DeepSpeed engine state (model, optimizer, loss scaler), per rank
         ema.safetensors     EMA weights, fp32, keys of `pipeline.unet.UNet.state_dict()`
-        model.safetensors   the online (trained) weights, fp32, same keys: the non-EMA comparison
+        model.safetensors   the online weights the network trains with (cast to fp32), same keys:
+                            the non-EMA comparison
         model.json          model + diffusion config, step, images seen
         COMPLETE            written last, after every rank has finished and fsynced
 
@@ -123,8 +124,8 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", weights: str
     model_cfg, diffusion_cfg, _ = load_model_json(ckpt)
     file = ckpt / WEIGHT_FILES[weights]
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing (checkpoints older than this file hold EMA weights only; "
-                              f"use weights=ema)")
+        raise CheckpointError(f"{file}: missing (checkpoints written before the online weights were saved "
+                              f"hold only {EMA_FILE}; use the EMA weights)")
     model = UNet(model_cfg)
     try:
         model.load_state_dict(load_file(str(file), device="cpu"), strict=True)
