@@ -79,15 +79,18 @@ $(DEMO_RUN)/denoiser.onnx: $(CHECKPOINTS)
 $(DEMO_RUN)/denoiser_model.onnx: $(CHECKPOINTS)
 	$(PY) -m export.onnx --ckpt $(DEMO_RUN) --weights model --out $@
 
+$(DEMO_SAMPLES):  # the training writes its previews here, unless log.sample_every=0
+	mkdir -p $@
+
 # The grid is drawn stochastically (eta 1): at this training budget deterministic DDIM (eta 0) leaves
 # noise in some faces, which the scores show; EMA and online weights are compared on the same sampler.
-$(DEMO_SAMPLES)/ema_ddim50_eta1.npz: $(DEMO_RUN)/denoiser.onnx
+$(DEMO_SAMPLES)/ema_ddim50_eta1.npz: $(DEMO_RUN)/denoiser.onnx | $(DEMO_SAMPLES)
 	$(SAMPLE) --model $< --sampler ddim --steps 50 --eta 1 --out $@ --grid $(DEMO_SAMPLES)/grid.png
-$(DEMO_SAMPLES)/model_ddim50_eta1.npz: $(DEMO_RUN)/denoiser_model.onnx
+$(DEMO_SAMPLES)/model_ddim50_eta1.npz: $(DEMO_RUN)/denoiser_model.onnx | $(DEMO_SAMPLES)
 	$(SAMPLE) --model $< --sampler ddim --steps 50 --eta 1 --out $@
-$(DEMO_SAMPLES)/ema_ddim50.npz: $(DEMO_RUN)/denoiser.onnx
+$(DEMO_SAMPLES)/ema_ddim50.npz: $(DEMO_RUN)/denoiser.onnx | $(DEMO_SAMPLES)
 	$(SAMPLE) --model $< --sampler ddim --steps 50 --out $@
-$(DEMO_SAMPLES)/ema_ddpm$(DEMO_DDPM_STEPS).npz: $(DEMO_RUN)/denoiser.onnx
+$(DEMO_SAMPLES)/ema_ddpm$(DEMO_DDPM_STEPS).npz: $(DEMO_RUN)/denoiser.onnx | $(DEMO_SAMPLES)
 	$(SAMPLE) --model $< --sampler ddpm --steps $(DEMO_DDPM_STEPS) --out $@
 
 DEMO_SETS := ema_ddim50_eta1 model_ddim50_eta1 ema_ddim50 ema_ddpm$(DEMO_DDPM_STEPS)

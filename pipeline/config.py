@@ -7,6 +7,7 @@ is a `ConfigError` whose one-line message names the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,13 +253,21 @@ def config_to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def load_config_or_report(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config | None:
+    """load_config for a command's main(): a ConfigError is printed as one line, and None returned."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 if __name__ == "__main__":
-    import sys
     try:
         resolved = load_config(sys.argv[1], sys.argv[2:])
     except (ConfigError, IndexError) as e:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import submitit
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config_or_report
 
 SIGNAL_DELAY_S = 120  # seconds between the USR1 warning and the kill; matches slurm/train.sh
 
@@ -117,10 +117,8 @@ def make_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecut
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.overrides)
+    if cfg is None:
         return 2
     train_argv = ["--config", args.config, *args.overrides]
     if args.local:

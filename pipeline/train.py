@@ -37,7 +37,7 @@ from pipeline import distributed
 from pipeline.checkpoint import (CheckpointError, EMA_FILE, checkpoint_dir, complete_checkpoints, fsync_tree,
                                  load_rng, mark_complete, prune_checkpoints, remove_incomplete, save_export_files,
                                  save_rng, use_weights_only_loading)
-from pipeline.config import Config, ConfigError, load_config, save_config
+from pipeline.config import Config, ConfigError, load_config_or_report, save_config
 from pipeline.distributed import DistEnv, LaunchError
 from pipeline.ema import EMA, full_weights
 from pipeline.ds_config import batch_sizes, ds_config_for, precision_of
@@ -473,10 +473,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.overrides)
+    if cfg is None:
         return EXIT_USER_ERROR
     try:
         return train(cfg)

@@ -59,8 +59,19 @@ def test_make_demo_small_writes_grid_scores_benchmark_and_reuses_its_work(tmp_pa
     assert "online DDIM-50 eta 1" in again.stdout and "ort_vs_torch_cpu" in again.stdout  # the summary again
 
 
-def test_celebahq_variable_prepares_real_images_instead(tmp_path):
-    plan = make(tmp_path, "demo", dry_run=True, CELEBAHQ="/images/celeba", DEMO_DATA=str(tmp_path / "real"))
-    assert plan.returncode == 0, plan.stderr
-    prep = next(line for line in plan.stdout.splitlines() if "-m data_prep" in line)
-    assert "--src /images/celeba" in prep and f"--out {tmp_path / 'real'}" in prep and "--synthetic" not in prep
+@pytest.mark.integration
+def test_celebahq_variable_runs_the_demo_on_a_folder_of_images(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(300):  # not square and not 32 px: data_prep resizes them
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(images / f"{i:05d}.jpg")
+    # No training previews: the samples folder must be made by the demo itself.
+    done = make(tmp_path, "demo", CELEBAHQ=str(images), DEMO_DATA=str(tmp_path / "real"),
+                DEMO_TRAIN_ARGS="train.max_steps=2 train.warmup_steps=1 train.checkpoint_every=2 log.sample_every=0")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    prep = next(line for line in done.stdout.splitlines() if "-m data_prep" in line)
+    assert f"--src {images}" in prep and "--synthetic" not in prep
+    manifest = json.loads((tmp_path / "real" / "manifest.json").read_text())
+    assert manifest["resolution"] == 32 and manifest["totals"]["num_samples"] == 300
+    assert set(json.loads((tmp_path / "run" / "scores.json").read_text())["runs"]) == {*SETS, "val split (floor)"}
