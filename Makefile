@@ -31,22 +31,24 @@ test-unit: venv
 # -> ONNX (EMA and online weights) -> NumPy DDIM/DDPM through onnxruntime -> scores -> benchmark.
 # Data and training reuse what is done (their own checks); the rest are file targets that are
 # remade only when the newest checkpoint changes.
-DEMO_RUN ?= runs/demo
-DEMO_SAMPLES := $(DEMO_RUN)/samples
 DEMO_SYNTHETIC ?= 3000
 ifdef CELEBAHQ
+# A run of its own: a finished synthetic-face training must not be reused for real images.
+DEMO_RUN ?= runs/demo-celebahq
 DEMO_DATA ?= data/celebahq32
 DEMO_SOURCE := --src $(CELEBAHQ)
 else
+DEMO_RUN ?= runs/demo
 DEMO_DATA ?= data/synthetic32
 DEMO_SOURCE := --synthetic $(DEMO_SYNTHETIC)
 endif
+DEMO_SAMPLES := $(DEMO_RUN)/samples
 # Extra config overrides / evaluate flags (the integration test shrinks the demo with these).
 DEMO_TRAIN_ARGS ?=
 DEMO_EVAL_ARGS ?=
 # Images per scored sample set and of the val floor: Fréchet distances only compare at equal N.
 DEMO_NUM ?= 256
-# The respaced DDPM that fits the budget (DDPM-1000 x 256 images is ~15 min on 2 cores).
+# The respaced DDPM that fits the budget (DDPM-1000 x 256 images is ~16 min on 2 cores).
 DEMO_DDPM_STEPS ?= 250
 SAMPLE := $(PY) -m export.sample --num $(DEMO_NUM) --batch 64 --seed 0
 # Its mtime moves whenever a checkpoint is added or pruned: the exports below follow it.
