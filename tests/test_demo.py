@@ -18,14 +18,13 @@ VENV = Path(sys.executable).parent.parent  # make's $(VENV): bin/python and bin/
 SETS = ("EMA DDIM-50 eta 1", "online DDIM-50 eta 1", "EMA DDIM-50 eta 0", "EMA DDPM-10")
 
 
-def make(tmp: Path, *targets: str, dry_run: bool = False, **variables: str) -> subprocess.CompletedProcess:
+def make(tmp: Path, *targets: str, **variables: str) -> subprocess.CompletedProcess:
     small = {"VENV": str(VENV), "DEMO_RUN": str(tmp / "run"), "DEMO_DATA": str(tmp / "data"),
              "DEMO_NUM": "16", "DEMO_DDPM_STEPS": "10",
              "DEMO_TRAIN_ARGS": "train.max_steps=4 train.warmup_steps=2 train.checkpoint_every=2 "
                                 "log.sample_every=2 log.num_samples=4 log.sample_steps=2 data.shuffle_buffer=50",
              "DEMO_EVAL_ARGS": "--feature-net-steps 20", **variables}
-    cmd = ["make", "--no-print-directory", "-o", "venv", *(["-n"] if dry_run else []), *targets,
-           *(f"{k}={v}" for k, v in small.items())]
+    cmd = ["make", "--no-print-directory", "-o", "venv", *targets, *(f"{k}={v}" for k, v in small.items())]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
