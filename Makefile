@@ -70,7 +70,7 @@ demo-results: $(DEMO_RUN)/scores.txt $(DEMO_RUN)/bench/sampler.md
 	@echo
 	@echo "grid of faces:   $(DEMO_SAMPLES)/grid.png   (EMA, DDIM-50, eta 1; training previews beside it)"
 	@echo "checkpoint:      $$(ls -d $(CHECKPOINTS)/step_* | tail -n 1)"
-	@echo "ONNX denoiser:   $(DEMO_RUN)/denoiser.onnx (+ denoiser.json); online weights: denoiser_model.onnx"
+	@echo "ONNX denoiser:   $(DEMO_RUN)/denoiser.onnx (+ denoiser.onnx.json); online weights: denoiser_model.onnx"
 	@echo "scores:          $(DEMO_RUN)/scores.json   benchmark: $(DEMO_RUN)/bench/sampler.md"
 	@echo "try it:          $(PY) -m export.app --model $(DEMO_RUN)/denoiser.onnx   (http://127.0.0.1:7860)"
 
