@@ -9,15 +9,20 @@ DeepSpeed, diffusers, WebDataset, submitit as wheels). Steps, in order:
      pipeline.train, ~100 steps on synthetic faces made on the spot: images/s, peak memory, the
      loss-scale trace, skipped steps, non-finite steps; then a resume from the middle checkpoint,
      compared step by step; then a few steps of bf16 ZeRO-2 and of fp16 ZeRO-3;
-  3. our U-Net against diffusers' UNet2DModel, one fp16 training step each;
-  4. celebahq256 (the paper's model) fp16 ZeRO-2 at batch 16 and 64, with and without
+  3. celebahq256 (the paper's model) fp16 ZeRO-2 at batch 16 and 64, with and without
      checkpointing: time, peak memory, images/s beside the paper's 141 images/s (TPU v3-8);
-  5. sampling, DDIM-50 and a faster sampler at batch 1, 16, 64: torch eager fp16, torch fp16
-     channels_last with CUDA graphs, onnxruntime's CUDA provider and TensorRT where they import.
+  4. sampling, DDIM-50 and a faster sampler at batch 1, 16, 64: torch eager fp16, torch fp16
+     channels_last with CUDA graphs (then our U-Net against diffusers' UNet2DModel, one fp16
+     training step each), onnxruntime's CUDA provider and TensorRT where they import.
 Each step runs in a process of its own under a time limit (a hang, an out-of-memory or a crash
 costs that step only, recorded with its reason); the whole run stays within --budget-s.
 --cpu-smoke runs the same command on a CPU: GPU-only steps report "no CUDA device", the rest
 runs at tiny sizes (a test runs it, so the command cannot rot).
+
+On the lent machine, after `make gpu-wheels` here (carry `.whl`), one call:
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+  PYTHONPATH=/tmp/site python3 -m benchmarks gpu --out $OUT/gpu
+then commit $OUT/gpu/gpu.{json,md} under benchmarks/results/<device kind>/.
 """
 from __future__ import annotations
 
@@ -57,13 +62,13 @@ STEPS = {
     "ds_fp16_zero2": ("ds_train", True, 240),
     "ds_bf16_zero2": ("ds_train", False, 90),
     "ds_fp16_zero3": ("ds_train", True, 90),
-    "unet_vs_diffusers": ("unet_vs_diffusers", False, 90),
     "celebahq256_b16": ("engine_steps", True, 90),
     "celebahq256_b16_ckpt": ("engine_steps", True, 90),
     "celebahq256_b64": ("engine_steps", True, 90),
     "celebahq256_b64_ckpt": ("engine_steps", True, 90),
     "sampling_torch_eager": ("sampling", False, 120),
     "sampling_torch_graphs": ("sampling", True, 120),
+    "unet_vs_diffusers": ("unet_vs_diffusers", False, 90),
     "sampling_onnxruntime_cuda": ("sampling", True, 120),
     "sampling_tensorrt": ("sampling", True, 240),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import shutil
@@ -184,7 +185,7 @@ def engine_steps(p: dict, work: Path) -> dict:
     engine = build_engine(cfg, build_ds_config(cfg, 1), deepspeed)
     diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
     x0 = torch.rand(p["batch"], cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size) * 2 - 1
-    batches = iter(lambda: x0, None)
+    batches = itertools.repeat(x0)
     state, sync = TrainState(), common.cuda_sync(str(env.device))
     for _ in range(p["warmup"]):
         train_step(engine, diffusion, batches, state, 0, env)

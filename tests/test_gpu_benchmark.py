@@ -26,9 +26,9 @@ def run_gpu_benchmark(repo_root, out, *args):
 def test_cpu_smoke_reports_every_step(tmp_path, repo_root):
     report, md = run_gpu_benchmark(repo_root, tmp_path / "gpu")
     steps = {s["name"]: s for s in report["results"]["steps"]}
-    assert list(steps) == ["env", "ds_fp16_zero2", "ds_bf16_zero2", "ds_fp16_zero3", "unet_vs_diffusers",
-                           "celebahq256_b16", "celebahq256_b16_ckpt", "celebahq256_b64", "celebahq256_b64_ckpt",
-                           "sampling_torch_eager", "sampling_torch_graphs", "sampling_onnxruntime_cuda",
+    assert list(steps) == ["env", "ds_fp16_zero2", "ds_bf16_zero2", "ds_fp16_zero3", "celebahq256_b16",
+                           "celebahq256_b16_ckpt", "celebahq256_b64", "celebahq256_b64_ckpt", "sampling_torch_eager",
+                           "sampling_torch_graphs", "unet_vs_diffusers", "sampling_onnxruntime_cuda",
                            "sampling_tensorrt"]
     for name in GPU_ONLY:
         assert (steps[name]["status"], steps[name]["reason"]) == ("skipped", "no CUDA device"), steps[name]
@@ -58,3 +58,19 @@ def test_a_step_over_its_time_box_is_killed_and_recorded(tmp_path, repo_root):
     assert late["status"] == "timeout" and "timed out after 6 s" in late["reason"], late
     assert late["seconds"] < 30
     assert steps["sampling_tensorrt"]["status"] == "skipped" and "| ds_bf16_zero2 | timeout |" in md
+
+
+@pytest.mark.integration
+def test_engine_step_code_runs_at_tiny_size_in_bf16(tmp_path, repo_root):
+    """The celebahq256 steps are fp16 (GPU only); their code runs here in bf16 on the tiny config."""
+    params = {"config": "tiny_cpu", "precision": "bf16", "stage": 2, "batch": 4, "grad_checkpointing": True,
+              "warmup": 1, "steps": 2}
+    out = tmp_path / "step.json"
+    env = dict(os.environ, PYTHONPATH=repo_root, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--step", "engine_steps", "--params",
+                           json.dumps(params), "--work", str(tmp_path), "--step-out", str(out)],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["status"] == "ok", proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert result["data"]["images_per_second"] > 0 and len(result["data"]["step_seconds"]["repeats"]) == 2
+    assert result["rows"][0][:3] == ["tiny_cpu", 4, True] and result["data"]["skipped_steps"] == 0
