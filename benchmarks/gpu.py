@@ -161,7 +161,8 @@ def render(result: dict) -> None:
     if engine_rows:
         result["tables"].append(common.table("celebahq256, fp16 ZeRO-2 training steps", ENGINE_COLUMNS, engine_rows))
     if sampling_rows:
-        result["tables"].append(common.table("Sampling (whole runs of the sampling loop)", SAMPLING_COLUMNS, sampling_rows))
+        result["tables"].append(common.table("Sampling (whole runs of the sampling loop)", SAMPLING_COLUMNS,
+                                             sampling_rows))
     result["tables"] += [t for s in steps for t in s.get("tables", [])]
     data = result["results"]
     best256 = max((data[n]["images_per_second"] for n in ("celebahq256_b64", "celebahq256_b64_ckpt") if n in data),
@@ -181,7 +182,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="report directory (default benchmarks/results/<device>)")
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run (default 480)")
-    p.add_argument("--cpu-smoke", action="store_true", help="GPU-only steps report no CUDA device; the rest at tiny sizes")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="GPU-only steps report no CUDA device; the rest run at tiny sizes")
     p.add_argument("--fast-sampler", default="dpmpp_2m:20", help="the sampler timed beside DDIM-50, NAME:STEPS")
     p.add_argument("--only", default="", help="comma-separated step names (default: all)")
     p.add_argument("--step", help=argparse.SUPPRESS)

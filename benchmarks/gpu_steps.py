@@ -77,7 +77,8 @@ def env(p: dict, work: Path) -> dict:
     except ImportError:
         pass
     gpu = rows[3][1] if torch.cuda.is_available() else "no CUDA device"
-    return {"summary": f"{gpu}; torch {torch.__version__}", "tables": [common.table("Environment", ["what", "value"], rows)],
+    return {"summary": f"{gpu}; torch {torch.__version__}",
+            "tables": [common.table("Environment", ["what", "value"], rows)],
             "data": dict((str(k), v) for k, v in rows)}
 
 
@@ -178,7 +179,8 @@ def engine_steps(p: dict, work: Path) -> dict:
     if p["precision"] == "fp16":
         need_cuda()
     cfg = load_config(REPO / "configs" / f"{p['config']}.yaml",
-                      [f"train.batch_size={p['batch']}", "train.micro_batch_size=0", f"train.precision={p['precision']}",
+                      [f"train.batch_size={p['batch']}", "train.micro_batch_size=0",
+                       f"train.precision={p['precision']}",
                        f"zero.stage={p['stage']}", f"train.grad_checkpointing={str(p['grad_checkpointing']).lower()}"])
     env = distributed.read_env({})
     deepspeed = distributed.init(env)

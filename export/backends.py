@@ -201,8 +201,8 @@ def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise BackendUnavailable(f"TensorRT is not installed ({e}); on a machine with an NVIDIA GPU run "
-                                 f"`pip install tensorrt 'cuda-python>=12.6.1'` (or `pip install -e .[tensorrt]`)") from None
+        raise BackendUnavailable(f"TensorRT is not installed ({e}); on a machine with an NVIDIA GPU run `pip "
+                                 f"install tensorrt 'cuda-python>=12.6.1'` (or `pip install -e .[tensorrt]`)") from None
     return trt, require_cuda_runtime(f"TensorRT {trt.__version__}")
 
 

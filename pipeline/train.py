@@ -458,7 +458,8 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
                 f"fp16 overflow, step skipped, loss scale now {_loss_scale(engine):g}" if fp16 else "non-finite"))
         log.step(state.step, loss, lr, grad_norm, t.batch_size, time.perf_counter() - started, not applied, engine)
         if bad_steps > t.max_bad_steps:
-            return _diverged(log, cfg, f"{bad_steps} consecutive non-finite steps (train.max_bad_steps={t.max_bad_steps})")
+            return _diverged(log, cfg, f"{bad_steps} consecutive non-finite steps "
+                                       f"(train.max_bad_steps={t.max_bad_steps})")
 
         if state.step % t.checkpoint_every == 0:  # a fresh stream, so a resume from here skips nothing
             batches = image_stream(cfg, env, engine.train_micro_batch_size_per_gpu(), state.step)
