@@ -95,7 +95,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def write_sidecar(model_path: str | Path, sidecar: Sidecar) -> Path:
-    """Record the model file's name, size and hash, then write `<name>.json` atomically."""
+    """Record the model file's name, size and hash, then write its `<file>.json` atomically."""
     model_path = Path(model_path)
     sidecar.model_file = model_path.name
     sidecar.model_bytes = model_path.stat().st_size
