@@ -65,14 +65,31 @@ def _cuda_driver_present() -> bool:
         return False
 
 
-def _session_options(ort, threads: int | None, strict_placement: bool = False):
+def _session_options(ort, threads: int | None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
-    if strict_placement:  # fail rather than quietly run a node on the CPU EP inside a CUDA session
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    # Which provider runs each node (read back by nodes_by_provider); older versions ignore the key.
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     return options
+
+
+def nodes_by_provider(session) -> dict[str, int] | None:
+    """Graph nodes per execution provider after partitioning, or None where this onnxruntime does
+    not record it. Nodes left on the CPU inside a CUDA session cost host-device copies around them
+    (ORT also puts small shape computations there on purpose: the count says how many)."""
+    get = getattr(session, "get_provider_graph_assignment_info", None)
+    try:
+        subgraphs = get() if get else None
+    except Exception:
+        return None
+    if subgraphs is None:
+        return None
+    counts: dict[str, int] = {}
+    for subgraph in subgraphs:
+        counts[subgraph.ep_name] = counts.get(subgraph.ep_name, 0) + len(subgraph.get_nodes())
+    return counts
 
 
 def preload_cuda_libraries(ort) -> str:
@@ -88,8 +105,9 @@ def preload_cuda_libraries(ort) -> str:
 
 
 class OrtDenoiser:
-    """denoiser.onnx on ONNX Runtime. provider: auto | cuda | cpu; `provider` says what runs, and
-    `note` what was given up on the way (CUDA provider failed, nodes placed on the CPU).
+    """denoiser.onnx on ONNX Runtime. provider: auto | cuda | cpu; `provider` says what runs,
+    `note` what was given up on the way (CUDA provider failed, nodes placed on the CPU), and
+    `nodes` the node count per provider (None where onnxruntime does not record it).
 
     No I/O binding: the NumPy sampling loop needs x on the host at every step, so binding would
     save ORT's output allocation, not a host-device copy.
@@ -110,6 +128,11 @@ class OrtDenoiser:
         self.session, self.note = self._open(ort, threads, want_cuda, provider)
         # ORT drops a provider it cannot create with only a log line; check what we really got.
         self.provider = self.session.get_providers()[0]
+        self.nodes = nodes_by_provider(self.session)
+        on_cpu = (self.nodes or {}).get("CPUExecutionProvider", 0)
+        if self.provider == "CUDAExecutionProvider" and on_cpu:
+            placed = f"{on_cpu} of {sum(self.nodes.values())} nodes on the CPU"
+            self.note = f"{self.note}; {placed}" if self.note else placed
         if provider == "cuda" and self.provider != "CUDAExecutionProvider":
             raise BackendUnavailable(f"--provider cuda: onnxruntime could not start CUDAExecutionProvider here "
                                      f"(available: {ort.get_available_providers()}; needs an NVIDIA GPU with "
@@ -121,20 +144,15 @@ class OrtDenoiser:
         self._out = self.info.output_names[0]
 
     def _open(self, ort, threads, want_cuda: bool, provider: str):
-        """(session, note). A CUDA session is tried with every node on CUDA first, then with CPU
-        fallback nodes; when only the CPU loads the model, the provider failed, not the model."""
+        """(session, note). When CUDA was wanted and only the CPU loads the model, the provider
+        failed, not the model: said so, not "cannot load it"."""
         cpu = ["CPUExecutionProvider"]
         if not want_cuda:
             return self._load(ort, _session_options(ort, threads), cpu), ""
         note = preload_cuda_libraries(ort)
-        cuda = ["CUDAExecutionProvider"] + cpu
         try:
-            return ort.InferenceSession(str(self.path), _session_options(ort, threads, True), providers=cuda), note
-        except Exception:
-            pass
-        try:
-            session = ort.InferenceSession(str(self.path), _session_options(ort, threads), providers=cuda)
-            return session, "; ".join(filter(None, [note, "some nodes run on the CPU inside the CUDA session"]))
+            cuda = ["CUDAExecutionProvider"] + cpu
+            return ort.InferenceSession(str(self.path), _session_options(ort, threads), providers=cuda), note
         except Exception as e:
             cuda_error = str(e).splitlines()[0]
         session = self._load(ort, _session_options(ort, threads), cpu)  # ModelError if the model is at fault

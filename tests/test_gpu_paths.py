@@ -55,7 +55,11 @@ def test_engine_beside_the_default_onnx_leaves_the_onnx_usable(default_export):
     assert (plan_info.format, plan_info.batch_range()) == ("tensorrt", "1..16")
     assert plan_info.producer["onnx_file"] == "denoiser.onnx"
     assert plan_info.betas == onnx_info.betas and plan_info.model_sha256 != onnx_info.model_sha256
-    assert OrtDenoiser(onnx_path, provider="cpu", threads=1).info == onnx_info  # still verifies: not stale
+    ort = OrtDenoiser(onnx_path, provider="cpu", threads=1)
+    assert ort.info == onnx_info  # still verifies: not stale
+    if ort.nodes is not None:  # onnxruntime records where each node runs: all on the CPU here
+        assert set(ort.nodes) == {"CPUExecutionProvider"} and ort.nodes["CPUExecutionProvider"] > 10
+        assert ort.note == ""
     with pytest.raises(ValueError, match="expected a .plan or .engine"):
         default_plan_path(onnx_path, "x.onnx")
 
