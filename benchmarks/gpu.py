@@ -117,6 +117,10 @@ def run_step(kind: str, params: dict, work: Path, out_file: Path) -> int:
     except Exception as e:
         traceback.print_exc()
         result = {"status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    finally:
+        if "torch" in sys.modules:  # NCCL wants its process group destroyed before the process exits
+            from pipeline import distributed
+            distributed.shutdown()
     out_file.write_text(json.dumps(result, default=str))
     return 0
 
@@ -133,10 +137,16 @@ def spawn(name: str, kind: str, params: dict, work: Path, timeout: float, log: P
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=timeout)
+            timed_out = False
         except subprocess.TimeoutExpired:
+            timed_out = True
+        try:  # the step's session: data-loader workers, compilers, whatever it left behind
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return {"status": "timeout", "reason": f"timed out after {timeout:.0f} s (its time box or the budget left)"}
+        except OSError:  # nothing left of it
+            pass
+        proc.wait()
+    if timed_out:
+        return {"status": "timeout", "reason": f"timed out after {timeout:.0f} s (its time box or the budget left)"}
     if out_file.is_file():
         return json.loads(out_file.read_text())
     return {"status": "failed", "reason": f"exited {proc.returncode} without a result ({_last_line(log)})"}
@@ -237,10 +247,10 @@ def main(argv=None) -> int:
                 outcome = {"status": "skipped", "reason": f"budget exhausted ({max(left, 0):.0f} s left)"}
             else:
                 outcome = spawn(step, kind, params[step], Path(tmp), min(box, left), log, env)
+            if "data" in outcome:
+                result["results"][step] = outcome.pop("data")
             entry = {"name": step, "seconds": round(time.monotonic() - began, 1), **outcome}
             result["results"]["steps"].append(entry)
-            if "data" in outcome:
-                result["results"][step] = outcome["data"]
             result["seconds"] = time.monotonic() - start
             render(result)
             common.write_result(result, out)
