@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from export.backends import BackendUnavailable, ModelError, OrtDenoiser, check_b
 from export.sidecar import Sidecar, SidecarError, read_sidecar, sidecar_path, write_sidecar
 from pipeline.config import Config, ConfigError
 from pipeline.distributed import accelerator_mismatch, cuda_device_index, read_env
-from pipeline.ds_config import FP16_LOSS_SCALING, cpu_adam_build_missing, ds_config_for
+from pipeline.ds_config import cpu_adam_build_missing, ds_config_for
 from test_export import make_checkpoint
 
 
@@ -142,33 +144,37 @@ def test_fp16_at_zero_stage_0_is_refused_with_the_reason(tmp_path):
     assert ds_config_for(cfg, 1)["zero_optimization"]["stage"] == 1
 
 
-@pytest.fixture
-def process_group():
-    """A one-process gloo group for DeepSpeed's comm (its loss scaler asks for the rank)."""
-    from pipeline import distributed
-    saved = dict(os.environ)
-    distributed.init(read_env({}, cuda=False))
-    yield
-    distributed.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
+LOSS_SCALER_SCRIPT = """
+import json, torch
+from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+from pipeline import distributed
+from pipeline.ds_config import FP16_LOSS_SCALING as ours
+from pipeline.train import is_min_loss_scale_error
+distributed.init(distributed.read_env({}, cuda=False))  # the scaler asks DeepSpeed's comm for the rank
+args = {"init_scale": 2 ** ours["initial_scale_power"], "scale_window": ours["loss_scale_window"],
+        "min_scale": ours["min_loss_scale"], "delayed_shift": ours["hysteresis"], "consecutive_hysteresis": False}
+scaler, overflows, error = CreateLossScaler(torch.half, None, True, args), 0, None
+while overflows < 100 and error is None:
+    overflows += 1
+    try:
+        scaler.update_scale(True)
+    except Exception as e:
+        error = e
+print(json.dumps({"overflows": overflows, "scale": scaler.cur_scale, "type": type(error).__name__,
+                  "recognised": is_min_loss_scale_error(error)}))
+distributed.shutdown()
+"""
 
 
-def test_dynamic_loss_scaler_gives_up_on_the_18th_overflow_and_is_recognised(process_group):
-    """Our FP16_LOSS_SCALING, fed to DeepSpeed's own scaler as its engine does: 2^16, hysteresis 2."""
-    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+def test_dynamic_loss_scaler_gives_up_on_the_18th_overflow_and_is_recognised(repo_root):
+    """Our FP16_LOSS_SCALING fed to DeepSpeed's own scaler as its engine does (2^16, hysteresis 2),
+    in a process of its own: DeepSpeed's comm cannot be set up twice in one process."""
+    proc = subprocess.run([sys.executable, "-c", LOSS_SCALER_SCRIPT], cwd=repo_root, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=repo_root), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"overflows": 18, "scale": 1, "type": "Exception", "recognised": True}
     from pipeline.train import is_min_loss_scale_error
-    ours = FP16_LOSS_SCALING
-    args = {"init_scale": 2 ** ours["initial_scale_power"], "scale_window": ours["loss_scale_window"],
-            "min_scale": ours["min_loss_scale"], "delayed_shift": ours["hysteresis"], "consecutive_hysteresis": False}
-    scaler = CreateLossScaler(torch.half, None, True, args)
-    overflows = 0
-    with pytest.raises(Exception) as raised:
-        while overflows < 100:
-            overflows += 1
-            scaler.update_scale(True)
-    assert overflows == 18 and scaler.cur_scale == 1
-    assert is_min_loss_scale_error(raised.value)
     assert not is_min_loss_scale_error(RuntimeError("CUDA out of memory"))
 
 
@@ -185,6 +191,7 @@ def test_leftover_ds_accelerator_on_a_cuda_machine_is_named():
 def test_offload_build_tools_are_checked(monkeypatch):
     from pipeline.distributed import import_deepspeed
     from pipeline.ds_config import check_offload_build
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # import_deepspeed sets it on CPU: restored after
     import_deepspeed()
     from deepspeed.git_version_info import installed_ops
     if installed_ops.get("cpu_adam"):
