@@ -133,6 +133,8 @@ class OrtDenoiser:
         if self.provider == "CUDAExecutionProvider" and on_cpu:
             placed = f"{on_cpu} of {sum(self.nodes.values())} nodes on the CPU"
             self.note = f"{self.note}; {placed}" if self.note else placed
+        if want_cuda and self.provider != "CUDAExecutionProvider" and not self.note:
+            self.note = "CUDA provider did not start; running on the CPU"  # auto: said, not silent
         if provider == "cuda" and self.provider != "CUDAExecutionProvider":
             raise BackendUnavailable(f"--provider cuda: onnxruntime could not start CUDAExecutionProvider here "
                                      f"(available: {ort.get_available_providers()}; needs an NVIDIA GPU with "
