@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # OpenMP threads that spin-wait for a busy core make torch many times slower on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo demo-results test test-unit venv clean
+.PHONY: demo demo-results test test-unit venv clean gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -70,7 +70,7 @@ demo-results: $(DEMO_RUN)/scores.txt $(DEMO_RUN)/bench/sampler.md
 	@echo
 	@echo "grid of faces:   $(DEMO_SAMPLES)/grid.png   (EMA, DDIM-50, eta 1; training previews beside it)"
 	@echo "checkpoint:      $$(ls -d $(CHECKPOINTS)/step_* | tail -n 1)"
-	@echo "ONNX denoiser:   $(DEMO_RUN)/denoiser.onnx (+ denoiser.json); online weights: denoiser_model.onnx"
+	@echo "ONNX denoiser:   $(DEMO_RUN)/denoiser.onnx (+ denoiser.onnx.json); online weights: denoiser_model.onnx"
 	@echo "scores:          $(DEMO_RUN)/scores.json   benchmark: $(DEMO_RUN)/bench/sampler.md"
 	@echo "try it:          $(PY) -m export.app --model $(DEMO_RUN)/denoiser.onnx   (http://127.0.0.1:7860)"
 
@@ -111,3 +111,23 @@ $(DEMO_RUN)/bench/sampler.md: configs/tiny_cpu.yaml
 
 clean:
 	rm -rf $(DEMO_RUN) $(DEMO_DATA)
+
+# --- wheels for a lent GPU machine: Python 3.12, x86-64, no package registry, 64 MiB per call.
+# What `python -m benchmarks gpu` needs beyond that machine's image, at this venv's versions.
+# DeepSpeed publishes only a source archive: its pure-Python wheel is built here (ops are JIT-built
+# there); pydantic-core is the one binary. TensorRT and onnxruntime-gpu are far larger: absent there.
+# There: python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site:.
+GPU_WHEELS ?= .whl
+GPU_WHEEL_PACKAGES := hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+	webdataset braceexpand submitit diffusers importlib-metadata lazy-importer
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels: venv
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) \
+		deepspeed==$$($(PY) -c 'import importlib.metadata as m; print(m.version("deepspeed"))')
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS) $$($(PY) -c 'import importlib.metadata as m, sys; \
+		print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEEL_PACKAGES))
+	@ls $(GPU_WHEELS)
+	@size=$$(du -sm $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS): $$(ls $(GPU_WHEELS) | wc -l) wheels, $$size MiB"; \
+		test $$size -lt 60 || { echo "error: $(GPU_WHEELS) is $$size MiB, over the 60 MiB left of a 64 MiB call" >&2; exit 1; }

@@ -4,6 +4,8 @@ Benchmarks: train, data, sampler, end_to_end. Each writes <out>/<name>.json (mac
 config, every repeat) and <out>/<name>.md (tables, targets, method), plus PNG plots where a curve
 says more than a table; `all` also writes <out>/summary.md and summary.json with every target.
 --quick finishes in a few minutes on 2 CPU cores (a smoke run: numbers are not representative).
+`python -m benchmarks gpu [--out DIR] [--budget-s 480] [--cpu-smoke]` checks every GPU path in one
+time-boxed run (see benchmarks/gpu.py).
 """
 from __future__ import annotations
 
@@ -60,6 +62,9 @@ def summary(results: dict[str, dict], out_dir: Path, seconds: float) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gpu"]:  # every GPU path in one time-boxed run: a command of its own (benchmarks.gpu)
+        from benchmarks import gpu
+        return gpu.main(argv[1:])
     args = parse_args(argv)
     common.COMMAND = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     names = NAMES if args.name == "all" else (args.name,)

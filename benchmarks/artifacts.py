@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import common
+from export.sidecar import sidecar_path
 from pipeline.config import Config, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def onnx_model(cfg: Config, fp16: bool = False, seed: int = 0) -> Path:
     from export.onnx import export_onnx
     ckpt = random_checkpoint(cfg, seed)
     out = ckpt / ("denoiser_fp16.onnx" if fp16 else "denoiser.onnx")
-    if not (out.is_file() and out.with_suffix(".json").is_file()):
+    if not (out.is_file() and sidecar_path(out).is_file()):
         export_onnx(ckpt, out, fp16=fp16)
     return out
 
@@ -69,7 +70,7 @@ def tensorrt_engine(cfg: Config, batch: tuple[int, int, int], fp16: bool = True,
     strongly_typed = int(tensorrt.__version__.split(".")[0]) >= 11
     onnx_path = onnx_model(cfg, fp16=fp16 and strongly_typed, seed=seed)
     out = onnx_path.with_name(f"denoiser_{'fp16' if fp16 else 'fp32'}_{'-'.join(map(str, batch))}.plan")
-    if not (out.is_file() and out.with_suffix(".json").is_file()):
+    if not (out.is_file() and sidecar_path(out).is_file()):
         build_engine(onnx_path, out, batch=batch, fp16=fp16, timing_cache=onnx_path.parent / "timing.cache")
     return out
 

@@ -1,4 +1,4 @@
-"""Export a checkpoint's EMA denoiser to ONNX, check it, and write `denoiser.onnx` + `denoiser.json`.
+"""Export a checkpoint's EMA denoiser to ONNX, check it, and write `denoiser.onnx` + `denoiser.onnx.json`.
 
     python -m export.onnx --ckpt runs/demo [--out denoiser.onnx] [--fp16] [--opset 18] [--weights ema|model]
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.sidecar import INPUT_NAMES, OUTPUT_NAMES, Sidecar, sidecar_from_config, write_sidecar
+from export.sidecar import INPUT_NAMES, OUTPUT_NAMES, Sidecar, sidecar_from_config, sidecar_path, write_sidecar
 from pipeline.fileio import atomic_write_bytes
 
 # Max |ORT - torch fp32| on a random batch; a trained epsilon-model's outputs are ~N(0, 1).
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.weights} weights, {info.dtype}, "
           f"{info.image_size}px, opset {args.opset}) "
-          f"and {out.with_suffix('.json').name}; max |onnxruntime - torch| = {error:.2e} "
+          f"and {sidecar_path(out).name}; max |onnxruntime - torch| = {error:.2e} "
           f"(tolerance {TOLERANCE[info.dtype]:g})")
     return 0
 

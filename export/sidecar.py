@@ -1,7 +1,9 @@
-"""The engine sidecar `<name>.json`: everything the sampler needs besides the network itself.
+"""The model sidecar `<file>.json`: everything the sampler needs besides the network itself.
 
-Written beside `denoiser.onnx` / `denoiser.plan` (atomically, after the model file) and read
-by every backend. Imports no torch and no onnx: the standalone sampler reads it too.
+Written beside the model file it describes, named after the whole file name (`denoiser.onnx.json`,
+`denoiser.plan.json`), so a graph and the engine built from it never overwrite each other's;
+atomically, after the model file. Read by every backend, which checks that the sidecar describes
+the format it was asked for. Imports no torch and no onnx: the standalone sampler reads it too.
 
     {"format": "onnx", "image_size": 64, "channels": 3, "dtype": "float16",
      "input_names": ["sample", "timestep"], "output_names": ["model_output"],
@@ -21,6 +23,7 @@ from pipeline.schedule import PREDICTION_TYPES, VARIANCE_TYPES, DiffusionSchedul
 
 SIDECAR_VERSION = 1
 FORMATS = ("onnx", "tensorrt", "torch")
+SUFFIX_FORMATS = {".onnx": "onnx", ".plan": "tensorrt", ".engine": "tensorrt"}
 DTYPES = ("float32", "float16")
 INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAMES = ("model_output",)
@@ -73,8 +76,14 @@ class Sidecar:
 
 
 def sidecar_path(model_path: str | Path) -> Path:
-    """`denoiser.onnx` -> `denoiser.json`."""
-    return Path(model_path).with_suffix(".json")
+    """`denoiser.onnx` -> `denoiser.onnx.json`, `denoiser.plan` -> `denoiser.plan.json`."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".json")
+
+
+def _legacy_sidecar_path(model_path: Path) -> Path:
+    """`denoiser.json`: the name exports had before engines got sidecars of their own."""
+    return model_path.with_suffix(".json")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -86,12 +95,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 def write_sidecar(model_path: str | Path, sidecar: Sidecar) -> Path:
-    """Record the model file's name, size and hash, then write `<name>.json` atomically."""
+    """Record the model file's name, size and hash, then write its `<file>.json` atomically."""
     model_path = Path(model_path)
     sidecar.model_file = model_path.name
     sidecar.model_bytes = model_path.stat().st_size
     sidecar.model_sha256 = file_sha256(model_path)
     validate(sidecar, sidecar_path(model_path))
+    _check_format(sidecar, model_path, sidecar_path(model_path))
     atomic_write_json(sidecar_path(model_path), sidecar.to_json())
     return sidecar_path(model_path)
 
@@ -134,19 +144,38 @@ def validate(s: Sidecar, where: Path) -> None:
             raise SidecarError(f"{where}: {key}: {message}")
 
 
-def read_sidecar(model_path: str | Path) -> Sidecar:
-    """The validated sidecar of a model file; checks it was written for that very file."""
-    model_path = Path(model_path)
+def _check_format(s: Sidecar, model_path: Path, where: Path) -> None:
+    """A .onnx needs an onnx sidecar, a .plan / .engine a tensorrt one (other names: not checked)."""
+    want = SUFFIX_FORMATS.get(model_path.suffix)
+    if want is not None and s.format != want:
+        raise SidecarError(f"{where}: format {s.format!r} describes a {s.format} model, but {model_path.name} "
+                           f"is {want} (a sidecar of another file; re-export {model_path.name})")
+
+
+def _load_json(model_path: Path) -> tuple[dict, Path]:
+    """The sidecar's JSON and where it was found: `<file>.json`, else an older export's
+    `<stem>.json`, but only when that one names this very file."""
     where = sidecar_path(model_path)
-    try:
-        data = json.loads(where.read_text())
-    except FileNotFoundError:
-        raise SidecarError(f"{where}: missing sidecar for {model_path.name} (re-export the model; "
-                           f"the sampler needs its schedule and shapes)") from None
-    except (OSError, ValueError) as e:
-        raise SidecarError(f"{where}: unreadable sidecar ({e})") from None
-    if not isinstance(data, dict):
-        raise SidecarError(f"{where}: expected a JSON object")
+    legacy = _legacy_sidecar_path(model_path)
+    for path in (where, legacy):
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            raise SidecarError(f"{path}: unreadable sidecar ({e})") from None
+        if not isinstance(data, dict):
+            raise SidecarError(f"{path}: expected a JSON object")
+        if path == where or data.get("model_file") == model_path.name:
+            return data, path
+    raise SidecarError(f"{where}: missing sidecar for {model_path.name} (re-export the model; "
+                       f"the sampler needs its schedule and shapes)")
+
+
+def read_sidecar(model_path: str | Path) -> Sidecar:
+    """The validated sidecar of a model file; checks it was written for that very file and format."""
+    model_path = Path(model_path)
+    data, where = _load_json(model_path)
     version = data.get("sidecar_version")
     if version != SIDECAR_VERSION:
         raise SidecarError(f"{where}: sidecar_version {version!r}, this sampler reads {SIDECAR_VERSION}")
@@ -180,6 +209,7 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
         producer=data.get("producer", {}),
     )
     validate(s, where)
+    _check_format(s, model_path, where)
     if s.model_bytes is not None and model_path.exists() and model_path.stat().st_size != s.model_bytes:
         raise SidecarError(f"{where}: describes a {s.model_bytes}-byte {s.model_file or 'model'}, but "
                            f"{model_path} has {model_path.stat().st_size} bytes (stale sidecar; re-export)")

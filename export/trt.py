@@ -1,4 +1,4 @@
-"""Build a TensorRT engine (`denoiser.plan` + `denoiser.json`) from the exported ONNX.
+"""Build a TensorRT engine (`denoiser.plan` + `denoiser.plan.json`) from the exported ONNX.
 
     python -m export.trt --ckpt DIR | --onnx F.onnx [--fp16] [--batch 1,8,16]
         [--workspace-gb 4] [--timing-cache F] [--out F.plan]
@@ -8,10 +8,12 @@ strongly typed, so fp16 comes from an fp16 ONNX (`export.onnx --fp16`, done for 
 on TensorRT 10 an fp16 ONNX is built strongly typed too, and `--fp16` with an fp32 ONNX falls
 back to the builder's FP16 flag (weak typing: TensorRT picks per-layer precision).
 Needs tensorrt and a CUDA device; without them it says which is missing and exits 1.
+The engine's sidecar is its own (`denoiser.plan.json`): the ONNX beside it keeps `denoiser.onnx.json`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from export.backends import BackendUnavailable, ModelError, TrtDenoiser, require_tensorrt
-from export.sidecar import SidecarError, read_sidecar, write_sidecar
+from export.sidecar import Sidecar, SidecarError, read_sidecar, write_sidecar
 from pipeline.fileio import atomic_write_bytes
 
 # Max |TensorRT - onnxruntime(CPU)| on a random batch. TensorRT's fp32 uses TF32 matmuls/convs.
@@ -81,26 +83,64 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch=(1, 8, 16), fp16:
     profile.set_shape(timestep, *[(b,) for b in batch])
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _attach_timing_cache(config, cache_path)
 
+    precision = "fp16" if fp16 or fp16_graph else "fp32"
     print(f"building {out.name} from {onnx_path.name}: TensorRT {trt.__version__}, batch {batch}, "
-          f"{'fp16' if fp16 or fp16_graph else 'fp32'}{' (strongly typed)' if fp16_graph or major >= 11 else ''}; "
+          f"{precision}{' (strongly typed)' if fp16_graph or major >= 11 else ''}; "
           f"this takes a few minutes", file=sys.stderr, flush=True)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"{onnx_path}: TensorRT failed to build the engine (its log is above)")
     atomic_write_bytes(out, memoryview(serialized).tobytes())
-    if cache_path:
-        atomic_write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()).tobytes())
-    info.format = "tensorrt"  # dtype stays the graph's I/O dtype (weak fp16 keeps fp32 I/O)
-    info.batch_min, info.batch_opt, info.batch_max = batch
-    info.producer = {**info.producer, "tensorrt": trt.__version__, "onnx_file": onnx_path.name,
-                     "precision": "fp16" if fp16 or fp16_graph else "fp32",
-                     "build_seconds": round(time.perf_counter() - start, 1)}
-    write_sidecar(out, info)
+    write_sidecar(out, engine_sidecar(info, batch, trt.__version__, onnx_path.name, precision,
+                                      time.perf_counter() - start))
+    if cache_path:  # after the sidecar: a cache that cannot be saved costs the next build time, nothing else
+        _save_timing_cache(config, cache_path)
     return out
+
+
+def engine_sidecar(onnx_info: Sidecar, batch: tuple[int, int, int], trt_version: str, onnx_name: str,
+                   precision: str, build_seconds: float) -> Sidecar:
+    """The engine's sidecar: the ONNX's, with the format, the profile's batch range and the build."""
+    info = dataclasses.replace(onnx_info)  # dtype stays the graph's I/O dtype (weak fp16 keeps fp32 I/O)
+    info.format = "tensorrt"
+    info.batch_min, info.batch_opt, info.batch_max = batch
+    info.producer = {**onnx_info.producer, "tensorrt": trt_version, "onnx_file": onnx_name, "precision": precision,
+                     "build_seconds": round(build_seconds, 1)}
+    return info
+
+
+def _attach_timing_cache(config, path: Path | None) -> None:
+    """Seed the build with `path`'s tactic timings. TensorRT refuses a cache from another GPU model
+    or TensorRT version (set_timing_cache returns False): then the build starts from an empty one."""
+    data = path.read_bytes() if path and path.is_file() else b""
+    if data:
+        cache = config.create_timing_cache(data)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+        print(f"warning: timing cache {path} does not fit this GPU / TensorRT version; building without it "
+              f"(it is replaced after the build)", file=sys.stderr, flush=True)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise BuildError("TensorRT could not attach an empty timing cache to the builder config")
+
+
+def _save_timing_cache(config, path: Path) -> None:
+    cache = config.get_timing_cache()
+    if cache is None:
+        print(f"warning: TensorRT returned no timing cache; {path} not written", file=sys.stderr)
+        return
+    atomic_write_bytes(path, memoryview(cache.serialize()).tobytes())
+
+
+def default_plan_path(onnx_path: Path, out: str | None) -> Path:
+    """--out, else the ONNX's name with .plan; only .plan / .engine names."""
+    plan = Path(out) if out else Path(onnx_path).with_suffix(".plan")
+    if plan.suffix not in (".plan", ".engine"):
+        raise ValueError(f"--out {plan}: expected a .plan or .engine file name")
+    return plan
 
 
 def max_error_vs_onnx(plan: Path, onnx_path: Path, batch: int, seed: int = 0) -> float:
@@ -147,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             onnx_path = Path(args.onnx)
             if not onnx_path.is_file():
                 raise ModelError(f"--onnx {onnx_path}: no such file")
-        out = Path(args.out) if args.out else onnx_path.with_suffix(".plan")
-        if out.suffix not in (".plan", ".engine"):
-            raise ValueError(f"--out {out}: expected a .plan or .engine file name")
+        out = default_plan_path(onnx_path, args.out)
         build_engine(onnx_path, out, batch, args.fp16, args.workspace_gb, args.timing_cache)
         info = read_sidecar(out)
         precision = info.producer["precision"]

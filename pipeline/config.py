@@ -17,6 +17,12 @@ import yaml
 from pipeline.fileio import atomic_write_text
 
 
+# DeepSpeed 0.19 scales the loss in engine.backward() only for ZeRO optimizers, while its plain fp16
+# optimizer still divides every gradient by the loss scale: at stage 0 fp16 learns ~65536x too slowly.
+FP16_NEEDS_ZERO = ("fp16 needs zero.stage >= 1 (DeepSpeed 0.19 does not scale the loss for its stage-0 fp16 "
+                   "optimizer, so the gradients shrink by the loss scale); set zero.stage=1 or 2, or use bf16")
+
+
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the message names the file and key."""
 
@@ -203,6 +209,8 @@ def validate(cfg: Config) -> None:
         (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas",
          f"{list(t.adam_betas)} must be two values in [0, 1)"),
         (cfg.zero.stage in (0, 1, 2, 3), "zero.stage", f"{cfg.zero.stage} not in 0..3"),
+        (t.precision != "fp16" or cfg.zero.stage >= 1 or bool(t.deepspeed_config), "train.precision",
+         FP16_NEEDS_ZERO),
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", f"{cfg.ema.decay} must be in [0, 1)"),
         (cfg.log.every >= 1, "log.every", f"{cfg.log.every} must be >= 1"),
         (cfg.log.sample_every >= 0, "log.sample_every", f"{cfg.log.sample_every} must be >= 0"),

@@ -48,7 +48,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_env(environ=os.environ, cuda: bool | None = None) -> DistEnv:
+def read_env(environ=os.environ, cuda: bool | None = None, device_count: int | None = None) -> DistEnv:
     """Where this process sits in the job, from torchrun's or Slurm's variables (or alone)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if "RANK" in environ and "WORLD_SIZE" in environ:           # torchrun, submitit, or set by hand
@@ -67,8 +67,25 @@ def read_env(environ=os.environ, cuda: bool | None = None) -> DistEnv:
                           "(torchrun sets them; under srun the batch script exports them, see slurm/train.sh)")
     master_addr = environ.get("MASTER_ADDR", "127.0.0.1")
     master_port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = torch.device("cuda", cuda_device_index(local_rank, device_count)) if cuda else torch.device("cpu")
     return DistEnv(rank, local_rank, world_size, master_addr, master_port, "nccl" if cuda else "gloo", device)
+
+
+def cuda_device_index(local_rank: int, device_count: int | None = None) -> int:
+    """The GPU of this process: the local rank modulo the devices it sees. With srun's
+    --gpus-per-task or --gpu-bind each task sees only its own GPU(s), so local rank 3 may see one."""
+    count = torch.cuda.device_count() if device_count is None else device_count
+    return local_rank % count if count else local_rank
+
+
+def accelerator_mismatch(environ, cuda: bool) -> str | None:
+    """A DS_ACCELERATOR left over from a CPU run (import_deepspeed sets it there) would build a CPU
+    engine beside NCCL and cuda:N tensors on a GPU machine; say so instead."""
+    name = environ.get("DS_ACCELERATOR", "")
+    if cuda and name not in ("", "cuda"):
+        return (f"DS_ACCELERATOR={name} is set but this machine has CUDA GPUs: unset it (`unset DS_ACCELERATOR`) "
+                f"to train on the GPUs, or hide them (CUDA_VISIBLE_DEVICES=) to train on the CPU")
+    return None
 
 
 def import_deepspeed():
@@ -77,6 +94,9 @@ def import_deepspeed():
     DeepSpeed picks its accelerator once, at import; it must be told before that.
     """
     cpu = not torch.cuda.is_available()
+    mismatch = accelerator_mismatch(os.environ, cuda=not cpu)
+    if mismatch:
+        raise LaunchError(mismatch)
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

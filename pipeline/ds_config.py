@@ -6,9 +6,11 @@ With train.micro_batch_size = 0 every rank takes batch_size / world_size in one 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.config import FP16_NEEDS_ZERO, Config, ConfigError, TrainConfig
 
 # Dynamic loss scaling for fp16 (Micikevicius et al. 2018, DeepSpeed's names): start at 2^16,
 # halve on overflow after `hysteresis` strikes, double after `loss_scale_window` clean steps.
@@ -79,9 +81,46 @@ def load_user_ds_config(path: str, cfg: Config, world_size: int) -> dict:
 
 
 def ds_config_for(cfg: Config, world_size: int) -> dict:
-    if cfg.train.deepspeed_config:
-        return load_user_ds_config(cfg.train.deepspeed_config, cfg, world_size)
-    return build_ds_config(cfg, world_size)
+    if not cfg.train.deepspeed_config:
+        return build_ds_config(cfg, world_size)
+    ds = load_user_ds_config(cfg.train.deepspeed_config, cfg, world_size)
+    if precision_of(ds) == "fp16" and not (ds.get("zero_optimization") or {}).get("stage", 0):
+        reason = FP16_NEEDS_ZERO.replace("zero.stage", "zero_optimization.stage")
+        raise ConfigError(f"train.deepspeed_config: {cfg.train.deepspeed_config}: {reason}")
+    return ds
+
+
+def cpu_adam_build_missing() -> list[str]:
+    """What building DeepSpeed's CPU Adam op (for zero.offload_optimizer) lacks here; [] if it is
+    pre-built or can be built. DeepSpeed JIT-builds it at engine start-up with ninja and a C++
+    compiler, and on DeepSpeed versions whose CUDA accelerator builds it as a CUDA op, with nvcc too."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+    if installed_ops.get("cpu_adam"):
+        return []
+    missing = []
+    if shutil.which("ninja") is None:
+        missing.append("ninja (pip install ninja)")
+    cxx = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension compiles with
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ({cxx!r} not on PATH)")
+    if isinstance(get_accelerator().create_op_builder("CPUAdamBuilder"), CUDAOpBuilder):
+        from torch.utils.cpp_extension import CUDA_HOME
+        if CUDA_HOME is None:
+            missing.append("a CUDA toolkit (nvcc; set CUDA_HOME)")
+    return missing
+
+
+def check_offload_build(ds: dict) -> None:
+    """With the optimizer offloaded, fail at start-up, not minutes later inside deepspeed.initialize."""
+    if not (ds.get("zero_optimization") or {}).get("offload_optimizer"):
+        return
+    missing = cpu_adam_build_missing()
+    if missing:
+        raise ConfigError(f"zero.offload_optimizer: DeepSpeed must build its CPU Adam op here and needs "
+                          f"{', '.join(missing)}; install it, use a DeepSpeed built with DS_BUILD_CPU_ADAM=1, "
+                          f"or set zero.offload_optimizer=false")
 
 
 def precision_of(ds: dict) -> str:

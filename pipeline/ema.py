@@ -6,6 +6,13 @@ Under ZeRO-3 each rank holds only a shard of every parameter; the EMA is taken o
 parameters, gathered chunk by chunk, so no rank ever averages a partial shard. Gathering is a
 collective: every rank calls `update`, only the rank built with `keep=True` (rank 0) stores
 the average. The EMA follows the working weights, the ones the network runs with.
+
+Under fp16 those are DeepSpeed's fp16 copies, not its fp32 master weights. A design choice, kept:
+the masters are partitioned under ZeRO-1/2/3, and `deepspeed.utils.safe_get_full_fp32_param`
+gathers each one with a collective per parameter, an fp32 all-reduce of the whole model every
+step (twice the fp16 gradient traffic). The working copy is the master rounded afresh each step,
+so it sits within half an fp16 step (2^-12 of the weight) of it and the error never accumulates;
+under bf16 that bound is 2^-9. If a run ever shows the difference, average the masters instead.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from pipeline.checkpoint import (CheckpointError, EMA_FILE, checkpoint_dir, comp
 from pipeline.config import Config, ConfigError, load_config_or_report, save_config
 from pipeline.distributed import DistEnv, LaunchError
 from pipeline.ema import EMA, full_weights
-from pipeline.ds_config import batch_sizes, ds_config_for, precision_of
+from pipeline.ds_config import batch_sizes, check_offload_build, ds_config_for, precision_of
 from pipeline.fileio import atomic_write_json, atomic_write_text
 
 REQUEUE_EXIT_CODE = 3   # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
@@ -55,6 +55,16 @@ _stop_requested = False
 
 class TrainError(RuntimeError):
     """A problem with the run set-up the user can fix; printed as one line."""
+
+
+class LossScaleExhausted(RuntimeError):
+    """fp16 gradients overflowed again at the minimum loss scale: the run has diverged."""
+
+
+def is_min_loss_scale_error(error: BaseException) -> bool:
+    """DeepSpeed's DynamicLossScaler raises a bare Exception on an overflow at min_loss_scale
+    (from 2^16 with hysteresis 2: the 18th overflow in a row), long before train.max_bad_steps."""
+    return "loss scale already at minimum" in str(error)  # its only mark: no exception class of its own
 
 
 def request_stop(signum=None, frame=None) -> None:
@@ -301,10 +311,10 @@ def _grad_norm(module) -> float:
 
 
 def _loss_scale(engine) -> float | None:
-    if not engine.fp16_enabled():
-        return None
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    return float(getattr(scaler, "cur_scale", getattr(engine.optimizer, "cur_scale", float("nan"))))
+    """fp16's dynamic loss scale: `optimizer.loss_scale` exists on every DeepSpeed fp16 wrapper
+    (ZeRO 1-3 and the stage-0 ones, which have no `loss_scaler`)."""
+    scale = getattr(engine.optimizer, "loss_scale", None) if engine.fp16_enabled() else None
+    return float(scale) if scale is not None else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -353,6 +363,7 @@ def _train(cfg: Config) -> int:
         raise TrainError("train.precision=fp16 needs a CUDA GPU (DeepSpeed's loss-scaled fp16 does not run "
                          "on CPU); use train.precision=bf16 or fp32 here")
     deepspeed = distributed.init(env)
+    check_offload_build(ds_config)
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later; no effect on CPU
     run_dir = Path(cfg.run.dir)
     if env.is_main:
@@ -399,7 +410,12 @@ def train_step(engine, diffusion, batches, state: TrainState, seed: int, env: Di
         engine.backward(loss)
         if micro == accum - 1 and not _keeps_grad_norm(engine):
             grad_norm = _grad_norm(engine.module)  # before step() clips and zeroes the gradients
-        engine.step()  # applies the optimizer at the accumulation boundary only
+        try:
+            engine.step()  # applies the optimizer at the accumulation boundary only
+        except Exception as e:
+            if is_min_loss_scale_error(e):
+                raise LossScaleExhausted(str(e)) from None
+            raise
         loss_sum += loss.detach().float()
     if _keeps_grad_norm(engine) and engine.get_global_grad_norm() is not None:
         grad_norm = float(engine.get_global_grad_norm())
@@ -415,7 +431,11 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
     engine.train()
     while state.step < t.max_steps:
         started, lr = time.perf_counter(), engine.get_lr()[0]
-        loss_sum, grad_norm = train_step(engine, diffusion, batches, state, t.seed, env)
+        try:
+            loss_sum, grad_norm = train_step(engine, diffusion, batches, state, t.seed, env)
+        except LossScaleExhausted:  # every rank sees the same (all-reduced) overflow and stops here
+            return _diverged(log, cfg, f"step {state.step + 1}: fp16 gradients overflow even at the minimum loss "
+                                       f"scale {_loss_scale(engine)}")
         # One small collective per step: the loss summed over ranks, and whether any rank was signalled.
         poll_stop_signals()
         flags = torch.stack([loss_sum, torch.tensor(float(_stop_requested), device=env.device)])
@@ -427,6 +447,8 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
 
         # fp16: DeepSpeed skipped the step on overflow. bf16/fp32 have no scaler: after a non-finite
         # loss or gradient the weights may be damaged, so neither the EMA nor a checkpoint takes them.
+        if not engine.was_step_applied():
+            grad_norm = None  # skipped (fp16 overflow): DeepSpeed reports inf or the previous step's norm
         applied = engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm or 0.0)
         bad_steps = 0 if applied else bad_steps + 1
         if applied:
@@ -436,9 +458,8 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
                 f"fp16 overflow, step skipped, loss scale now {_loss_scale(engine):g}" if fp16 else "non-finite"))
         log.step(state.step, loss, lr, grad_norm, t.batch_size, time.perf_counter() - started, not applied, engine)
         if bad_steps > t.max_bad_steps:
-            log.message(f"error: {bad_steps} consecutive non-finite steps (train.max_bad_steps={t.max_bad_steps}); "
-                        f"stopping. The last complete checkpoint under {Path(cfg.run.dir) / 'checkpoints'} is intact.")
-            return EXIT_DIVERGED
+            return _diverged(log, cfg, f"{bad_steps} consecutive non-finite steps "
+                                       f"(train.max_bad_steps={t.max_bad_steps})")
 
         if state.step % t.checkpoint_every == 0:  # a fresh stream, so a resume from here skips nothing
             batches = image_stream(cfg, env, engine.train_micro_batch_size_per_gpu(), state.step)
@@ -453,6 +474,12 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
             log.message(f"step {state.step}: stopped on request; exit {REQUEUE_EXIT_CODE} so the job is requeued")
             return REQUEUE_EXIT_CODE
     return 0
+
+
+def _diverged(log: MetricsLog, cfg: Config, reason: str) -> int:
+    log.message(f"error: {reason}; stopping. The last complete checkpoint under "
+                f"{Path(cfg.run.dir) / 'checkpoints'} is intact.")
+    return EXIT_DIVERGED
 
 
 def preview(cfg: Config, ema, diffusion, step: int, env: DistEnv) -> Path:

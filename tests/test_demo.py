@@ -43,7 +43,7 @@ def test_make_demo_small_writes_grid_scores_benchmark_and_reuses_its_work(tmp_pa
     for name, result in scores.items():
         assert result["n_fake"] == 16 and result["features"] == "classifier", name  # never called FID
         assert np.isfinite(result["metrics"]["classifier-FID"]) and 0 <= result["metrics"]["recall"] <= 1
-    sidecars = [json.loads((run / f"{n}.json").read_text()) for n in ("denoiser", "denoiser_model")]
+    sidecars = [json.loads((run / f"{n}.onnx.json").read_text()) for n in ("denoiser", "denoiser_model")]
     assert [s["weights"] for s in sidecars] == ["ema", "model"] and sidecars[0]["step"] == 4
     assert (run / "bench" / "sampler.json").is_file()
     for line in ("grid of faces:", "checkpoint:      " + str(run / "checkpoints" / "step_000000004"),

@@ -172,14 +172,14 @@ def in_process():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_fp16_without_cuda_is_refused_in_one_line(tmp_path, shards16, capsys, in_process):
     from pipeline.train import train
-    status = train(tiny_config(tmp_path, shards16, "train.precision=fp16"))
+    status = train(tiny_config(tmp_path, shards16, "train.precision=fp16", "zero.stage=2"))
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1
     assert "fp16 needs a CUDA GPU" in err and "bf16" in err
     assert not (tmp_path / "run").exists()
     cli = subprocess.run([PYTHON, "-m", "pipeline.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
-                          f"run.dir={tmp_path / 'cli'}", "train.precision=fp16"], cwd=REPO, capture_output=True,
-                         text=True)
+                          f"run.dir={tmp_path / 'cli'}", "train.precision=fp16", "zero.stage=2"], cwd=REPO,
+                         capture_output=True, text=True)
     assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [err], cli.stderr
 
 
