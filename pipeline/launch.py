@@ -38,7 +38,10 @@ def node_address(node: str) -> str:
 
     Not the name itself: on its own node a name may resolve to 127.0.1.1 (Debian's /etc/hosts).
     """
-    out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return node
     found = re.search(r"\bNodeAddr=(\S+)", out.stdout)
     return found.group(1) if out.returncode == 0 and found else node
 

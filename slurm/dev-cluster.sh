@@ -196,7 +196,10 @@ net_up() {
     fi
     for ((k = 1; k <= nodes; k++)); do
         ns=ddpm-node$k
-        [[ -e /run/netns/$ns ]] && continue
+        if [[ -e /run/netns/$ns ]]; then
+            ip link set "ddpm-v$k" up   # it may have been cut by 'fail'
+            continue
+        fi
         ip netns add "$ns"
         ip link add "ddpm-v$k" type veth peer name "ddpm-p$k"
         ip link set "ddpm-v$k" master "$BRIDGE" up
@@ -329,8 +332,9 @@ start() {
     done
     [[ $nodes =~ ^[1-9][0-9]?$ && $nodes -le 50 ]] || die "--nodes $nodes: give a number from 1 to 50"
     [[ $(id -u) == 0 ]] || die "needs root (it installs packages, starts daemons, makes namespaces)"
-    if alive slurmctld && [[ -f $DIR/nodes && $(<"$DIR/nodes") != "$nodes" ]]; then
-        die "already running with $(<"$DIR/nodes") node(s); 'stop' it first to start $nodes"
+    if alive slurmctld && [[ ! -f $DIR/nodes || $(<"$DIR/nodes") != "$nodes" ]]; then
+        die "already running with $(cat "$DIR/nodes" 2>/dev/null || echo "another number of") node(s);" \
+            "'stop' it first to start $nodes"
     fi
     install_packages
     mkdir -p "$DIR"/{pids,log,run,state,spool}

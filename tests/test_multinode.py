@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoint import EMA_FILE, complete_checkpoints
 from pipeline.distributed import LaunchError, bind_interface, read_env
+from pipeline.launch import node_address
 from test_slurm import JOB_TIMEOUT_S, TINY, job_env, sacct_states, steps_of, wait_for_job, wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,8 @@ def _two_nodes_missing() -> str | None:
     return None
 
 
-needs_two_nodes = pytest.mark.skipif(_two_nodes_missing() is not None, reason=str(_two_nodes_missing()))
+_MISSING = _two_nodes_missing()
+needs_two_nodes = pytest.mark.skipif(_MISSING is not None, reason=str(_MISSING))
 
 
 # --- binding the right interface (no cluster needed) --------------------------------------------
@@ -71,6 +73,13 @@ def test_bind_interface_picks_the_route_to_master_and_refuses_loopback_across_no
         bind_interface(env, {"SLURM_NNODES": "2"})
     with pytest.raises(LaunchError, match=r"MASTER_ADDR=no-such-node\.invalid does not resolve on "):
         bind_interface(dataclasses.replace(env, master_addr="no-such-node.invalid"), {})
+
+
+@pytest.mark.integration
+@needs_two_nodes
+def test_master_addr_is_the_node_address_slurm_uses():
+    assert node_address("node2") == socket.gethostbyname("node2") != "node2"
+    assert node_address("no-such-node") == "no-such-node"  # unknown to Slurm: the name as given
 
 
 # --- helpers ----------------------------------------------------------------------------------
