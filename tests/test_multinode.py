@@ -126,8 +126,8 @@ def reference(tmp_path_factory, shards) -> Path:
     return run_dir
 
 
-def sbatch(tmp_path: Path, run_dir: Path, shards: Path, *extra: str) -> str:
-    cmd = ["sbatch", "--parsable", *extra, *TWO_NODES, f"--output={tmp_path}/slurm-%j.out", "slurm/train.sh",
+def sbatch(tmp_path: Path, run_dir: Path, shards: Path) -> str:
+    cmd = ["sbatch", "--parsable", *TWO_NODES, f"--output={tmp_path}/slurm-%j.out", "slurm/train.sh",
            "configs/tiny_cpu.yaml", *overrides(run_dir, shards)]
     done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert done.stdout.strip(), done.stderr
@@ -162,9 +162,10 @@ def node_states() -> dict[str, str]:
 @needs_two_nodes
 def test_sbatch_one_rank_per_node_equals_two_processes_on_one(tmp_path, shards, reference):
     run_dir = tmp_path / "run"
-    job_id = sbatch(tmp_path, run_dir, shards, "--wait")
+    job_id = sbatch(tmp_path, run_dir, shards)
+    state = wait_for_job(job_id)  # every 2 s; sbatch --wait polls at growing intervals
     log = job_log(tmp_path, job_id)
-    assert wait_for_job(job_id) == "COMPLETED", log
+    assert state == "COMPLETED", log
 
     # Each rank on its own node, bound to that node's own interface and address.
     for rank, node in enumerate(["node1", "node2"]):
@@ -214,9 +215,10 @@ def test_rank_killed_on_node2_ends_the_job_and_a_resubmission_resumes(tmp_path, 
     # Resubmitted, the same command resumes from the newest complete checkpoint and finishes.
     resumed = steps_of(complete_checkpoints(run_dir))[-1]
     assert resumed >= CHECKPOINT_EVERY
-    again = sbatch(tmp_path, run_dir, shards, "--wait")
+    again = sbatch(tmp_path, run_dir, shards)
+    state = wait_for_job(again)
     log = job_log(tmp_path, again)
-    assert wait_for_job(again) == "COMPLETED", log
+    assert state == "COMPLETED", log
     assert f"resumed from {run_dir}/checkpoints/step_{resumed:09d}" in log
     assert_same_training(run_dir, reference, log)
 
