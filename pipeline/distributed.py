@@ -80,9 +80,6 @@ def read_env(environ=os.environ, cuda: bool | None = None) -> DistEnv:
     return DistEnv(rank, local_rank, world_size, master_addr, master_port, "nccl" if cuda else "gloo", device)
 
 
-SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
-
-
 def interface_towards(master_addr: str) -> tuple[str, str, str]:
     """(master IPv4, this host's source address, its interface) for traffic to master_addr."""
     import psutil  # a DeepSpeed dependency
@@ -153,10 +150,11 @@ def import_deepspeed():
 def init(env: DistEnv, timeout_minutes: float = 30.0):
     """Start the process group and DeepSpeed's view of it. Returns the deepspeed module.
 
-    A rank whose peer died learns it at once when the peer's sockets close (gloo raises
-    "Connection closed by peer"); a peer that vanished without closing them (node crash, cut
-    link) holds the collectives until timeout_minutes, unless the launcher ends the job first
-    (Slurm: SlurmdTimeout marks the node down and kills the job; srun --wait; torchrun's agent).
+    A rank whose peer died learns it at its next collective, when the peer's sockets close
+    (gloo: "Read error ... Connection reset by peer"); a peer that vanished without closing them
+    (node crash, cut link) holds the collectives until timeout_minutes, unless the launcher ends
+    the job first (Slurm: SlurmdTimeout marks the node down and kills the job; srun --wait;
+    torchrun's agent).
     """
     # DeepSpeed and torch's env:// rendezvous read these, whichever launcher set the job up.
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
