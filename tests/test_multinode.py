@@ -52,8 +52,14 @@ def _two_nodes_missing() -> str | None:
     return None
 
 
-_MISSING = _two_nodes_missing()
-needs_two_nodes = pytest.mark.skipif(_MISSING is not None, reason=str(_MISSING))
+@pytest.fixture(scope="module")
+def two_nodes():
+    reason = _two_nodes_missing()
+    if reason:
+        pytest.skip(reason)
+
+
+needs_two_nodes = pytest.mark.usefixtures("two_nodes")
 
 
 # --- binding the right interface (no cluster needed) --------------------------------------------
