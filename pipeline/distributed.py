@@ -4,9 +4,18 @@ Rank, local rank and world size come from torchrun's variables (RANK, LOCAL_RANK
 or Slurm's (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS); the rendezvous address from
 MASTER_ADDR / MASTER_PORT, which the batch script exports. DeepSpeed's own launcher is not
 needed. Without CUDA, DeepSpeed is pointed at its CPU accelerator and gloo.
+
+Across nodes, each rank must also tell the others an address they can reach. Left alone, gloo
+advertises whatever this host's name resolves to, which on many machines (Debian's /etc/hosts)
+is 127.0.1.1: the rendezvous works, then `connectFullMesh` fails with "Connection refused,
+remote=[127.0.0.1]". So before the process group forms, GLOO_SOCKET_IFNAME and
+NCCL_SOCKET_IFNAME are set to the interface this host uses to reach MASTER_ADDR (on the master
+node itself: the interface that holds that address), unless the user set them already.
+How long a rank waits for a dead peer: see `init`.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -88,6 +97,54 @@ def accelerator_mismatch(environ, cuda: bool) -> str | None:
     return None
 
 
+def interface_towards(master_addr: str) -> tuple[str, str, str]:
+    """(master IPv4, this host's source address, its interface) for traffic to master_addr."""
+    import psutil  # a DeepSpeed dependency
+
+    try:
+        master_ip = socket.gethostbyname(master_addr)
+    except OSError as e:
+        raise LaunchError(f"MASTER_ADDR={master_addr} does not resolve on {node_name()}: {e}") from None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((master_ip, 9))  # a UDP connect sends nothing: the kernel only picks the route
+        except OSError as e:
+            raise LaunchError(f"MASTER_ADDR={master_addr} ({master_ip}): no route from {node_name()}: {e}") from None
+        source = s.getsockname()[0]
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == source for a in addrs):
+            return master_ip, source, name
+    raise LaunchError(f"no interface of {node_name()} holds {source}, its address towards MASTER_ADDR={master_addr}")
+
+
+def node_name() -> str:
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def spans_nodes(environ, world_size: int) -> bool:
+    """Whether the job's ranks sit on more than one node, as far as the launcher says."""
+    try:
+        return int(environ.get("SLURM_NNODES", 1)) > 1 or int(environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size
+    except ValueError:
+        return False
+
+
+def bind_interface(env: DistEnv, environ=os.environ) -> str:
+    """Set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (unless set) to the interface towards MASTER_ADDR.
+
+    Returns a line for the log naming the node, the interface and its address.
+    """
+    master_ip, source, ifname = interface_towards(env.master_addr)
+    if ipaddress.ip_address(master_ip).is_loopback and spans_nodes(environ, env.world_size):
+        raise LaunchError(f"MASTER_ADDR={env.master_addr} is {master_ip} on {node_name()}, a loopback address, but "
+                          f"the job spans several nodes: set MASTER_ADDR to the first node's network address")
+    environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
+    environ.setdefault("NCCL_SOCKET_IFNAME", "=" + ifname)  # "=": this name exactly, not a prefix
+    chosen = environ["NCCL_SOCKET_IFNAME" if env.backend == "nccl" else "GLOO_SOCKET_IFNAME"]
+    return (f"rank {env.rank}/{env.world_size} on {node_name()}: {env.backend} on {chosen} ({source}), "
+            f"master {env.master_addr}={master_ip}:{env.master_port}")
+
+
 def import_deepspeed():
     """Import DeepSpeed, first selecting its CPU accelerator when there is no CUDA device.
 
@@ -111,10 +168,19 @@ def import_deepspeed():
 
 
 def init(env: DistEnv, timeout_minutes: float = 30.0):
-    """Start the process group and DeepSpeed's view of it. Returns the deepspeed module."""
+    """Start the process group and DeepSpeed's view of it. Returns the deepspeed module.
+
+    A rank whose peer died learns it at its next collective, when the peer's sockets close
+    (gloo: "Read error ... Connection reset by peer"); a peer that vanished without closing them
+    (node crash, cut link) holds the collectives until timeout_minutes, unless the launcher ends
+    the job first (Slurm: SlurmdTimeout marks the node down and kills the job; srun --wait;
+    torchrun's agent).
+    """
     # DeepSpeed and torch's env:// rendezvous read these, whichever launcher set the job up.
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if env.world_size > 1 and not dist.is_initialized():
+        print(bind_interface(env), flush=True)
     deepspeed = import_deepspeed()
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)

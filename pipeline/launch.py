@@ -1,6 +1,7 @@
 """Submit training to Slurm with submitit: one task per GPU, every task trains, requeued on preemption.
 
     python -m pipeline.launch --config configs/celebahq256.yaml --nodes 2 --gpus-per-node 8 --time 1440
+    python -m pipeline.launch --config configs/tiny_cpu.yaml --nodes 2 --cpus-per-task 1 --wait   (one rank per node)
     python -m pipeline.launch --config configs/tiny_cpu.yaml --local train.max_steps=10
 
 How preemption works: Slurm sends USR1 to every task 120 s before the time limit (or on
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +31,19 @@ SIGNAL_DELAY_S = 120  # seconds between the USR1 warning and the kill; matches s
 def master_port(job_id: str) -> int:
     """A rendezvous port unique to the job and stable across its requeues (as slurm/train.sh)."""
     return 10000 + int(job_id) % 50000
+
+
+def node_address(node: str) -> str:
+    """The node's address as Slurm reaches it (NodeAddr), else its name; as slurm/train.sh.
+
+    Not the name itself: on its own node a name may resolve to 127.0.1.1 (Debian's /etc/hosts).
+    """
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return node
+    found = re.search(r"\bNodeAddr=(\S+)", out.stdout)
+    return found.group(1) if out.returncode == 0 and found else node
 
 
 class Train(submitit.helpers.Checkpointable):
@@ -44,7 +60,7 @@ class Train(submitit.helpers.Checkpointable):
             env = submitit.JobEnvironment()
             os.environ.update(
                 RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
-                MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(master_port(env.raw_job_id)),
+                MASTER_ADDR=node_address(env.hostnames[0]), MASTER_PORT=str(master_port(env.raw_job_id)),
             )
         status = train.main(self.argv)
         if not in_slurm:  # --local: the caller gets the exit status (REQUEUE_EXIT_CODE: run it again)

@@ -90,8 +90,11 @@ def catch_stop_signals():
 
 def poll_stop_signals() -> None:
     if STOP_SIGNALS & signal.sigpending():
-        while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:
-            pass
+        received = set()
+        while (info := signal.sigtimedwait(STOP_SIGNALS, 0)) is not None:
+            received.add(signal.Signals(info.si_signo).name)
+        # A line from every rank: across nodes, the log shows which ranks the signal reached.
+        print(f"rank {os.environ.get('RANK', '0')}: {', '.join(sorted(received))} received", flush=True)
         request_stop()
 
 

@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster (with accounting) on this machine, for development and CI.
+# A Slurm cluster of one or more nodes (with accounting) on this machine, for development and CI.
 #
-#   bash slurm/dev-cluster.sh start    # install if missing, start, wait for the node to be idle
-#   bash slurm/dev-cluster.sh status   # daemons, sinfo
-#   bash slurm/dev-cluster.sh stop     # end the daemons this script started (by pid)
+#   bash slurm/dev-cluster.sh start [--nodes N]   # install if missing, start, wait for N idle nodes (default 1)
+#   bash slurm/dev-cluster.sh status              # daemons, each node's address, sinfo
+#   bash slurm/dev-cluster.sh stop                # end what this script started, remove its network
+#   bash slurm/dev-cluster.sh fail NODE           # a crash: cut NODE's link, kill -9 all that runs on it
+#   bash slurm/dev-cluster.sh restore NODE        # reconnect NODE and start its slurmd again
+#
+# Each node is a network namespace (ddpm-node1, ...) with one interface, eth0, on a private
+# bridge: $SUBNET.0/24 (ddpm-br0, the controller at .1, node K at .(10+K)), no route off the
+# machine. Its slurmd is started inside with `nsenter --net` (not `ip netns exec`, which
+# remounts /sys and hides the cgroup tree), so what a job starts there (srun tasks, gloo or
+# NCCL sockets) sees only that node's address, as on separate machines; files, users and the
+# hostname are shared. Node names resolve through a block in /etc/hosts, removed on stop.
 #
 # Service scripts may be blocked (containers, CI), so every daemon is started directly
 # in the foreground mode, backgrounded in its own session, and its pid recorded under
@@ -15,8 +24,13 @@ DIR=${DEV_CLUSTER_DIR:-/tmp/ddpm-slurm}
 CONF_DIR=/etc/slurm                # where sbatch/srun/sacct look without SLURM_CONF
 CLUSTER=${DEV_CLUSTER_NAME:-ddpm-dev}
 DB_PORT=${DEV_CLUSTER_DB_PORT:-16033}
+SUBNET=${DEV_CLUSTER_SUBNET:-10.213.7}   # first three octets of the nodes' private /24
+BRIDGE=ddpm-br0
+CTL_ADDR=$SUBNET.1
 MARK="# written by slurm/dev-cluster.sh"
-DAEMONS=(mariadbd munged slurmdbd slurmctld slurmd)   # start order; stop runs it backwards
+HOSTS_BEGIN="# begin: node names of slurm/dev-cluster.sh"
+HOSTS_END="# end: node names of slurm/dev-cluster.sh"
+DAEMONS=(mariadbd munged slurmdbd slurmctld)   # start order, then one slurmd per node; stop runs it backwards
 
 die() { echo "dev-cluster: $*" >&2; exit 1; }
 log() { echo "dev-cluster: $*" >&2; }
@@ -24,12 +38,26 @@ log() { echo "dev-cluster: $*" >&2; }
 # --- pids ---------------------------------------------------------------------------------
 
 # A recorded pid counts only while it is alive AND still that daemon (pids get reused).
+# Names are the daemon's (slurmctld) or daemon-node (slurmd-node2).
 alive() {
     local pidfile=$DIR/pids/$1 pid
     [[ -f $pidfile ]] || return 1
     pid=$(<"$pidfile")
     [[ -n $pid && -r /proc/$pid/comm ]] || return 1
-    [[ $(</proc/"$pid"/comm) == "$1"* ]]
+    [[ $(</proc/"$pid"/comm) == "${1%%-*}"* ]]
+}
+
+# stop_daemon NAME: TERM, up to 30 s to exit, then KILL; forget its pid.
+stop_daemon() {
+    local pid
+    if alive "$1"; then
+        pid=$(<"$DIR/pids/$1")
+        log "stopping $1 (pid $pid)"
+        kill -TERM "$pid"
+        for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+    fi
+    rm -f "$DIR/pids/$1"
 }
 
 # spawn NAME CMD...: run CMD detached from this shell's session, record its pid.
@@ -77,8 +105,9 @@ write_conf() {
     mv -f "$tmp" "$path"
 }
 
+# write_configs N: slurm.conf for N nodes, slurmdbd.conf.
 write_configs() {
-    local host cpus mem
+    local nodes=$1 host cpus mem k
     host=$(hostname -s)
     cpus=$(nproc)
     # RealMemory must not exceed what slurmd finds, or the node is drained: keep 5% back.
@@ -89,7 +118,7 @@ write_configs() {
     write_conf "$CONF_DIR/slurm.conf" 644 <<EOF
 $MARK (Slurm $(slurmd -V | awk '{print $2}'))
 ClusterName=$CLUSTER
-SlurmctldHost=localhost
+SlurmctldHost=$host($CTL_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -97,11 +126,12 @@ AuthType=auth/munge
 AuthInfo=cred_expire=10
 MpiDefault=none
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+# %n: the node's name; every slurmd of this machine needs its own.
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 # No cgroups here (containers, CI): track processes through /proc, no task binding.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -111,7 +141,8 @@ SelectTypeParameters=CR_Core
 MailProg=/bin/true
 # submitit's job.result() and the tests read job states from sacct.
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+# The bridge address, so that sacct also works inside a job (in a node's namespace).
+AccountingStorageHost=$CTL_ADDR
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
 # Preempted or signalled jobs requeue themselves (scontrol requeue).
@@ -121,8 +152,13 @@ MinJobAge=30
 KillWait=30
 ReturnToService=2
 SlurmctldTimeout=60
-SlurmdTimeout=60
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+# A node that does not answer for this long is DOWN and its jobs end (NODE_FAIL; requeued if
+# they allow it). Real clusters use 300; 30 lets a test see a node crash within a minute.
+SlurmdTimeout=30
+# Every node sees the whole machine: the nodes share its cores and memory.
+$(for ((k = 1; k <= nodes; k++)); do
+    echo "NodeName=node$k NodeAddr=$(node_addr $k) CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+done)
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 
@@ -140,6 +176,77 @@ StorageUser=slurm
 StoragePass=$(<"$DIR/db.pass")
 StorageLoc=slurm_acct_db
 EOF
+}
+
+# --- network: a bridge, one namespace per node, names in /etc/hosts -----------------------
+
+node_addr() { echo "$SUBNET.$((10 + $1))"; }
+node_number() { [[ $1 =~ ^node([0-9]+)$ ]] || die "no such node: $1 (nodes are node1, node2, ...)"; echo "${BASH_REMATCH[1]}"; }
+
+net_up() {
+    local nodes=$1 k ns
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        # Never shadow a network this machine already uses.
+        if ip -4 route show | grep -q "^$SUBNET\.0/24 "; then
+            die "$SUBNET.0/24 is already routed here; choose another with DEV_CLUSTER_SUBNET=a.b.c"
+        fi
+        ip link add "$BRIDGE" type bridge
+        ip addr add "$CTL_ADDR/24" dev "$BRIDGE"
+        ip link set "$BRIDGE" up
+    fi
+    for ((k = 1; k <= nodes; k++)); do
+        ns=ddpm-node$k
+        if [[ -e /run/netns/$ns ]]; then
+            ip link set "ddpm-v$k" up   # it may have been cut by 'fail'
+            continue
+        fi
+        ip netns add "$ns"
+        ip link add "ddpm-v$k" type veth peer name "ddpm-p$k"
+        ip link set "ddpm-v$k" master "$BRIDGE" up
+        ip link set "ddpm-p$k" netns "$ns"
+        # eth0 on every node, as on a real cluster: one GLOO/NCCL_SOCKET_IFNAME fits all.
+        ip -n "$ns" link set "ddpm-p$k" name eth0
+        ip -n "$ns" addr add "$(node_addr "$k")/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" link set lo up
+    done
+}
+
+# Kill what still runs in the namespaces (job steps outlive slurmd), then remove them.
+net_down() {
+    local ns pids
+    for ns in $(ip netns list | awk '/^ddpm-node[0-9]+/ {print $1}'); do
+        pids=$(ip netns pids "$ns" || true)
+        if [[ -n $pids ]]; then
+            log "killing what still runs on ${ns#ddpm-}: $(echo $pids)"
+            kill -KILL $pids 2>/dev/null || true
+        fi
+        ip netns del "$ns"   # takes the veth pair with it
+    done
+    if ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link del "$BRIDGE"
+    fi
+}
+
+# /etc/hosts without our block (exact lines, no patterns).
+hosts_without_ours() {
+    awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b {skip = 1; next} $0 == e {skip = 0; next} !skip' /etc/hosts
+}
+
+# /etc/hosts is often a bind mount (containers), which a rename cannot replace: it is rewritten
+# in place, from text built (and checked) before the file is opened.
+hosts_write() {
+    local nodes=$1 k base block=$HOSTS_BEGIN
+    base=$(hosts_without_ours)
+    for ((k = 1; k <= nodes; k++)); do block+=$'\n'"$(node_addr "$k") node$k"; done
+    printf '%s\n%s\n%s\n' "$base" "$block" "$HOSTS_END" >/etc/hosts
+}
+
+hosts_remove() {
+    local base
+    grep -qxF "$HOSTS_BEGIN" /etc/hosts || return 0
+    base=$(hosts_without_ours)
+    printf '%s\n' "$base" >/etc/hosts
 }
 
 # --- daemons ------------------------------------------------------------------------------
@@ -205,49 +312,97 @@ start_slurmctld() {
     wait_for "slurmctld" 60 scontrol ping
 }
 
+# start_slurmd NODE: its slurmd inside its namespace (nsenter execs it: the pid is slurmd's).
 start_slurmd() {
-    spawn slurmd slurmd -D
+    mkdir -p "$DIR/spool/$1"
+    spawn "slurmd-$1" nsenter --net="/run/netns/ddpm-$1" slurmd -D -N "$1"
 }
 
-node_idle() { sinfo -h -N -o '%T' | grep -qE '^(idle|mixed|allocated)'; }
+# nodes_idle N: all N nodes registered and usable.
+nodes_idle() { (($(sinfo -h -N -o '%T' | grep -cE '^(idle|mixed|allocated)') >= $1)); }
 
 start() {
-    [[ $(id -u) == 0 ]] || die "needs root (it installs packages and starts daemons)"
+    local nodes=1 k
+    while (($#)); do
+        case $1 in
+            --nodes) nodes=${2:-}; shift 2 || die "--nodes needs a number" ;;
+            --nodes=*) nodes=${1#--nodes=}; shift ;;
+            *) die "start: unknown argument '$1' (usage: start [--nodes N])" ;;
+        esac
+    done
+    [[ $nodes =~ ^[1-9][0-9]?$ && $nodes -le 50 ]] || die "--nodes $nodes: give a number from 1 to 50"
+    [[ $(id -u) == 0 ]] || die "needs root (it installs packages, starts daemons, makes namespaces)"
+    if alive slurmctld && [[ ! -f $DIR/nodes || $(<"$DIR/nodes") != "$nodes" ]]; then
+        die "already running with $(cat "$DIR/nodes" 2>/dev/null || echo "another number of") node(s);" \
+            "'stop' it first to start $nodes"
+    fi
     install_packages
     mkdir -p "$DIR"/{pids,log,run,state,spool}
+    echo "$nodes" >"$DIR/nodes"
     [[ -s $DIR/db.pass ]] || (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$DIR/db.pass")
-    write_configs
+    net_up "$nodes"
+    hosts_write "$nodes"
+    write_configs "$nodes"
     for d in "${DAEMONS[@]}"; do
         if alive "$d"; then continue; fi
         log "starting $d"
         "start_$d"
     done
+    for ((k = 1; k <= nodes; k++)); do
+        alive "slurmd-node$k" && continue
+        log "starting slurmd on node$k ($(node_addr "$k"), namespace ddpm-node$k)"
+        start_slurmd "node$k"
+    done
     # A node that was DOWN in saved state (e.g. after an unclean stop) is brought back.
-    wait_for "the node to register" 60 sinfo -h -N
+    wait_for "the nodes to register" 60 sinfo -h -N
     if sinfo -h -N -o '%T' | grep -qE 'down|drain'; then
-        scontrol update NodeName="$(hostname -s)" State=RESUME >/dev/null 2>&1 || true
+        scontrol update NodeName="node[1-$nodes]" State=RESUME >/dev/null 2>&1 || true
     fi
-    wait_for "the node to be idle (sinfo)" 90 node_idle
-    log "up: $(sinfo -h -N -o '%N %T %c CPUs %m MB') (state and logs in $DIR)"
+    wait_for "$nodes node(s) to be idle (sinfo)" 90 nodes_idle "$nodes"
+    log "up: $(sinfo -h -N -o '%N %T' | tr '\n' ' ')(state and logs in $DIR)"
 }
 
 stop() {
-    local i d pid
-    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
-        d=${DAEMONS[i]}
-        if alive "$d"; then
-            pid=$(<"$DIR/pids/$d")
-            log "stopping $d (pid $pid)"
-            kill -TERM "$pid"
-            for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-            kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-        fi
-        rm -f "$DIR/pids/$d"
+    local i pidfile
+    # The nodes first (slurmd-node*, and a one-node cluster's "slurmd" of older versions).
+    for pidfile in "$DIR"/pids/slurmd-* "$DIR"/pids/slurmd; do
+        if [[ -e $pidfile ]]; then stop_daemon "$(basename "$pidfile")"; fi
     done
+    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
+        stop_daemon "${DAEMONS[i]}"
+    done
+    net_down
+    hosts_remove
+    rm -f "$DIR/nodes"
+}
+
+# fail NODE: what a crash or a pulled cable looks like to the others. The link goes first, so
+# not even the kernel's closing of the dead processes' sockets reaches the other nodes.
+fail() {
+    local node=${1:-} k pids
+    k=$(node_number "$node")
+    [[ -e /run/netns/ddpm-$node ]] || die "$node is not a node of this cluster"
+    ip link set "ddpm-v$k" down
+    pids=$(ip netns pids "ddpm-$node" || true)
+    [[ -n $pids ]] && kill -KILL $pids 2>/dev/null || true
+    rm -f "$DIR/pids/slurmd-$node"
+    log "$node: link cut, killed $(echo $pids | wc -w) process(es) (slurmd and any job steps)"
+}
+
+restore() {
+    local node=${1:-} k
+    k=$(node_number "$node")
+    [[ -e /run/netns/ddpm-$node ]] || die "$node is not a node of this cluster"
+    ip link set "ddpm-v$k" up
+    if ! alive "slurmd-$node"; then
+        start_slurmd "$node"
+    fi
+    log "$node: link up, slurmd started (ReturnToService=2 makes it usable once it registers)"
 }
 
 status() {
-    local rc=0
+    local rc=0 k nodes=0
+    [[ -f $DIR/nodes ]] && nodes=$(<"$DIR/nodes")
     for d in "${DAEMONS[@]}"; do
         if alive "$d"; then
             echo "$d: running (pid $(<"$DIR/pids/$d"))"
@@ -257,13 +412,23 @@ status() {
             echo "$d: stopped"; rc=1
         fi
     done
-    ((rc == 0)) && sinfo -N
+    for ((k = 1; k <= nodes; k++)); do
+        if alive "slurmd-node$k"; then
+            echo "slurmd node$k: running (pid $(<"$DIR/pids/slurmd-node$k"), $(node_addr "$k") in namespace ddpm-node$k)"
+        else
+            echo "slurmd node$k: stopped"; rc=1
+        fi
+    done
+    ((nodes > 0)) || { echo "no nodes (not started)"; rc=1; }
+    alive slurmctld && sinfo -N -o '%N %.6D %P %T %c %m'
     return $rc
 }
 
 case ${1:-} in
-    start) start ;;
+    start) shift; start "$@" ;;
     stop) stop ;;
     status) status ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    fail) fail "${2:-}" ;;
+    restore) restore "${2:-}" ;;
+    *) echo "usage: $0 start [--nodes N] | stop | status | fail NODE | restore NODE" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@
 #
 #   sbatch slurm/train.sh configs/celebahq256.yaml [key=value ...]
 #   sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 slurm/train.sh configs/celebahq256.yaml
+#   sbatch --nodes=2 --ntasks-per-node=1 --cpus-per-task=1 slurm/train.sh configs/tiny_cpu.yaml   (dev cluster)
 #
 # Options on the sbatch line override the defaults below. Submit from the repository
 # root (logs/ is relative to it). 120 s before the time limit (or on `scancel --signal=USR1`)
@@ -35,8 +36,10 @@ if [[ -f ${DDPM_VENV:-.venv}/bin/activate ]]; then
     source "${DDPM_VENV:-.venv}/bin/activate"
 fi
 
-# Rendezvous for torch.distributed: the first node's address, a port unique to the job
-# (stable across requeues, so a restarted job finds the same port free again).
+# Rendezvous for torch.distributed: the first node's address as Slurm reaches it (NodeAddr;
+# its name may resolve to 127.0.1.1 on that node), a port unique to the job (stable across
+# requeues, so a restarted job finds the same port free again). Each rank then binds gloo/NCCL
+# to its interface towards this address (pipeline/distributed.py; GLOO/NCCL_SOCKET_IFNAME win).
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_ADDR=$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 export MASTER_ADDR=${MASTER_ADDR:-$first_node}
@@ -55,7 +58,8 @@ echo "train.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_
 # --wait=60, not --kill-on-bad-exit: after a USR1 checkpoint every rank exits with the requeue
 # status within moments of the others, and killing the slower ones would turn that status
 # into 143. A rank that crashes still takes the others down, 60 s later, instead of leaving
-# them blocked in a collective until the process-group timeout.
+# them blocked in a collective until the process-group timeout. A node that dies is Slurm's
+# to notice (SlurmdTimeout): the job ends NODE_FAIL and, with --requeue, is requeued.
 srun --wait=60 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     python -m pipeline.train --config "$@"
 status=$?
