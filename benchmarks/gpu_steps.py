@@ -35,13 +35,6 @@ def need_cuda() -> None:
         raise Skipped("no CUDA device")
 
 
-def sampling_core():
-    """The one sampling loop: pipeline.sampling once it has moved there in this checkout, else
-    export.sampler (asked by file: an editable install elsewhere could answer the import)."""
-    moved = (REPO / "pipeline" / "sampling.py").is_file()
-    return importlib.import_module("pipeline.sampling" if moved else "export.sampler")
-
-
 def installed(module: str, *dists: str) -> str:
     """The version of the first of `dists` installed, 'present' for an undistributed module, or 'absent'."""
     import importlib.metadata
@@ -318,7 +311,7 @@ def sampling(p: dict, work: Path) -> dict:
     """p: backend, config, batches, samplers [[name, steps], ...]. Whole sampling runs through the
     one sampling loop: network evaluations per second and images per second."""
     from benchmarks import artifacts
-    core = sampling_core()
+    core = importlib.import_module("pipeline.sampling")
     cfg = artifacts.config(p["config"])
     denoiser, batches = _denoiser(p["backend"], artifacts.random_checkpoint(cfg), cfg, p)
     rows, data = [], []

@@ -5,7 +5,7 @@
 1. One denoiser evaluation (B images at one timestep) through `export.backends.OrtDenoiser` (the
    backend `export.sample` uses), the U-Net in torch eager (tensors in, tensors out: the baseline is
    not charged for NumPy conversions) and, where TensorRT and a GPU are present, `TrtDenoiser`.
-2. The NumPy DDIM loop's overhead: a whole `export.sampler.generate` run with the network calls
+2. The NumPy sampling loop's overhead: a whole `pipeline.sampling.generate` run with the network calls
    timed inside it; overhead = (total - sum of network time) / total.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ PLAN = {
              "cuda": [("tiny_cpu", [1, 16, 64]), ("celebahq64", [1, 16, 64]), ("celebahq256", [1, 4, 16])]},
 }
 TARGET_BATCH = 16                       # the batch export.sample uses by default
-LOOP = {"quick": ("tiny_cpu", 4, 10, 2), "full": ("tiny_cpu", 16, 50, 3)}  # config, batch, DDIM steps, runs
+LOOP = {"quick": ("tiny_cpu", 4, 10, 2), "full": ("tiny_cpu", 16, 50, 3)}  # config, batch, steps, runs
 SECONDS_PER_CASE = {"quick": 2.0, "full": 20.0}
 
 METHOD = """
@@ -39,7 +39,7 @@ included. On CPU a fourth column is a candidate improvement of ours: an ORT sess
 fixed (`add_free_dimension_override_by_name`), one per batch size. All backends run the same random weights. After one warm-up call each, rounds alternate their order;
 the repeat count is chosen so each case takes a few seconds. The speed-up is the median of per-round ratios.
 
-**Loop overhead.** `export.sampler.generate` (DDIM, eta 0, the sampler `export.sample` runs) over an ORT
+**Loop overhead.** `pipeline.sampling.generate` (the default sampler `export.sample` runs) over an ORT
 denoiser wrapped in a timer; overhead = (wall time of the whole run - time inside the network calls) / wall
 time. It includes the initial noise, the per-step schedule arithmetic, and the uint8 conversion.
 """
@@ -183,26 +183,27 @@ def auto_repeats(seconds_per_round: float, budget: float, lo: int = 3, hi: int =
 
 
 def loop_overhead(args, progress) -> dict:
-    """Share of a whole DDIM run spent outside the network calls (ORT backend)."""
+    """Share of a whole run of the default sampler spent outside the network calls (ORT backend)."""
     from export.backends import OrtDenoiser
-    from export.sampler import generate
+    from pipeline.sampling import DEFAULT_SAMPLER as sampler
+    from pipeline.sampling import generate
     name, batch, steps, runs = LOOP["quick" if args.quick else "full"]
     cfg = artifacts.config(name)
     cuda = args.device.startswith("cuda")
     denoiser = OrtDenoiser(artifacts.onnx_model(cfg, fp16=cuda), provider="cuda" if cuda else "cpu",
                            threads=args.threads)
-    generate(denoiser, batch, batch=batch, sampler="ddim", steps=2, seed=0)  # warm-up
-    progress.describe(f"sampler: loop overhead, {name} DDIM-{steps} batch {batch}")
+    generate(denoiser, batch, batch=batch, sampler=sampler, steps=2, seed=0)  # warm-up
+    progress.describe(f"sampler: loop overhead, {name} {sampler}-{steps} batch {batch}")
     totals, networks = [], []
     for _ in range(runs):
         timed = TimedDenoiser(denoiser)
         start = time.perf_counter()
-        generate(timed, batch, batch=batch, sampler="ddim", steps=steps, seed=0)
+        generate(timed, batch, batch=batch, sampler=sampler, steps=steps, seed=0)
         totals.append(time.perf_counter() - start)
         networks.append(timed.seconds)
         progress.update()
     shares = [(total - net) / total for total, net in zip(totals, networks)]
-    return {"config": name, "batch": batch, "sampler": "ddim", "steps": steps, "backend": denoiser.name,
+    return {"config": name, "batch": batch, "sampler": sampler, "steps": steps, "backend": denoiser.name,
             "total_seconds": common.summarize(totals), "network_seconds": common.summarize(networks),
             "overhead_share": common.summarize(shares),
             "overhead_ms_per_step": common.summarize([1e3 * (t - n) / steps for t, n in zip(totals, networks)])}
@@ -331,7 +332,7 @@ def report(result: dict, out_dir: Path) -> None:
                 trt["median"] if trt else None, 2.5, ">=", detail="" if trt else "; ".join(result["notes"])))
     loop = res["loop"]
     result["tables"].append(common.table(
-        f"NumPy loop overhead: DDIM-{loop['steps']}, {loop['config']}, batch {loop['batch']}, {loop['backend']}",
+        f"NumPy loop overhead: {loop['sampler']}-{loop['steps']}, {loop['config']}, batch {loop['batch']}, {loop['backend']}",
         ["total s", "in network s", "overhead share", "overhead ms/step"],
         [[loop["total_seconds"]["median"], loop["network_seconds"]["median"], _spread(loop["overhead_share"], pct=True),
           loop["overhead_ms_per_step"]["median"]]]))

@@ -1,12 +1,15 @@
 """Image editing on the NumPy sampler: SDEdit, RePaint-style inpainting, and the x0 trajectory.
 
-Built on `export.sampler.sample_loop` (its per-image rngs and its step callback), so like the
-sampler it imports numpy and `pipeline.schedule` only: no torch, no onnx. Images are float32
+Built on `pipeline.sampling.sample_loop` (its per-image rngs and its step callback), so like the
+sampler it imports numpy and `pipeline`'s torch-free core only: no torch, no onnx. Images are float32
 (B, C, H, W) in [-1, 1]; masks are (B, 1, H, W) or (B, H, W) with 1 = keep, 0 = regenerate.
 
-    SDEdit   (Meng et al. 2022): noise the image to t ~ strength * T with q_sample, then denoise.
+    SDEdit   (Meng et al. 2022): noise the image to t0 ~ strength * T with q_sample, then denoise
+             with any sampler from t0 (the multistep solvers start their history there).
     RePaint  (Lugmayr et al. 2022): after every step paste the known region, forward-noised to
              the new noise level; optionally re-noise one step back and redo it (`resample`).
+             Step-by-step samplers only (DDPM, DDIM): the paste changes x between steps, which
+             a multistep solver's history of earlier predictions would not know about.
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ from typing import Callable
 
 import numpy as np
 
-from export.sampler import StepCoefficients, image_rngs, initial_noise, sample_loop, sampler_timesteps
+from pipeline.sampling import (DEFAULT_SAMPLER, DEFAULT_SPACING, STOCHASTIC_SAMPLERS, Step, image_rngs,
+                               initial_noise, sample_loop, sampler_timesteps)
 
-# callback(i, coef, x, x0) after step i, as in `sample_loop`; x0 is that step's prediction.
-Callback = Callable[[int, StepCoefficients, np.ndarray, np.ndarray], None]
+# callback(i, step, x, x0) after step i, as in `sample_loop`; x0 is that step's prediction.
+Callback = Callable[[int, Step, np.ndarray, np.ndarray], None]
 
 
 def _check_images(images: np.ndarray, info) -> np.ndarray:
@@ -28,8 +32,8 @@ def _check_images(images: np.ndarray, info) -> np.ndarray:
     return images
 
 
-def sdedit(denoiser, images: np.ndarray, strength: float, *, sampler: str = "ddim", steps: int | None = None,
-           eta: float = 0.0, spacing: str = "leading", seed: int = 0, first: int = 0,
+def sdedit(denoiser, images: np.ndarray, strength: float, *, sampler: str = DEFAULT_SAMPLER,
+           steps: int | None = None, eta: float = 0.0, spacing: str = DEFAULT_SPACING, seed: int = 0, first: int = 0,
            callback: Callback | None = None) -> np.ndarray:
     """Re-imagine images (B,C,H,W) in [-1,1]; strength in [0,1] is the fraction of the chain re-run.
 
@@ -62,13 +66,17 @@ def _keep_mask(mask: np.ndarray, images: np.ndarray) -> np.ndarray:
     return mask > 0.5
 
 
-def inpaint(denoiser, images: np.ndarray, mask: np.ndarray, *, sampler: str = "ddim", steps: int | None = None,
-            eta: float = 0.0, spacing: str = "leading", seed: int = 0, first: int = 0, resample: int = 1,
+def inpaint(denoiser, images: np.ndarray, mask: np.ndarray, *, sampler: str = "ddpm", steps: int | None = None,
+            eta: float = 0.0, spacing: str = DEFAULT_SPACING, seed: int = 0, first: int = 0, resample: int = 1,
             callback: Callback | None = None) -> np.ndarray:
     """Regenerate where mask == 0 and keep the rest: (B,C,H,W) float32, kept pixels equal to `images`.
 
-    resample: how often each step is done (RePaint's jumps of length 1); 1 = plain paste-in.
+    sampler: ddpm or ddim (see the module docstring). resample: how often each step is done
+    (RePaint's jumps of length 1); 1 = plain paste-in.
     """
+    if sampler not in STOCHASTIC_SAMPLERS:
+        raise ValueError(f"inpainting pastes the known region between steps: use {' or '.join(STOCHASTIC_SAMPLERS)}, "
+                         f"not {sampler!r}")
     if resample < 1:
         raise ValueError(f"resample={resample} must be >= 1")
     images = _check_images(images, denoiser.info)
@@ -102,24 +110,6 @@ def inpaint(denoiser, images: np.ndarray, mask: np.ndarray, *, sampler: str = "d
             callback(i, last["c"], x, np.where(keep, images, last["x0"]))
     np.copyto(x, images, where=keep)
     return x
-
-
-def generate(denoiser, num: int, *, batch: int, sampler: str = "ddim", steps: int | None = None,
-             eta: float = 0.0, spacing: str = "leading", seed: int = 0,
-             callback: Callback | None = None) -> np.ndarray:
-    """`export.sampler.generate` returning float32 (num,C,H,W) and passing the step callback through
-    (called for every chunk). Same seeds and chunking: to_uint8 of this equals `sampler.generate`."""
-    info = denoiser.info
-    schedule = info.schedule()
-    timesteps = sampler_timesteps(schedule, sampler, steps, spacing)
-    shape = (info.channels, info.image_size, info.image_size)
-    out = np.empty((num,) + shape, np.float32)
-    for first in range(0, num, batch):
-        count = min(batch, num - first)
-        rngs = image_rngs(seed, first, count)
-        out[first:first + count] = sample_loop(denoiser, schedule, initial_noise(rngs, shape), timesteps,
-                                               sampler=sampler, eta=eta, rngs=rngs, callback=callback)
-    return out
 
 
 class X0Trajectory:

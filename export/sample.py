@@ -1,7 +1,7 @@
-"""Sample images from an exported denoiser (or a checkpoint) with the NumPy DDPM/DDIM loop.
+"""Sample images from an exported denoiser (or a checkpoint) with the NumPy sampling core.
 
-    python -m export.sample --model denoiser.onnx|denoiser.plan|CKPT_DIR --sampler ddim|ddpm
-        [--steps 50] [--eta 0] [--spacing leading] [--num 64] [--batch 16] [--seed 0]
+    python -m export.sample --model denoiser.onnx|denoiser.plan|CKPT_DIR [--sampler unipc|dpmpp_2m|ddim|ddpm]
+        [--steps N] [--eta 0] [--spacing trailing] [--num 64] [--batch 16] [--seed 0]
         [--provider auto|cuda|cpu] [--threads N] --out grid.png|samples.npz [--grid grid.png]
 
 `.npz` holds `images`, uint8 (N,H,W,C); `.png` is a grid; --grid also draws the first 64 as one.
@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from export.backends import BackendUnavailable, ModelError, load_denoiser
-from export.sampler import SAMPLERS, generate
 from export.sidecar import SidecarError
 from pipeline.fileio import atomic_write_bytes
+from pipeline.sampling import (DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SamplerError,
+                               check_sampler, default_steps, generate, to_uint8)
 from pipeline.schedule import SPACINGS
 
 OUT_SUFFIXES = (".png", ".npz")
@@ -89,10 +90,13 @@ class Progress:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m export.sample", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help=".onnx, .plan/.engine (each with its .json sidecar) or a checkpoint dir")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, help="network evaluations per image (default: ddim 50, ddpm all T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--spacing", choices=SPACINGS, default="leading", help="how respaced steps are chosen")
+    # Checked by check_args (one line naming the flag), not by argparse's choices.
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="|".join(SAMPLERS),
+                   help=f"default {DEFAULT_SAMPLER}: the best score per network call (benchmarks quality)")
+    p.add_argument("--steps", type=int, help="network evaluations per image (default: " + ", ".join(
+        f"{k} {v or 'all T'}" for k, v in DEFAULT_STEPS.items()) + ")")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
+    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SPACING, help="how respaced steps are chosen")
     p.add_argument("--num", type=int, default=64, help="number of images")
     p.add_argument("--batch", type=int, help="images per engine call (default: 16 clamped to the engine's range)")
     p.add_argument("--seed", type=int, default=0)
@@ -107,10 +111,10 @@ def check_args(args, info) -> int:
     """Validate flags against the model; returns the batch size to use."""
     if args.num < 1:
         raise UsageError(f"--num {args.num}: must be >= 1")
-    if args.eta < 0:
-        raise UsageError(f"--eta {args.eta}: must be >= 0")
-    if args.steps is not None and not 1 <= args.steps <= info.num_timesteps:
-        raise UsageError(f"--steps {args.steps}: must be in [1, {info.num_timesteps}] (the model's T)")
+    try:
+        check_sampler(args.sampler, args.steps, args.eta, info.num_timesteps)
+    except SamplerError as e:
+        raise UsageError(f"--{e.name} {getattr(args, e.name)}: {e}") from None
     if args.batch is None:
         batch = max(min(16, info.batch_max or 16), info.batch_min)
     elif not info.accepts_batch(args.batch):
@@ -150,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info = denoiser.info
-    steps = args.steps or (info.num_timesteps if args.sampler == "ddpm" else min(50, info.num_timesteps))
+    steps = args.steps or default_steps(info.schedule(), args.sampler)
     print(f"{args.model}: {info.image_size}px {info.dtype}, batch {info.batch_range()}; running on {denoiser.name}",
           file=sys.stderr)
     progress = Progress(total=math.ceil(args.num / batch) * steps)
     start = time.perf_counter()
-    images = generate(denoiser, args.num, batch=batch, sampler=args.sampler, steps=steps, eta=args.eta,
-                      spacing=args.spacing, seed=args.seed, on_step=progress)
+    images = to_uint8(generate(denoiser, args.num, batch=batch, sampler=args.sampler, steps=steps, eta=args.eta,
+                               spacing=args.spacing, seed=args.seed, callback=lambda *_: progress()))
     seconds = time.perf_counter() - start
     progress.close()
     save_images(images, out)

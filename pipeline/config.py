@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.fileio import atomic_write_text
+from pipeline.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 
 # DeepSpeed 0.19 scales the loss in engine.backward() only for ZeRO optimizers, while its plain fp16
@@ -95,7 +96,8 @@ class EMAConfig:
 class LogConfig:
     every: int = 100
     sample_every: int = 5000
-    sample_steps: int = 25        # DDIM steps for preview grids
+    sample_steps: int = 10        # network calls per preview image
+    sample_sampler: str = DEFAULT_SAMPLER  # any of pipeline.sampling.SAMPLERS
     num_samples: int = 16
     tensorboard: bool = True
 
@@ -216,6 +218,8 @@ def validate(cfg: Config) -> None:
         (cfg.log.sample_every >= 0, "log.sample_every", f"{cfg.log.sample_every} must be >= 0"),
         (1 <= cfg.log.sample_steps <= d.num_timesteps, "log.sample_steps",
          f"{cfg.log.sample_steps} must be in [1, {d.num_timesteps}]"),
+        (cfg.log.sample_sampler in SAMPLERS, "log.sample_sampler",
+         f"{cfg.log.sample_sampler!r} not one of {', '.join(SAMPLERS)}"),
         (cfg.data.num_workers >= 0, "data.num_workers", f"{cfg.data.num_workers} must be >= 0"),
     ]
     resolutions = [m.image_size // 2 ** i for i in range(levels)]

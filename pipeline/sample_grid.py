@@ -1,11 +1,10 @@
-"""Preview grids during training: EMA weights, a few DDIM steps of the NumPy sampler, one PNG.
+"""Preview grids during training: EMA weights through the one sampling core, one PNG.
 
 The noise is the same at every call (fixed seed), so successive grids in run.dir/samples/
-show the same faces taking shape. Previews use eta = 1 (stochastic DDIM): with the
-deterministic eta = 0, a partly trained model leaves visible residual noise in some samples
-after 25 steps, while the fresh noise of each stochastic step washes such errors out.
+show the same faces taking shape. The sampler is `log.sample_sampler` (default: the core's
+default, the best score per network call in `benchmarks quality`).
 
-    python -m pipeline.sample_grid --ckpt runs/demo [--steps 25] [--eta 1] [--num 16] [--out grid.png]
+    python -m pipeline.sample_grid --ckpt runs/demo [--sampler unipc] [--steps 10] [--num 16] [--out grid.png]
 """
 from __future__ import annotations
 
@@ -14,30 +13,40 @@ import io
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.fileio import atomic_write_bytes
-from pipeline.schedule import DiffusionSchedule, sampling_timesteps
+from pipeline.sampling import DEFAULT_SAMPLER, SAMPLERS, SamplerError, check_sampler, generate
+from pipeline.schedule import DiffusionSchedule
 
 NOISE_SEED = 1234
 
 
-@torch.no_grad()
-def ddim_samples(model: torch.nn.Module, schedule: DiffusionSchedule, num: int, steps: int, eta: float = 1.0,
-                 seed: int = NOISE_SEED, device: torch.device | str = "cpu") -> np.ndarray:
-    """DDIM from x_T ~ N(0, I), all noise from `seed` -> (num, C, H, W) float64 in [-1, 1]."""
+class ModelDenoiser:
+    """A torch U-Net as a sampling-core denoiser: numpy (x, t) in, numpy model output out."""
+
+    info = SimpleNamespace(batch_min=1, batch_max=None)
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu"):
+        self.model, self.device = model, torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        out = self.model(torch.from_numpy(x).to(self.device), torch.from_numpy(t).to(self.device))
+        return out.float().cpu().numpy()
+
+
+def model_samples(model: torch.nn.Module, schedule: DiffusionSchedule, num: int, steps: int,
+                  sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, seed: int = NOISE_SEED,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """num samples of a torch model from the core's per-image noise -> (num, C, H, W) float32 in [-1, 1]."""
     cfg = model.cfg
-    rng = np.random.default_rng(seed)
-    shape = (num, cfg.in_channels, cfg.image_size, cfg.image_size)
-    x = rng.standard_normal(shape)
-    timesteps = sampling_timesteps(schedule.num_timesteps, steps, spacing="trailing")  # starts at T-1
-    for t, t_prev in zip(timesteps, list(timesteps[1:]) + [-1]):
-        x_t = torch.from_numpy(x).to(device, torch.float32)
-        model_output = model(x_t, torch.full((num,), int(t), device=device)).double().cpu().numpy()
-        x = schedule.ddim_step(model_output, int(t), int(t_prev), x, eta=eta, noise=rng.standard_normal(shape))
+    x = generate(ModelDenoiser(model, device), num, batch=num, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                 schedule=schedule, shape=(cfg.in_channels, cfg.image_size, cfg.image_size))
     return np.clip(x, -1.0, 1.0)
 
 
@@ -63,12 +72,12 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def save_preview(model: torch.nn.Module, schedule: DiffusionSchedule, run_dir: str | Path, step: int,
-                 num: int, steps: int, device: torch.device | str = "cpu") -> Path:
+                 num: int, steps: int, sampler: str = DEFAULT_SAMPLER, device: torch.device | str = "cpu") -> Path:
     """Draw a grid, write samples/step_XXXXXXXXX.png and samples/grid.png (the latest), atomically."""
     was_training = model.training
     model.eval()
     try:
-        data = png_bytes(to_grid(ddim_samples(model, schedule, num, steps, device=device)))
+        data = png_bytes(to_grid(model_samples(model, schedule, num, steps, sampler, device=device)))
     finally:
         model.train(was_training)
     samples = Path(run_dir) / "samples"
@@ -83,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.diffusion import schedule_from_config
     p = argparse.ArgumentParser(prog="python -m pipeline.sample_grid", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (newest checkpoint)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0, help="0: deterministic DDIM, 1: stochastic (default)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="|".join(SAMPLERS))
+    p.add_argument("--steps", type=int, default=10, help="network calls per image")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 stochastic")
     p.add_argument("--num", type=int, default=16, help="number of images")
     p.add_argument("--seed", type=int, default=NOISE_SEED)
     p.add_argument("--out", default="grid.png")
@@ -95,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     schedule = schedule_from_config(diffusion_cfg)
-    if not 1 <= args.steps <= schedule.num_timesteps:
-        print(f"error: --steps {args.steps} must be in [1, {schedule.num_timesteps}]", file=sys.stderr)
+    try:
+        check_sampler(args.sampler, args.steps, args.eta, schedule.num_timesteps)
+    except SamplerError as e:
+        print(f"error: --{e.name} {getattr(args, e.name)}: {e}", file=sys.stderr)
         return 2
-    images = ddim_samples(model, schedule, args.num, args.steps, eta=args.eta, seed=args.seed)
+    images = model_samples(model, schedule, args.num, args.steps, args.sampler, eta=args.eta, seed=args.seed)
     atomic_write_bytes(args.out, png_bytes(to_grid(images)))
     print(f"wrote {args.out}")
     return 0

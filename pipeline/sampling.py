@@ -49,15 +49,18 @@ class SamplerError(ValueError):
 
 
 def check_sampler(sampler: str, steps: int | None, eta: float, num_timesteps: int) -> None:
-    """Refuse an unknown sampler, steps outside [1, T], or eta where the sampler has none."""
+    """Refuse an unknown sampler, steps outside [1, T], or eta where the sampler has none.
+
+    The message leaves out the value: callers say which flag or key held it.
+    """
     if sampler not in SAMPLERS:
-        raise SamplerError("sampler", f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        raise SamplerError("sampler", f"unknown sampler; expected one of {', '.join(SAMPLERS)}")
     if steps is not None and not 1 <= steps <= num_timesteps:
-        raise SamplerError("steps", f"{steps} must be in [1, {num_timesteps}] (the model's T)")
+        raise SamplerError("steps", f"must be in [1, {num_timesteps}] (the model's T)")
     if eta < 0:
-        raise SamplerError("eta", f"{eta} must be >= 0")
+        raise SamplerError("eta", "must be >= 0")
     if eta and sampler != "ddim":
-        raise SamplerError("eta", f"{eta}: only ddim takes eta ({sampler} has no noise setting)")
+        raise SamplerError("eta", f"only ddim takes eta ({sampler} has no noise setting)")
 
 
 def default_steps(schedule: DiffusionSchedule, sampler: str) -> int:

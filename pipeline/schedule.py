@@ -1,7 +1,8 @@
-"""Diffusion schedule and sampler update rules in plain NumPy (float64).
+"""The diffusion schedule in plain NumPy (float64): betas, the forward process, x0 from a model output.
 
 This module imports no torch: the standalone samplers (ONNX Runtime, TensorRT) run the
-whole reverse process with numpy and the engine alone. Notation follows Ho et al. 2020
+whole reverse process with numpy and the engine alone; the samplers' update rules are in
+`pipeline.sampling`. Notation follows Ho et al. 2020
 and Song et al. 2021 (DDIM); timesteps index the arrays below, 0 <= t < T.
 """
 from __future__ import annotations
@@ -103,57 +104,13 @@ class DiffusionSchedule:
         return (_at(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
                 - _at(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
 
-    def _alpha_bar(self, t, ndim: int) -> np.ndarray:
-        """abar_t, with t < 0 meaning the clean image (abar = 1)."""
-        t = np.asarray(t)
-        padded = np.append(self.alphas_cumprod, 1.0)  # index -1 -> 1.0
-        return _at(padded, np.where(t < 0, -1, t), ndim)
-
-    def predict_x0_and_eps(self, model_output: np.ndarray, t, x_t: np.ndarray):
-        """(x0, eps) implied by the model output at t; x0 clipped when clip_sample is set."""
-        abar = self._alpha_bar(t, x_t.ndim)
+    def predict_x0(self, model_output: np.ndarray, t, x_t: np.ndarray) -> np.ndarray:
+        """The x0 implied by the model output at t (B, ...); clipped when clip_sample is set."""
+        abar = _at(self.alphas_cumprod, t, x_t.ndim)
         if self.prediction_type == "epsilon":
             x0 = (x_t - np.sqrt(1 - abar) * model_output) / np.sqrt(abar)
         elif self.prediction_type == "v_prediction":
             x0 = np.sqrt(abar) * x_t - np.sqrt(1 - abar) * model_output
         else:
             x0 = model_output
-        if self.clip_sample:
-            x0 = np.clip(x0, -self.clip_range, self.clip_range)
-        # eps is re-derived from the (clipped) x0 so both stay on one consistent line.
-        eps = (x_t - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
-        return x0, eps
-
-    def predict_x0(self, model_output: np.ndarray, t, x_t: np.ndarray) -> np.ndarray:
-        return self.predict_x0_and_eps(model_output, t, x_t)[0]
-
-    def ddpm_step(self, model_output: np.ndarray, t: int, x_t: np.ndarray, noise: np.ndarray | None,
-                  t_prev: int | None = None) -> np.ndarray:
-        """One ancestral step x_t -> x_{t_prev} (t_prev defaults to t - 1; respaced when lower)."""
-        t_prev = t - 1 if t_prev is None else t_prev
-        abar_t, abar_prev = self._alpha_bar(t, x_t.ndim), self._alpha_bar(t_prev, x_t.ndim)
-        # The respaced chain has its own betas: beta'_t = 1 - abar_t / abar_prev.
-        beta_t = 1.0 - abar_t / abar_prev
-        x0, _ = self.predict_x0_and_eps(model_output, t, x_t)
-        mean = (np.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 \
-            + (np.sqrt(1 - beta_t) * (1 - abar_prev) / (1 - abar_t)) * x_t
-        if t_prev < 0 or noise is None:
-            return mean
-        if self.variance_type == "fixed_small":
-            variance = np.maximum((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
-        else:
-            variance = beta_t
-        return mean + np.sqrt(variance) * noise
-
-    def ddim_step(self, model_output: np.ndarray, t: int, t_prev: int, x_t: np.ndarray,
-                  eta: float = 0.0, noise: np.ndarray | None = None) -> np.ndarray:
-        """One DDIM step x_t -> x_{t_prev} (eq. 12 of Song et al.); t_prev < 0 steps to x0."""
-        abar_t, abar_prev = self._alpha_bar(t, x_t.ndim), self._alpha_bar(t_prev, x_t.ndim)
-        x0, eps = self.predict_x0_and_eps(model_output, t, x_t)
-        sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
-        x_prev = np.sqrt(abar_prev) * x0 + np.sqrt(np.maximum(1 - abar_prev - sigma ** 2, 0.0)) * eps
-        if eta > 0:
-            if noise is None:
-                raise ValueError("ddim_step with eta > 0 needs noise")
-            x_prev = x_prev + sigma * noise
-        return x_prev
+        return np.clip(x0, -self.clip_range, self.clip_range) if self.clip_sample else x0

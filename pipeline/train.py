@@ -486,12 +486,12 @@ def _diverged(log: MetricsLog, cfg: Config, reason: str) -> int:
 
 
 def preview(cfg: Config, ema, diffusion, step: int, env: DistEnv) -> Path:
-    """EMA samples drawn with the NumPy DDIM loop into run.dir/samples/ (rank 0)."""
+    """EMA samples drawn with the sampling core into run.dir/samples/ (rank 0)."""
     from pipeline.sample_grid import save_preview
     from pipeline.unet import UNet
     model = ema.copy_to(UNet(cfg.model).to(env.device))
     return save_preview(model, diffusion.schedule, cfg.run.dir, step, cfg.log.num_samples, cfg.log.sample_steps,
-                        device=env.device)
+                        cfg.log.sample_sampler, device=env.device)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

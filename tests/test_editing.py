@@ -10,8 +10,7 @@ import pytest
 
 from export import editing
 from export.backends import OrtDenoiser
-from export.sampler import generate as sampler_generate
-from export.sampler import to_uint8
+from pipeline.sampling import generate, to_uint8
 
 THREADS = 2
 STEPS = 10
@@ -76,7 +75,7 @@ def hole_mask(n: int) -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m", "unipc"])
 def test_sdedit_strength_0_returns_the_input(denoiser, sampler):
     images = faces(2)
     counted = Recording(denoiser)
@@ -85,23 +84,25 @@ def test_sdedit_strength_0_returns_the_input(denoiser, sampler):
     assert counted.calls == []
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0),
+                                         ("unipc", 0.0)])
 def test_sdedit_strength_1_is_plain_generation_from_the_same_seed(denoiser, sampler, eta):
     images = faces(3)
     out = editing.sdedit(denoiser, images, 1.0, sampler=sampler, steps=STEPS, eta=eta, seed=7)
-    plain = editing.generate(denoiser, 3, batch=3, sampler=sampler, steps=STEPS, eta=eta, seed=7)
+    plain = generate(denoiser, 3, batch=3, sampler=sampler, steps=STEPS, eta=eta, seed=7)
     np.testing.assert_array_equal(out, plain)
     # ... and the same images `python -m export.sample` would write.
-    np.testing.assert_array_equal(to_uint8(out), sampler_generate(denoiser, 3, batch=2, sampler=sampler,
-                                                                    steps=STEPS, eta=eta, seed=7))
+    np.testing.assert_array_equal(to_uint8(out), to_uint8(generate(denoiser, 3, batch=2, sampler=sampler,
+                                                                   steps=STEPS, eta=eta, seed=7)))
 
 
-def test_sdedit_starts_at_strength_times_T_and_stays_closer_when_weak(denoiser):
+@pytest.mark.parametrize("sampler", ["ddim", "unipc"])
+def test_sdedit_starts_at_strength_times_T_and_stays_closer_when_weak(denoiser, sampler):
     images = faces(2)
     distance = {}
     for strength in (0.2, 0.5, 0.9):
         counted = Recording(denoiser)
-        out = editing.sdedit(counted, images, strength, steps=STEPS, seed=3)
+        out = editing.sdedit(counted, images, strength, sampler=sampler, steps=STEPS, seed=3)
         T = denoiser.info.num_timesteps
         assert len(counted.calls) == round(strength * STEPS)
         assert strength * T - T / STEPS <= counted.calls[0] <= strength * T
@@ -143,13 +144,13 @@ def test_inpaint_with_nothing_kept_is_plain_ddim_generation(denoiser):
     # With eta = 0 the pasted-in noise never reaches the hole: the chain must be generate's own.
     images = faces(2)
     out = editing.inpaint(denoiser, images, np.zeros((2, SIZE, SIZE)), sampler="ddim", steps=STEPS, seed=4)
-    np.testing.assert_array_equal(out, editing.generate(denoiser, 2, batch=2, sampler="ddim", steps=STEPS, seed=4))
+    np.testing.assert_array_equal(out, generate(denoiser, 2, batch=2, sampler="ddim", steps=STEPS, seed=4))
 
 
 def test_trajectory_records_x0_every_k_steps_and_ends_on_the_result(denoiser):
     ticks = []
     recorder = editing.X0Trajectory(STEPS, every=4, on_step=lambda: ticks.append(1))
-    out = editing.generate(denoiser, 5, batch=3, steps=STEPS, seed=0, callback=recorder)
+    out = generate(denoiser, 5, batch=3, sampler="ddim", steps=STEPS, spacing="leading", seed=0, callback=recorder)
     assert [t for t, _ in recorder.frames] == [900, 500, 100, 0]  # steps 0, 4, 8 and the last
     assert all(x0.shape == (3, 3, SIZE, SIZE) for _, x0 in recorder.frames)  # the first chunk
     np.testing.assert_array_equal(recorder.frames[-1][1], out[:3])  # DDIM's last step lands on its x0
@@ -166,3 +167,5 @@ def test_bad_arguments_are_clear_errors(denoiser):
         editing.inpaint(denoiser, images, np.ones((1, 1, 8, 8)))
     with pytest.raises(ValueError, match="resample=0"):
         editing.inpaint(denoiser, images, hole_mask(1), resample=0)
+    with pytest.raises(ValueError, match="use ddpm or ddim, not 'unipc'"):
+        editing.inpaint(denoiser, images, hole_mask(1), sampler="unipc")

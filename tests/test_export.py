@@ -14,7 +14,7 @@ import pytest
 
 from export import sample as sample_cli
 from export.backends import BackendUnavailable, ModelError, OrtDenoiser, require_tensorrt
-from export.sampler import image_rngs, initial_noise, sample_loop, sampler_timesteps
+from pipeline.sampling import image_rngs, initial_noise, sample_loop, sampler_timesteps
 from export.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The NumPy sampler: its loop against the schedule's step functions, and against a known answer.
+"""The NumPy sampling loop: against straightforward float64 DDPM/DDIM formulas, and a known answer.
 
 The denoiser here is the exact posterior-mean predictor for Gaussian data x0 ~ N(mu, s^2 I),
 a real network-free denoiser whose samples must follow N(mu, s^2): a check of the whole chain
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.sampler import (generate, image_rngs, initial_noise, sample_loop, sampler_timesteps,
-                            step_coefficients, to_uint8)
+from pipeline.sampling import (generate, image_rngs, initial_noise, plan_steps, sample_loop, sampler_timesteps,
+                               to_uint8)
 from export.sidecar import Sidecar
 from pipeline.schedule import DiffusionSchedule, beta_schedule
 
@@ -52,8 +52,30 @@ def pattern():
     return (0.5 * np.stack([xx, yy, xx * yy])[:c]).astype(np.float64)
 
 
+def ddim_step(schedule, out, t, t_prev, x, eta, noise):
+    """DDIM, Song et al. eq. 12 written out, eps re-derived from the clipped x0 (float64)."""
+    abar, abar_prev = schedule.alphas_cumprod[t], (schedule.alphas_cumprod[t_prev] if t_prev >= 0 else 1.0)
+    x0 = schedule.predict_x0(out, t, x)
+    eps = (x - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
+    sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    x_prev = np.sqrt(abar_prev) * x0 + np.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps
+    return x_prev + sigma * noise if eta > 0 else x_prev
+
+
+def ddpm_step(schedule, out, t, t_prev, x, noise):
+    """The posterior q(x_t_prev | x_t, x0) of the respaced chain, sampled (float64)."""
+    abar, abar_prev = schedule.alphas_cumprod[t], (schedule.alphas_cumprod[t_prev] if t_prev >= 0 else 1.0)
+    beta = 1 - abar / abar_prev
+    x0 = schedule.predict_x0(out, t, x)
+    mean = np.sqrt(abar_prev) * beta / (1 - abar) * x0 + np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * x
+    if t_prev < 0:
+        return mean
+    variance = (1 - abar_prev) / (1 - abar) * beta if schedule.variance_type == "fixed_small" else beta
+    return mean + np.sqrt(variance) * noise
+
+
 def reference_chain(schedule: DiffusionSchedule, denoiser, x_t, timesteps, sampler, eta, rngs):
-    """The straightforward loop: schedule.ddim_step / ddpm_step in float64, same noise draws."""
+    """The straightforward loop in float64, same noise draws."""
     x = x_t.astype(np.float64)
     ts = list(timesteps) + [-1]
     for t, t_prev in zip(ts[:-1], ts[1:]):
@@ -61,9 +83,9 @@ def reference_chain(schedule: DiffusionSchedule, denoiser, x_t, timesteps, sampl
         needs_noise = (sampler == "ddpm" and t_prev >= 0) or (sampler == "ddim" and eta > 0)
         noise = np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs]) if needs_noise else None
         if sampler == "ddim":
-            x = schedule.ddim_step(out, t, t_prev, x, eta=eta, noise=noise)
+            x = ddim_step(schedule, out, t, t_prev, x, eta, noise)
         else:
-            x = schedule.ddpm_step(out, t, x, noise, t_prev=t_prev)
+            x = ddpm_step(schedule, out, t, t_prev, x, noise)
     return x
 
 
@@ -109,9 +131,7 @@ def test_samples_follow_the_data_distribution(sampler, steps):
 def test_ddim_eta0_is_deterministic_and_the_seed_matters():
     info = make_info(clip_sample=True)
     denoiser = GaussianDenoiser(info, pattern(), 0.3)
-    a = generate(denoiser, 3, batch=3, sampler="ddim", steps=10, seed=1)
-    b = generate(denoiser, 3, batch=3, sampler="ddim", steps=10, seed=1)
-    c = generate(denoiser, 3, batch=3, sampler="ddim", steps=10, seed=2)
+    a, b, c = (to_uint8(generate(denoiser, 3, batch=3, sampler="ddim", steps=10, seed=seed)) for seed in (1, 1, 2))
     assert a.dtype == np.uint8 and a.shape == (3, SHAPE[1], SHAPE[2], SHAPE[0])
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -135,7 +155,7 @@ def test_short_batches_are_padded_to_the_engine_minimum():
                     steps=5, eta=1.0, seed=0)
     assert np.array_equal(padded, free)
     with pytest.raises(ValueError, match="exceeds the engine's maximum 4"):
-        sample_loop(denoiser, info.schedule(), np.zeros((5,) + SHAPE, np.float32), [10, 0])
+        sample_loop(denoiser, info.schedule(), np.zeros((5,) + SHAPE, np.float32), [10, 0], sampler="ddim")
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.3)])
@@ -153,17 +173,17 @@ def test_noise_drawn_ahead_equals_noise_drawn_in_line(sampler, eta):
     assert states[0] == states[1]
 
 
-def test_step_coefficients_end_clean_and_only_noise_where_asked():
+def test_plans_end_clean_and_only_noise_where_asked():
     schedule = make_info().schedule()
-    ddim = step_coefficients(schedule, sampler_timesteps(schedule, "ddim", 10), "ddim", eta=0.0)
+    ddim = plan_steps(schedule, sampler_timesteps(schedule, "ddim", 10, "leading"), "ddim", eta=0.0)
     assert [c.t for c in ddim] == list(range(900, -1, -100)) and ddim[-1].t_prev == -1
     assert all(c.sigma == 0 for c in ddim)
-    ddpm = step_coefficients(schedule, sampler_timesteps(schedule, "ddpm", 10), "ddpm")
+    ddpm = plan_steps(schedule, sampler_timesteps(schedule, "ddpm", 10), "ddpm")
     assert all(c.sigma > 0 for c in ddpm[:-1]) and ddpm[-1].sigma == 0
     # The last step predicts the clean image itself: x_prev = x0.
-    assert ddim[-1].p0 == pytest.approx(1.0) and ddim[-1].px == pytest.approx(0.0, abs=1e-12)
+    assert ddim[-1].p0 == pytest.approx((1.0,)) and ddim[-1].px == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="descend"):
-        step_coefficients(schedule, [10, 20], "ddim")
+        plan_steps(schedule, [10, 20], "ddim")
 
 
 def test_callback_sees_every_step_and_may_edit_x():
@@ -190,6 +210,6 @@ def test_to_uint8_maps_the_range_and_layout():
 
 
 def test_sampler_modules_import_neither_torch_nor_onnx():
-    code = ("import sys, export.sampler, export.sidecar, export.backends, export.sample; "
+    code = ("import sys, pipeline.sampling, export.sidecar, export.backends, export.sample, export.editing; "
             "bad = [m for m in ('torch', 'onnx') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
