@@ -5,7 +5,8 @@ config, every repeat) and <out>/<name>.md (tables, targets, method), plus PNG pl
 says more than a table; `all` also writes <out>/summary.md and summary.json with every target.
 --quick finishes in a few minutes on 2 CPU cores (a smoke run: numbers are not representative).
 `python -m benchmarks gpu [--out DIR] [--budget-s 480] [--cpu-smoke]` checks every GPU path in one
-time-boxed run (see benchmarks/gpu.py).
+time-boxed run (see benchmarks/gpu.py). `python -m benchmarks quality --ckpt RUN --shards DIR` scores
+every sampler against its network calls on a trained model (see benchmarks/quality.py).
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["gpu"]:  # every GPU path in one time-boxed run: a command of its own (benchmarks.gpu)
         from benchmarks import gpu
         return gpu.main(argv[1:])
+    if argv[:1] == ["quality"]:  # needs a trained model and its shards: a command of its own
+        from benchmarks import quality
+        return quality.main(argv[1:])
     args = parse_args(argv)
     common.COMMAND = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     names = NAMES if args.name == "all" else (args.name,)
