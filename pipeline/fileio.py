@@ -32,7 +32,7 @@ class NoSpaceError(OSError):
         super().__init__(errno.ENOSPC, "no space left on device", str(path))
 
     def __str__(self) -> str:
-        return f"{self.filename}: no space left on device (the partial file was removed; earlier files are intact)"
+        return f"{self.filename}: no space left on device (the partial file was removed)"
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
