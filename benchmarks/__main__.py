@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     progress = common.Progress(sum(module(n).steps(args) for n in names))
     start, results = time.monotonic(), {}
+    from pipeline.fileio import NoSpaceError
     try:
         for name in names:
             progress.describe(name)
@@ -83,6 +84,9 @@ def main(argv=None) -> int:
             json_path, md_path = common.write_result(result, args.out)
             results[name] = result
             print(f"benchmarks: {name} done in {result['seconds']:.0f} s -> {md_path}", file=sys.stderr)
+    except NoSpaceError as e:
+        print(f"benchmarks: error: {e}", file=sys.stderr)
+        return 1
     finally:
         progress.close()
     if len(names) > 1:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks import common
-from export.sidecar import sidecar_path
 from pipeline.config import Config, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def random_checkpoint(cfg: Config, seed: int = 0) -> Path:
     from pipeline.unet import UNet
     run_dir = CACHE / _key(cfg, seed)
     ckpt = checkpoint_dir(run_dir, 0)
-    if is_complete(ckpt):
+    if is_complete(ckpt) and _whole_checkpoint(ckpt):
         return ckpt
     shutil.rmtree(ckpt, ignore_errors=True)
     ckpt.mkdir(parents=True)
@@ -52,12 +52,38 @@ def random_checkpoint(cfg: Config, seed: int = 0) -> Path:
     return ckpt
 
 
+def _whole_checkpoint(ckpt: Path) -> bool:
+    """A cached checkpoint damaged since it was made is rebuilt, not benchmarked (or crashed on)."""
+    from pipeline.checkpoint import CheckpointError, verify_export_files
+    try:
+        verify_export_files(ckpt)
+        return True
+    except CheckpointError as e:
+        print(f"benchmarks: {e}; rebuilding the cached checkpoint", file=sys.stderr)
+        return False
+
+
+def _whole_model(path: Path) -> bool:
+    """A cached .onnx / .plan whose sidecar is missing or stale, or whose bytes changed, is rebuilt."""
+    from export.sidecar import SidecarError, file_sha256, read_sidecar
+    if not path.is_file():
+        return False
+    try:
+        info = read_sidecar(path)
+        if info.model_sha256 and file_sha256(path) != info.model_sha256:
+            raise SidecarError(f"{path}: sha256 differs from its sidecar")
+        return True
+    except SidecarError as e:
+        print(f"benchmarks: {e}; rebuilding it", file=sys.stderr)
+        return False
+
+
 def onnx_model(cfg: Config, fp16: bool = False, seed: int = 0) -> Path:
     """denoiser[_fp16].onnx (+ sidecar) exported by export.onnx from the random checkpoint."""
     from export.onnx import export_onnx
     ckpt = random_checkpoint(cfg, seed)
     out = ckpt / ("denoiser_fp16.onnx" if fp16 else "denoiser.onnx")
-    if not (out.is_file() and sidecar_path(out).is_file()):
+    if not _whole_model(out):
         export_onnx(ckpt, out, fp16=fp16)
     return out
 
@@ -70,7 +96,7 @@ def tensorrt_engine(cfg: Config, batch: tuple[int, int, int], fp16: bool = True,
     strongly_typed = int(tensorrt.__version__.split(".")[0]) >= 11
     onnx_path = onnx_model(cfg, fp16=fp16 and strongly_typed, seed=seed)
     out = onnx_path.with_name(f"denoiser_{'fp16' if fp16 else 'fp32'}_{'-'.join(map(str, batch))}.plan")
-    if not (out.is_file() and sidecar_path(out).is_file()):
+    if not _whole_model(out):
         build_engine(onnx_path, out, batch=batch, fp16=fp16, timing_cache=onnx_path.parent / "timing.cache")
     return out
 

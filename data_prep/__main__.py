@@ -92,7 +92,8 @@ def main(argv=None) -> int:
         print(f"data_prep: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permission denied on --out: finished shards stay, the journal resumes
-        print(f"data_prep: error: {e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"data_prep: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("data_prep: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -112,10 +112,14 @@ def _config_diff(old: dict, new: dict) -> str:
 
 
 def _append_journal(out: Path, entry: dict) -> None:
-    with open(out / JOURNAL_NAME, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """A torn last line (killed, disk full) is ignored by _load_journal; its shard is redone."""
+    try:
+        with open(out / JOURNAL_NAME, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise shards.disk_full(e, out / JOURNAL_NAME) from None
 
 
 def _start_journal(out: Path, config: dict, entries: list[dict]) -> None:
@@ -248,9 +252,10 @@ def _run_tasks(opts, tasks, start, entries, worker_cfg, progress) -> None:
             progress.update()
         if split_now is not None:
             _commit(opts.out, entries, writer, split_now, pending_skips, len(tasks))
-    except BaseException:
+    except BaseException as e:
         if writer is not None:
             writer.abort()
+            raise shards.disk_full(e, writer.path) from None
         raise
     finally:
         if pool is not None:

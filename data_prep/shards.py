@@ -7,6 +7,7 @@ Shards and the manifest appear under their final name only when whole (tmp, fsyn
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -52,13 +53,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def disk_full(error: BaseException, path: Path) -> BaseException:
+    """A full disk (or quota) while writing `path` as an OSError naming it; other errors unchanged.
+
+    Python's ENOSPC from write() or fsync() carries no file name, and a user needs to know which.
+    """
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) and error.filename is None:
+        return OSError(error.errno, "no space left on device (the partial file was removed)", str(path))
+    return error
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """tmp, fsync, rename; on failure the temporary is removed (created 0666 & ~umask by open())."""
     tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_full(e, path) from None
     fsync_dir(path.parent)
 
 
@@ -121,7 +137,10 @@ class ShardWriter:
         return ShardInfo(self.path.name, self.num_samples, self._hashing.count, self._hashing.sha.hexdigest())
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()  # may fail again flushing onto a full disk
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
 
 

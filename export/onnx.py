@@ -9,6 +9,8 @@ so respaced and fractional steps need no rounding); output `model_output`; the b
 With --fp16 the graph is the half-precision network, but the timestep sinusoid and the GroupNorm
 statistics stay in fp32 (the U-Net upcasts them itself; the exporter keeps those casts).
 The graph goes through onnx.checker and onnxruntime before anything is written.
+Exit status: 0 written, 2 bad input (a missing or damaged checkpoint file: one line naming it),
+1 the graph failed a check or the disk is full (nothing left behind).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from export.sidecar import INPUT_NAMES, OUTPUT_NAMES, Sidecar, sidecar_from_config, sidecar_path, write_sidecar
-from pipeline.fileio import atomic_write_bytes
+from pipeline.fileio import NoSpaceError, atomic_write_bytes
 
 # Max |ORT - torch fp32| on a random batch; a trained epsilon-model's outputs are ~N(0, 1).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ExportError as e:
+    except (ExportError, NoSpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.weights} weights, {info.dtype}, "

@@ -6,7 +6,7 @@
 
 `.npz` holds `images`, uint8 (N,H,W,C); `.png` is a grid; --grid also draws the first 64 as one.
 Image i depends only on (seed, i), not on --batch. With an .onnx or .plan model this imports neither torch nor onnx.
-Exit status: 0 done, 2 bad input (one line on stderr), 1 a runtime is missing.
+Exit status: 0 done, 2 bad input (one line on stderr), 1 a runtime is missing or the disk is full.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from export.backends import BackendUnavailable, ModelError, load_denoiser
 from export.sidecar import SidecarError
-from pipeline.fileio import atomic_write_bytes
+from pipeline.fileio import NoSpaceError, atomic_write_bytes
 from pipeline.sampling import (DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SamplerError,
                                check_sampler, default_steps, generate, to_uint8)
 from pipeline.schedule import SPACINGS
@@ -163,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
                                spacing=args.spacing, seed=args.seed, callback=lambda *_: progress()))
     seconds = time.perf_counter() - start
     progress.close()
-    save_images(images, out)
-    if args.grid:
-        save_images(images[:GRID_IMAGES], Path(args.grid))
+    try:
+        save_images(images, out)
+        if args.grid:
+            save_images(images[:GRID_IMAGES], Path(args.grid))
+    except NoSpaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out}: {args.num} images, {args.sampler} {steps} steps, batch {batch}, {seconds:.2f}s, "
           f"{args.num / seconds:.2f} images/s on {denoiser.name}" + (f"; grid {args.grid}" if args.grid else ""))
     return 0

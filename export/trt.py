@@ -9,6 +9,8 @@ on TensorRT 10 an fp16 ONNX is built strongly typed too, and `--fp16` with an fp
 back to the builder's FP16 flag (weak typing: TensorRT picks per-layer precision).
 Needs tensorrt and a CUDA device; without them it says which is missing and exits 1.
 The engine's sidecar is its own (`denoiser.plan.json`): the ONNX beside it keeps `denoiser.onnx.json`.
+Exit status: 0 built, 2 bad input (a damaged .onnx, sidecar or checkpoint: one line naming it),
+1 TensorRT missing, the build or check failed, or the disk is full.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from export.backends import BackendUnavailable, ModelError, TrtDenoiser, require_tensorrt
 from export.sidecar import Sidecar, SidecarError, read_sidecar, write_sidecar
-from pipeline.fileio import atomic_write_bytes
+from pipeline.fileio import NoSpaceError, atomic_write_bytes
 
 # Max |TensorRT - onnxruntime(CPU)| on a random batch. TensorRT's fp32 uses TF32 matmuls/convs.
 TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2}
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         print(message)
         return 0
-    except BackendUnavailable as e:
+    except (BackendUnavailable, NoSpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, ModelError, SidecarError) as e:

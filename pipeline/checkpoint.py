@@ -8,7 +8,8 @@
         model.json          model + diffusion config, step, images seen
         COMPLETE            written last, after every rank has finished and fsynced
 
-A directory without COMPLETE does not exist for resume or export.
+A directory without COMPLETE does not exist for resume or export. Every file read here that is
+truncated, garbled, empty or of the wrong type raises CheckpointError("<file>: <what is wrong>").
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, ConfigError, DiffusionConfig, ModelConfig, _build
-from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -41,7 +42,9 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def is_complete(ckpt_dir: str | Path) -> bool:
-    return (Path(ckpt_dir) / COMPLETE).is_file()
+    """COMPLETE exists. Whether it is whole is `check_marker`'s question: a damaged marker must stop
+    a resume with its name, not make the checkpoint look interrupted (and get it deleted)."""
+    return (Path(ckpt_dir) / COMPLETE).exists()
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -58,14 +61,30 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint or run directory)")
     if _STEP_DIR.match(path.name):
         if not is_complete(path):
             raise CheckpointError(f"{path}: checkpoint has no {COMPLETE} marker (interrupted while writing)")
+        check_marker(path)
         return path
     found = complete_checkpoints(path)
     if not found:
         raise CheckpointError(f"{path}: no complete checkpoint under {path / CHECKPOINTS}")
+    check_marker(found[-1])
     return found[-1]
+
+
+def check_marker(ckpt_dir: str | Path) -> None:
+    """COMPLETE is written atomically as "ok\\n": anything else there means the directory was damaged."""
+    marker = Path(ckpt_dir) / COMPLETE
+    try:
+        text = marker.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{marker}: unreadable marker ({e.strerror or e})") from None
+    if text != b"ok\n":
+        raise CheckpointError(f"{marker}: damaged marker (holds {text[:20]!r}, pipeline.train writes b'ok\\n'); "
+                              f"the checkpoint directory was modified after it was written")
 
 
 def mark_complete(ckpt_dir: str | Path) -> None:
@@ -106,9 +125,83 @@ def load_model_json(ckpt_dir: str | Path) -> tuple[ModelConfig, DiffusionConfig,
     path = Path(ckpt_dir) / MODEL_JSON
     try:
         meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
         return _build(ModelConfig, meta["model"], "model"), _build(DiffusionConfig, meta["diffusion"], "diffusion"), meta
-    except (OSError, ValueError, KeyError, ConfigError) as e:
-        raise CheckpointError(f"{path}: unreadable model description ({e})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
+        reason = f"missing key {e}" if isinstance(e, KeyError) else getattr(e, "strerror", None) or e
+        raise CheckpointError(f"{path}: unreadable model description ({reason})") from None
+
+
+def load_tensors(file: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's .safetensors file; CheckpointError naming it when it is missing or damaged."""
+    from safetensors.torch import load_file
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing" + (" (not a file)" if file.exists() else ""))
+    try:
+        return load_file(str(file), device=device)
+    except Exception as e:  # SafetensorError is a bare Exception subclass; OSError for unreadable files
+        raise CheckpointError(f"{file}: damaged safetensors file ({_reason(e)})") from None
+
+
+def check_tensors_header(file: str | Path) -> None:
+    """Cheap check of a .safetensors file: its header parses and covers exactly the file's bytes."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as e:
+        raise CheckpointError(f"{file}: damaged safetensors file ({_reason(e)})") from None
+
+
+def verify_export_files(ckpt_dir: str | Path) -> None:
+    """The marker, model.json and the weight files' headers of a checkpoint about to be resumed."""
+    ckpt_dir = Path(ckpt_dir)
+    check_marker(ckpt_dir)
+    load_model_json(ckpt_dir)
+    for name in (EMA_FILE, MODEL_FILE):
+        if name == EMA_FILE or (ckpt_dir / name).exists():  # older checkpoints have no model.safetensors
+            if not (ckpt_dir / name).is_file():
+                raise CheckpointError(f"{ckpt_dir / name}: missing" + (" (not a file)" if (ckpt_dir / name).exists() else ""))
+            check_tensors_header(ckpt_dir / name)
+
+
+def verify_deepspeed_files(ds_dir: str | Path) -> None:
+    """Every DeepSpeed file of a checkpoint unpickles with weights_only loading (memory-mapped, so the
+    tensors are not read): a truncated, garbled or tampered file is named before DeepSpeed starts a
+    load that other ranks would wait on."""
+    ds_dir = Path(ds_dir)
+    files = sorted(ds_dir.glob("*.pt")) if ds_dir.is_dir() else []
+    if not files:
+        raise CheckpointError(f"{ds_dir}: no DeepSpeed state (*.pt files) there")
+    allowed = deepspeed_safe_globals()
+    for path in files:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                try:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap can only be used" not in str(e):
+                        raise
+                    torch.load(path, map_location="cpu", weights_only=True)  # checkpoint_serialization=false
+        except Exception as e:
+            raise CheckpointError(f"{path}: damaged DeepSpeed state ({_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    """One line of what a loader said: weights_only refusals keep their "Unsupported global" part."""
+    text = str(e)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line and line.split("WeightsUnpickler error:", 1)[1].strip():
+            detail = line.split("WeightsUnpickler error:", 1)[1].strip().split(" Please use")[0]
+            return f"refused by weights_only loading: {detail}"
+    if isinstance(e, EOFError) or not text.strip():
+        return f"{type(e).__name__}: empty or truncated"
+    if "central directory" in text or "zip archive" in text:
+        return "truncated or not a torch.save file (no zip central directory)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:200]}"
 
 
 def load_unet(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"):
@@ -116,7 +209,6 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", weights: str
 
     weights: "ema" (what is exported and served) or "model" (the online weights, for comparison).
     """
-    from safetensors.torch import load_file
     from pipeline.unet import UNet
     if weights not in WEIGHT_FILES:
         raise CheckpointError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_FILES)}")
@@ -127,9 +219,10 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", weights: str
         raise CheckpointError(f"{file}: missing (checkpoints written before the online weights were saved "
                               f"hold only {EMA_FILE}; use the EMA weights)")
     model = UNet(model_cfg)
+    state = load_tensors(file)
     try:
-        model.load_state_dict(load_file(str(file), device="cpu"), strict=True)
-    except (OSError, RuntimeError) as e:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot load {weights} weights ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), model_cfg, diffusion_cfg
 
@@ -193,9 +286,13 @@ def save_rng(ckpt_dir: str | Path, rank: int) -> None:
 def load_rng(ckpt_dir: str | Path, rank: int) -> bool:
     """Restore this rank's RNG states; False when the checkpoint has none for this rank."""
     path = rng_path(ckpt_dir, rank)
-    if not path.is_file():
+    if not path.exists():
         return False
-    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        set_rng_state(state)
+    except Exception as e:  # truncated, garbled, a pickle of something else, a directory
+        raise CheckpointError(f"{path}: damaged RNG state ({_reason(e)})") from None
     return True
 
 
@@ -233,8 +330,25 @@ def use_weights_only_loading(engine) -> None:
     allowed = deepspeed_safe_globals()
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """Loads name the damaged file; saves go through atomic_writer, and a failed save (a full
+        disk) is kept in `save_error` instead of raised, so this rank still joins DeepSpeed's
+        collectives and the caller can stop every rank together."""
+        save_error: Exception | None = None
+
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{path}: damaged DeepSpeed state ({_reason(e)})") from None
+
+        def save(self, state_dict, path: str):
+            if self.save_error is not None:
+                return  # the checkpoint is lost already; write nothing more into it
+            try:
+                with atomic_writer(path) as f:
+                    torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
+            except Exception as e:
+                self.save_error = e
 
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)

@@ -57,7 +57,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     random_flip: bool = True
-    max_corrupt: int = 100
+    max_corrupt: int = 100        # samples the decoder rejects (all ranks) before the run stops
 
 
 @dataclass
@@ -75,6 +75,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    resume_fallback: bool = False  # newest checkpoint unloadable: stop (default) or take the next older
     max_bad_steps: int = 50       # consecutive overflow / non-finite steps before giving up
     seed: int = 0
     deepspeed_config: str = ""    # a user-supplied DeepSpeed JSON, passed through
@@ -221,6 +222,7 @@ def validate(cfg: Config) -> None:
         (cfg.log.sample_sampler in SAMPLERS, "log.sample_sampler",
          f"{cfg.log.sample_sampler!r} not one of {', '.join(SAMPLERS)}"),
         (cfg.data.num_workers >= 0, "data.num_workers", f"{cfg.data.num_workers} must be >= 0"),
+        (cfg.data.max_corrupt >= 0, "data.max_corrupt", f"{cfg.data.max_corrupt} must be >= 0"),
     ]
     resolutions = [m.image_size // 2 ** i for i in range(levels)]
     for r in m.attn_resolutions:
@@ -241,11 +243,17 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML config, apply `key=value` overrides, check it; errors name the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start})") from None
+    if data is None:  # an empty file is a damaged one more often than a wish for every default
+        raise ConfigError(f"{path}: empty config (an experiment names at least its run.dir and data.shards)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, train:, ...), got a {type(data).__name__}")
     try:
         for override in overrides:
             apply_override(data, override)

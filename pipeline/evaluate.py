@@ -28,7 +28,7 @@ from scipy import linalg
 
 from pipeline import feature_net as fnet
 from pipeline import fid_inception
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import NoSpaceError, atomic_write_json
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 K_NEAREST = 3
@@ -47,12 +47,16 @@ def load_samples(path) -> np.ndarray:
     """samples.npz -> uint8 (N, H, W, 3) from its `images` array."""
     path = Path(path)
     try:
-        with np.load(path) as npz:
+        loaded = np.load(path)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"a {type(loaded).__name__}, not an .npz archive")
+        with loaded as npz:
             if "images" not in npz:
                 raise EvaluateError(f"{path}: no 'images' array (has: {', '.join(npz.files) or 'nothing'})")
             images = npz["images"]
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise EvaluateError(f"{path}: cannot read as .npz ({e})") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = getattr(e, "strerror", None) or str(e) or f"{type(e).__name__}: empty or truncated"
+        raise EvaluateError(f"{path}: cannot read as .npz ({reason})") from None
     return check_images(images, f"{path}:images")
 
 
@@ -63,13 +67,20 @@ def check_images(images: np.ndarray, what: str) -> np.ndarray:
 
 
 def read_manifest(shards_dir) -> dict:
-    path = Path(shards_dir) / "manifest.json"
+    from pipeline.data import DataError, read_manifest
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EvaluateError(f"{path}: missing; make shards with `python -m data_prep ... --out {shards_dir}`") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvaluateError(f"{path}: unreadable ({e})") from e
+        return read_manifest(shards_dir)
+    except DataError as e:
+        raise EvaluateError(str(e)) from None
+
+
+def check_split(shards_dir, split: str) -> None:
+    """The split's shards match the manifest (size and sha256, cached as for training)."""
+    from pipeline.data import DataError, check_shards
+    try:
+        check_shards(shards_dir, split, verify_sha256=True)
+    except DataError as e:
+        raise EvaluateError(str(e)) from None
 
 
 def read_split(shards_dir, split: str, max_images: int | None = None, seed: int = 0) -> np.ndarray:
@@ -83,6 +94,7 @@ def read_split(shards_dir, split: str, max_images: int | None = None, seed: int 
     if split not in splits or not splits[split].get("shards"):
         raise EvaluateError(f"{shards_dir}/manifest.json: no '{split}' split with shards "
                             f"(has: {', '.join(s for s in splits if splits[s].get('shards')) or 'none'})")
+    check_split(shards_dir, split)
     shards = splits[split]["shards"]
     total = sum(s["num_samples"] for s in shards)
     keep = None
@@ -385,7 +397,11 @@ def main(argv=None) -> int:
         result = {"runs": results}
         print(format_comparison(results))
     if args.out:
-        atomic_write_json(args.out, result)
+        try:
+            atomic_write_json(args.out, result)
+        except NoSpaceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"wrote {args.out}")
     return 0
 

@@ -13,7 +13,8 @@ on CPU in fp32 the losses are bit-equal.
 
 On SIGUSR1 or SIGTERM (Slurm's warning before preemption or the time limit) the current step
 finishes, every rank writes the checkpoint, and the process exits with REQUEUE_EXIT_CODE.
-Exit status: 0 done, 1 training diverged, 2 user error, REQUEUE_EXIT_CODE stopped on request.
+Exit status: 0 done, 1 training diverged, 2 user error (bad config, damaged shard or checkpoint,
+too many corrupt samples, disk full: one line on stderr), REQUEUE_EXIT_CODE stopped on request.
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ import torch.distributed as dist
 
 from pipeline import distributed
 from pipeline.checkpoint import (CheckpointError, EMA_FILE, checkpoint_dir, complete_checkpoints, fsync_tree,
-                                 load_rng, mark_complete, prune_checkpoints, remove_incomplete, save_export_files,
-                                 save_rng, use_weights_only_loading)
+                                 load_rng, load_tensors, mark_complete, prune_checkpoints, remove_incomplete,
+                                 save_export_files, save_rng, use_weights_only_loading, verify_deepspeed_files,
+                                 verify_export_files)
 from pipeline.config import Config, ConfigError, load_config_or_report, save_config
 from pipeline.distributed import DistEnv, LaunchError
 from pipeline.ema import EMA, full_weights
 from pipeline.ds_config import batch_sizes, check_offload_build, ds_config_for, precision_of
-from pipeline.fileio import atomic_write_json, atomic_write_text
+from pipeline.fileio import NoSpaceError, atomic_write_json, atomic_write_text
 
 REQUEUE_EXIT_CODE = 3   # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
 EXIT_DIVERGED = 1
@@ -54,7 +56,31 @@ _stop_requested = False
 
 
 class TrainError(RuntimeError):
-    """A problem with the run set-up the user can fix; printed as one line."""
+    """A problem with the run set-up the user can fix; printed as one line (`quiet`: by rank 0 only)."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def on_all_ranks(env: DistEnv, fn):
+    """fn() on every rank; if it failed on any rank, every rank raises TrainError with the first message.
+
+    A damaged file or a full disk seen by one rank must stop all of them at the same point, not
+    leave the others waiting in the next collective.
+    """
+    from pipeline.data import DataError
+    result, error = None, None
+    try:
+        result = fn()
+    except (CheckpointError, DataError, TrainError, OSError) as e:
+        error = str(e)
+    errors = [None] * env.world_size
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise TrainError(first, quiet=not env.is_main)
+    return result
 
 
 class LossScaleExhausted(RuntimeError):
@@ -114,23 +140,21 @@ def derived_seed(*keys: int) -> int:
 
 def image_stream(cfg: Config, env: DistEnv, micro_batch: int, start_step: int, skip: int = 0):
     """Endless (micro_batch, C, H, W) batches in [-1, 1] for this rank, seeded by (seed, start_step),
-    less the first `skip` (the ones a resumed run had already trained on)."""
+    less the first `skip` (the ones a resumed run had already trained on).
+
+    The shards are hashed against the manifest first (cached per (size, mtime, inode)), so a
+    damaged one stops the run here, before any of its bytes reach an optimizer step.
+    """
     from pipeline.data import make_loader
     loader = make_loader(cfg.data.shards, batch_size=micro_batch, rank=env.rank, world_size=env.world_size,
                          num_workers=cfg.data.num_workers, seed=derived_seed(cfg.train.seed, start_step, 1),
                          shuffle_buffer=cfg.data.shuffle_buffer, random_flip=cfg.data.random_flip,
                          max_corrupt=cfg.data.max_corrupt)
+    loader.max_corrupt = None  # train_loop counts corrupt samples over all ranks and stops them together
     if loader.manifest["resolution"] != cfg.model.image_size:
         raise TrainError(f"data.shards: {cfg.data.shards} holds {loader.manifest['resolution']} px images "
                          f"but model.image_size is {cfg.model.image_size}")
-
-    def batches():
-        while True:  # resampled epochs of equal length on every rank
-            yield from loader
-    stream = batches()
-    for _ in range(skip):
-        next(stream)
-    return stream
+    return loader.forever(skip)  # resampled epochs of equal length on every rank
 
 
 # --- the training state that is not DeepSpeed's ---------------------------------------------
@@ -171,28 +195,67 @@ def build_engine(cfg: Config, ds_config: dict, deepspeed):
 # --- checkpoints ------------------------------------------------------------------------------
 
 def save_checkpoint(engine, ema, state: TrainState, cfg: Config, env: DistEnv) -> Path:
-    """Every rank writes its DeepSpeed shards and RNG; rank 0 the export files, then COMPLETE."""
+    """Every rank writes its DeepSpeed shards and RNG; rank 0 the export files, then COMPLETE.
+
+    A write that fails (a full disk) does not stop a rank on its own: it keeps joining the
+    collectives, then all ranks agree, rank 0 removes the unfinished directory, and every rank
+    raises TrainError. The earlier checkpoints are untouched (pruning follows COMPLETE).
+    """
     ckpt = checkpoint_dir(cfg.run.dir, state.step)
+    failed = []  # this rank's first failure
+
+    def attempt(write) -> None:
+        if not failed:
+            try:
+                write()
+            except OSError as e:
+                failed.append(e)
+
     if env.is_main:
         shutil.rmtree(ckpt, ignore_errors=True)  # a leftover of an interrupted write
-        ckpt.mkdir(parents=True)
+        attempt(lambda: ckpt.mkdir(parents=True))
     distributed.barrier()
     client_state = {"step": state.step, "images_seen": state.images_seen, "stream_start": state.stream_start,
                     "batches_drawn": state.batches_drawn, "ema_num_updates": ema.num_updates,
                     "world_size": env.world_size}
+    writer = engine.checkpoint_engine
+    writer.save_error = failed[0] if failed else None  # WeightsOnlyCheckpointEngine then writes nothing
     engine.save_checkpoint(str(ckpt), tag="deepspeed", client_state=client_state, save_latest=False)
-    save_rng(ckpt, env.rank)
+    if writer.save_error is not None and not failed:
+        failed.append(writer.save_error)
+    writer.save_error = None
+    attempt(lambda: save_rng(ckpt, env.rank))
     online = full_weights(engine.module, keep=env.is_main)  # a collective under ZeRO-3
     distributed.barrier()
-    fsync_tree(ckpt)  # each rank flushes what it wrote (and, harmlessly, what the others wrote)
+    attempt(lambda: fsync_tree(ckpt))  # each rank flushes what it wrote (and, harmlessly, what the others wrote)
     distributed.barrier()
     if env.is_main:
-        save_export_files(ckpt, ema.state_dict(), cfg, state.step, state.images_seen, model_state=online)
+        attempt(lambda: save_export_files(ckpt, ema.state_dict(), cfg, state.step, state.images_seen,
+                                          model_state=online))
+    _agree_or_remove(ckpt, failed, env)
+    if env.is_main:
         _test_pause_before_complete(state.step)
-        mark_complete(ckpt)  # the commit point: before this line the checkpoint does not exist
+        attempt(lambda: mark_complete(ckpt))  # the commit point: before this line the checkpoint does not exist
+    _agree_or_remove(ckpt, failed, env)
+    if env.is_main:
         prune_checkpoints(cfg.run.dir, cfg.train.keep_checkpoints)
     distributed.barrier()
     return ckpt
+
+
+def _agree_or_remove(ckpt: Path, failed: list, env: DistEnv) -> None:
+    try:
+        on_all_ranks(env, lambda: _reraise(failed))
+    except TrainError as e:
+        if env.is_main:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise TrainError(f"{e}; removed the unfinished checkpoint {ckpt}, the earlier ones are intact",
+                         quiet=e.quiet) from None
+
+
+def _reraise(failed: list) -> None:
+    if failed:
+        raise failed[0]
 
 
 def _test_pause_before_complete(step: int) -> None:
@@ -204,32 +267,58 @@ def _test_pause_before_complete(step: int) -> None:
 
 
 def resume(engine, ema, cfg: Config, env: DistEnv) -> TrainState:
-    """Load the newest complete checkpoint of run.dir, if any; interrupted writes are deleted."""
+    """Load the newest complete checkpoint of run.dir, if any; interrupted writes are deleted.
+
+    One that cannot be loaded (a damaged file: the message names it) stops the run, or with
+    train.resume_fallback=true the next older complete checkpoint is tried, and the log says so.
+    """
     if env.is_main:
         for d in remove_incomplete(cfg.run.dir):
             print(f"removed incomplete checkpoint {d} (interrupted while writing)", flush=True)
     distributed.barrier()
-    found = complete_checkpoints(cfg.run.dir)
     # All ranks must load the same one: rank 0 decides.
-    choice = torch.tensor([int(found[-1].name[5:]) if found else -1], device=env.device)
-    dist.broadcast(choice, src=0)
-    if choice.item() < 0:
-        return TrainState()
-    ckpt = checkpoint_dir(cfg.run.dir, int(choice.item()))
-    try:
-        _, client = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
-    except (RuntimeError, KeyError, ValueError, OSError) as e:
-        raise CheckpointError(f"{ckpt}: cannot resume from it ({str(e).splitlines()[0][:300]}); "
-                              f"was it written by a different config or world size?") from None
-    if client is None:
-        raise CheckpointError(f"{ckpt}: DeepSpeed found no state under deepspeed/")
-    ema_state = {}
-    if env.is_main:
-        from safetensors.torch import load_file
-        ema_state = load_file(str(ckpt / EMA_FILE), device=str(env.device))
-    ema.load_state_dict(ema_state, client["ema_num_updates"])
-    if not load_rng(ckpt, env.rank) and env.is_main:
+    steps = [[int(d.name[5:]) for d in complete_checkpoints(cfg.run.dir)]]
+    dist.broadcast_object_list(steps, src=0)
+    candidates = [checkpoint_dir(cfg.run.dir, step) for step in reversed(steps[0])]
+    for i, ckpt in enumerate(candidates):
+        try:
+            return load_checkpoint(engine, ema, ckpt, env)
+        except TrainError as e:
+            if not cfg.train.resume_fallback or i + 1 == len(candidates):
+                hint = "" if cfg.train.resume_fallback else "; train.resume_fallback=true resumes from the one before"
+                raise TrainError(f"{e}{hint if i + 1 < len(candidates) else ''}", quiet=e.quiet) from None
+            if env.is_main:
+                print(f"warning: {e}; falling back to the next older complete checkpoint {candidates[i + 1]} "
+                      f"(train.resume_fallback=true)", flush=True)
+    return TrainState()
+
+
+def load_checkpoint(engine, ema, ckpt: Path, env: DistEnv) -> TrainState:
+    """Check every file of `ckpt` this rank reads, then load them; a failure on any rank raises on all."""
+    on_all_ranks(env, lambda: (verify_export_files(ckpt), verify_deepspeed_files(ckpt / "deepspeed")))
+
+    def load_engine():
+        try:
+            _, client = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        except (RuntimeError, KeyError, ValueError, OSError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{ckpt}: cannot resume from it ({str(e).splitlines()[0][:300]}); "
+                                  f"was it written by a different config or world size?") from None
+        if client is None:
+            raise CheckpointError(f"{ckpt / 'deepspeed'}: DeepSpeed found no state there")
+        return client
+    client = on_all_ranks(env, load_engine)
+
+    def load_ema_and_rng() -> bool:
+        ema_state = load_tensors(ckpt / EMA_FILE, device=str(env.device)) if env.is_main else {}
+        try:
+            ema.load_state_dict(ema_state, client["ema_num_updates"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt / EMA_FILE}: does not fit this model ({str(e).splitlines()[0][:200]})") from None
+        return load_rng(ckpt, env.rank)
+    if not on_all_ranks(env, load_ema_and_rng) and env.is_main:
         print(f"warning: {ckpt} has no RNG state for rank {env.rank}; continuing with fresh generators")
     if env.is_main:
         print(f"resumed from {ckpt} (step {client['step']}, {client['images_seen']} images seen)", flush=True)
@@ -246,6 +335,7 @@ class MetricsLog:
         self.active, self.every, self.total = active, cfg.log.every, cfg.train.max_steps
         self.run_dir = Path(cfg.run.dir)
         self.losses, self.images, self.seconds, self.skipped = [], 0, 0.0, 0
+        self.corrupt_samples = 0  # set by the loop: samples skipped as undecodable, all ranks
         self.bar = self.tb = None
         if not active:
             return
@@ -271,7 +361,7 @@ class MetricsLog:
         row = {"step": step, "loss": sum(finite) / len(finite) if finite else float("nan"),
                "lr": lr, "grad_norm": grad_norm, "loss_scale": _loss_scale(engine),
                "images_per_second": self.images / max(self.seconds, 1e-9), "skipped_steps": self.skipped,
-               "time": time.time()}
+               "corrupt_samples": self.corrupt_samples, "time": time.time()}
         if torch.cuda.is_available():
             row["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -341,8 +431,9 @@ def train(cfg: Config) -> int:
     caught = catch_stop_signals() if threading.current_thread() is threading.main_thread() else None
     try:
         return _train(cfg)
-    except (ConfigError, CheckpointError, LaunchError, TrainError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (ConfigError, CheckpointError, LaunchError, TrainError, NoSpaceError) as e:
+        if not getattr(e, "quiet", False):
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except Exception as e:
         from pipeline.data import DataError
@@ -373,7 +464,8 @@ def _train(cfg: Config) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_json(run_dir / "deepspeed_config.json", ds_config)
-    image_stream(cfg, env, micro_batch, 0)  # checks the shards before the model is built
+    # rank 0 hashes the shards (and caches the result) before the model is built; the others then only stat
+    on_all_ranks(env, lambda: image_stream(cfg, env, micro_batch, 0) if env.is_main else None)
 
     engine = build_engine(cfg, ds_config, deepspeed)
     ema = EMA(engine.module, cfg.ema.decay, warmup=cfg.ema.warmup, keep=env.is_main)
@@ -384,7 +476,8 @@ def _train(cfg: Config) -> int:
         return 0
     if env.is_main and state.batches_drawn:
         print(f"skipping {state.batches_drawn} batches to restore the data position", flush=True)
-    batches = image_stream(cfg, env, micro_batch, state.stream_start, skip=state.batches_drawn)
+    batches = on_all_ranks(env, lambda: image_stream(cfg, env, micro_batch, state.stream_start,
+                                                     skip=state.batches_drawn))
 
     log = MetricsLog(cfg, state.step, env.is_main)
     log.message(f"training {run_dir}: {env.world_size} process(es) on {env.device.type}, {precision}, "
@@ -431,6 +524,7 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
     diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
     fp16 = engine.fp16_enabled()
     bad_steps = 0
+    corrupt = 0  # samples the data loaders of all ranks skipped since this process started
     engine.train()
     while state.step < t.max_steps:
         started, lr = time.perf_counter(), engine.get_lr()[0]
@@ -441,10 +535,15 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
                                        f"scale {_loss_scale(engine)}")
         # One small collective per step: the loss summed over ranks, and whether any rank was signalled.
         poll_stop_signals()
-        flags = torch.stack([loss_sum, torch.tensor(float(_stop_requested), device=env.device)])
+        flags = torch.stack([loss_sum, torch.tensor(float(_stop_requested), device=env.device),
+                             torch.tensor(float(batches.loader.take_rejected()), device=env.device)])
         dist.all_reduce(flags)
         loss = flags[0].item() / (engine.gradient_accumulation_steps() * env.world_size)
         stop = flags[1].item() > 0
+        corrupt += int(flags[2].item())
+        log.corrupt_samples = corrupt
+        if corrupt > cfg.data.max_corrupt:
+            raise too_many_corrupt(cfg, env, batches.loader.last_rejected, corrupt)
         state.step += 1
         state.images_seen += t.batch_size
 
@@ -465,12 +564,16 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
                                        f"(train.max_bad_steps={t.max_bad_steps})")
 
         if state.step % t.checkpoint_every == 0:  # a fresh stream, so a resume from here skips nothing
-            batches = image_stream(cfg, env, engine.train_micro_batch_size_per_gpu(), state.step)
+            batches = on_all_ranks(env, lambda: image_stream(cfg, env, engine.train_micro_batch_size_per_gpu(),
+                                                             state.step))
             state.stream_start, state.batches_drawn = state.step, 0
         weights_ok = fp16 or bad_steps == 0
         last = state.step == t.max_steps
         if env.is_main and weights_ok and cfg.log.sample_every and (state.step % cfg.log.sample_every == 0 or last):
-            log.message(f"step {state.step}: EMA samples in {preview(cfg, ema, diffusion, state.step, env)}")
+            try:
+                log.message(f"step {state.step}: EMA samples in {preview(cfg, ema, diffusion, state.step, env)}")
+            except NoSpaceError as e:  # a preview is not worth stopping for; the checkpoint below decides
+                log.message(f"warning: no preview grid: {e}")
         if weights_ok and (state.step % t.checkpoint_every == 0 or last or stop):
             log.message(f"step {state.step}: checkpoint {save_checkpoint(engine, ema, state, cfg, env)}")
         if stop:
@@ -483,6 +586,16 @@ def _diverged(log: MetricsLog, cfg: Config, reason: str) -> int:
     log.message(f"error: {reason}; stopping. The last complete checkpoint under "
                 f"{Path(cfg.run.dir) / 'checkpoints'} is intact.")
     return EXIT_DIVERGED
+
+
+def too_many_corrupt(cfg: Config, env: DistEnv, last: str, count: int) -> TrainError:
+    """The stop past data.max_corrupt, naming the last rejected sample any rank saw."""
+    lasts = [None] * env.world_size
+    dist.all_gather_object(lasts, last)
+    last = next((x for x in reversed(lasts) if x), "")
+    return TrainError(f"{count} corrupt samples skipped, more than data.max_corrupt={cfg.data.max_corrupt} "
+                      f"(last: {last}); check the shards with `python -m data_prep --verify {cfg.data.shards}`",
+                      quiet=not env.is_main)
 
 
 def preview(cfg: Config, ema, diffusion, step: int, env: DistEnv) -> Path:
