@@ -210,7 +210,7 @@ finally:
 @pytest.mark.integration
 def test_standalone_sampler_runs_with_torch_blocked(onnx32, tmp_path):
     out = tmp_path / "samples.npz"
-    args = ["--model", str(onnx32), "--sampler", "ddpm", "--steps", "5", "--num", "5", "--batch", "2",
+    args = ["--model", str(onnx32), "--sampler", "dpmpp_2m", "--steps", "5", "--num", "5", "--batch", "2",
             "--seed", "3", "--threads", str(THREADS), "--out", str(out)]
     beside = tmp_path / "beside.png"
     run = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args, "--grid", str(beside)], cwd=ROOT,
@@ -248,7 +248,10 @@ CLI_ERRORS = {
     "missing sidecar": (lambda m: sidecar_path(m).unlink(), [], "missing sidecar"),
     "batch outside range": (lambda m: _edit_sidecar(m, **{"batch.max": 4}), ["--batch", "8"], "outside the engine's batch range 1..4"),
     "wrong image size": (lambda m: _edit_sidecar(m, image_size=32), [], "wrong image size"),
-    "steps above T": (lambda m: None, ["--steps", "1001"], "--steps 1001"),
+    "steps above T": (lambda m: None, ["--steps", "1001"], "--steps 1001: must be in [1, 1000]"),
+    "steps below 1": (lambda m: None, ["--steps", "0"], "--steps 0: must be in [1, 1000]"),
+    "unknown sampler": (lambda m: None, ["--sampler", "euler"], "--sampler euler: unknown sampler; expected one of"),
+    "eta without ddim": (lambda m: None, ["--sampler", "unipc", "--eta", "1"], "--eta 1.0: only ddim takes eta"),
     "stale sidecar": (lambda m: m.write_bytes(m.read_bytes() + b"\0"), [], "stale sidecar"),
     "bad sidecar value": (lambda m: _edit_sidecar(m, prediction_type="noise"), [], "prediction_type"),
     "unknown model type": (lambda m: m.rename(m.with_suffix(".pt")), [], "unknown model type"),
