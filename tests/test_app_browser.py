@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.app import (MAX_SIDE, Demo, UserInputError, image_to_model, keep_mask_from_layers, open_upload,
-                        shown_to_user)
+from export.app import (MAX_SIDE, SAMPLER_LABELS, Demo, UserInputError, image_to_model, keep_mask_from_layers,
+                        open_upload, shown_to_user)
 from export.backends import load_denoiser
+from pipeline.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 from test_editing import SIZE, make_tiny_checkpoint  # tests/ is on sys.path (pytest's rootdir-less import)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +248,9 @@ def test_generate_edit_and_inpaint_in_a_real_browser(app_url, chromium, tmp_path
             wait_for_images(page, "#trajectory")
             page.screenshot(path=shots / "generate.png", full_page=True)
             assert status.startswith("8 images in")
+            first = f"{SAMPLER_LABELS[DEFAULT_SAMPLER]} {DEFAULT_STEPS[DEFAULT_SAMPLER]} steps"
+            assert first in status  # the page opens on the benchmark's choice, and says why
+            assert "benchmarks quality" in page.inner_text("body")
             assert image_size_at(page, "#gallery", url) == [(SIZE, SIZE)] * 8
             [strip] = image_size_at(page, "#trajectory", url)
             assert strip[1] == 4 * 64 and strip[0] % 64 == 0
@@ -260,7 +264,8 @@ def test_generate_edit_and_inpaint_in_a_real_browser(app_url, chromium, tmp_path
             wait_for_images(page, "#edit-before")
             wait_for_images(page, "#edit-result")
             page.screenshot(path=shots / "edit.png", full_page=True)
-            assert "25 of 50 DDIM steps" in status
+            n = DEFAULT_STEPS[DEFAULT_SAMPLER]
+            assert f"{n // 2} of {n} {SAMPLER_LABELS[DEFAULT_SAMPLER]} steps" in status  # strength 0.5
             assert image_size_at(page, "#edit-before", url) == [(SIZE, SIZE)]
             assert image_size_at(page, "#edit-result", url) == [(SIZE, SIZE)]
 
@@ -274,6 +279,7 @@ def test_generate_edit_and_inpaint_in_a_real_browser(app_url, chromium, tmp_path
 
             # Inpaint: an empty mask is refused; a painted stroke is regenerated, the rest kept exactly.
             page.get_by_role("tab", name="Inpaint").click()
+            page.get_by_text("step-by-step sampler").wait_for()  # why there is no solver here
             page.wait_for_selector("#inpaint-input canvas", state="visible")  # an upload before this is lost
             page.set_input_files("#inpaint-input input[type=file]", tmp_path / "square.png")
             page.locator("#inpaint-input").get_by_text("select the draw tool").wait_for(state="hidden")
