@@ -51,6 +51,7 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     ("model.attn_resolutions=[5]", "model.attn_resolutions: 5 is not a resolution of the network"),
     ("train.precision=fp8", "train.precision: 'fp8' not fp16|bf16|fp32"),
     ("train.grad_checkpointing=maybe", "train.grad_checkpointing: expected bool"),
+    ("log.sample_sampler=euler", "log.sample_sampler: 'euler' not one of ddpm, ddim, dpmpp_2m, unipc"),
     ("train.lr", "expected section.key=value"),
 ])
 def test_bad_values_name_file_and_key(repo_root, override, message):
