@@ -2,6 +2,7 @@
 
   python -m data_prep --src data1024x1024/ --out shards/ --size 256 --workers 8
   python -m data_prep --synthetic 2000 --out shards/ --size 32
+  python -m data_prep --synthetic 2000 --grayscale --out shards_gray/ --size 32
   python -m data_prep --verify shards/
 """
 
@@ -28,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--src", type=Path, help="folder (searched recursively) or .zip of images")
     what.add_argument("--synthetic", type=int, metavar="N", help="write N procedural faces instead")
     what.add_argument("--verify", type=Path, metavar="DIR", help="re-hash every shard in DIR against its manifest")
+    p.add_argument("--grayscale", action="store_true", help="with --synthetic: three equal channels (R = G = B)")
     p.add_argument("--out", type=Path, help="output directory for shards and manifest.json")
     p.add_argument("--size", type=int, default=256, help="output resolution in pixels (square)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes (output is identical for any value)")
@@ -41,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if args.src is None and args.synthetic is None and args.verify is None:
         p.error("one of --src, --synthetic or --verify is required")
+    if args.grayscale and args.synthetic is None:
+        p.error("--grayscale: only with --synthetic")
     if args.verify is None and args.out is None:
         p.error("--out is required")
     checks = [(args.size >= 8, f"--size {args.size}: must be at least 8"),
@@ -78,6 +82,8 @@ def main(argv=None) -> int:
             names = [f"synthetic/{i:08d}" for i in range(args.synthetic)]
             source = {"kind": "synthetic", "num_inputs": args.synthetic, "generator": "data_prep.synthetic v1"}
             cfg["kind"] = "synthetic"
+            if args.grayscale:  # a key only when set: colour sets keep their manifests
+                source["grayscale"] = cfg["grayscale"] = True
         else:
             src = sources.open_source(args.src, args.match)
             if not src.names:

@@ -71,7 +71,7 @@ def _process(task):
     split, key, name = task
     cfg = _worker_cfg
     if cfg["kind"] == "synthetic":
-        face = synthetic.draw_face(cfg["seed"], int(name.rsplit("/", 1)[1]), cfg["size"])
+        face = synthetic.draw_face(cfg["seed"], int(name.rsplit("/", 1)[1]), cfg["size"], cfg.get("grayscale", False))
         return split, key, name, images.encode(face, cfg["format"], cfg["quality"]), face.size, None
     try:
         data = sources.read_bytes(cfg["kind"], Path(cfg["root"]), name)

@@ -152,8 +152,12 @@ def _lips_base(skin):
     return _lerp(skin, (150, 40, 50), 0.45)
 
 
-def draw_face(seed: int, index: int, size: int) -> Image.Image:
-    """One procedural face, RGB, size x size; identical for identical (seed, index, size)."""
+def draw_face(seed: int, index: int, size: int, grayscale: bool = False) -> Image.Image:
+    """One procedural face, RGB, size x size; identical for identical (seed, index, size).
+
+    grayscale: the same face with R = G = B (PIL's luma), a set on which any colour a model
+    produces is its own error.
+    """
     rng = np.random.default_rng([seed, index])
     side = size * supersample(size)
     img = _background(rng, size, side)
@@ -182,7 +186,8 @@ def draw_face(seed: int, index: int, size: int) -> Image.Image:
     tilt = rng.uniform(-7, 7)
     layer = layer.rotate(tilt, resample=Image.Resampling.BILINEAR, center=(cx * side, cy * side))
     img.paste(layer, (0, 0), layer)
-    return img.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=None)
+    img = img.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=None)
+    return img.convert("L").convert("RGB") if grayscale else img
 
 
 def _pick_pair(rng, tones):

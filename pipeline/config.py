@@ -79,6 +79,8 @@ class TrainConfig:
     max_bad_steps: int = 50       # consecutive overflow / non-finite steps before giving up
     seed: int = 0
     deepspeed_config: str = ""    # a user-supplied DeepSpeed JSON, passed through
+    loss_weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023: the loss of x0 capped at SNR = snr_gamma)
+    snr_gamma: float = 5.0
 
 
 @dataclass
@@ -91,6 +93,8 @@ class ZeroConfig:
 class EMAConfig:
     decay: float = 0.9999
     warmup: bool = False          # decay = min(decay, (1 + n) / (10 + n)) for short runs
+    profile: str = "exponential"  # exponential (decay, warmup) | power (EDM2: length set by sigma_rel, any run length)
+    sigma_rel: float = 0.05       # power: the EMA's width as a fraction of the training so far
 
 
 @dataclass
@@ -211,10 +215,16 @@ def validate(cfg: Config) -> None:
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", f"{t.keep_checkpoints} must be >= 1"),
         (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas",
          f"{list(t.adam_betas)} must be two values in [0, 1)"),
+        (t.loss_weighting in ("uniform", "min_snr"), "train.loss_weighting",
+         f"{t.loss_weighting!r} not uniform|min_snr"),
+        (t.snr_gamma > 0, "train.snr_gamma", f"{t.snr_gamma} must be > 0"),
         (cfg.zero.stage in (0, 1, 2, 3), "zero.stage", f"{cfg.zero.stage} not in 0..3"),
         (t.precision != "fp16" or cfg.zero.stage >= 1 or bool(t.deepspeed_config), "train.precision",
          FP16_NEEDS_ZERO),
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", f"{cfg.ema.decay} must be in [0, 1)"),
+        (cfg.ema.profile in ("exponential", "power"), "ema.profile", f"{cfg.ema.profile!r} not exponential|power"),
+        # sigma_rel 0.2887 is the power exponent 0 (a plain running mean): no narrower profile is wider
+        (0.0 < cfg.ema.sigma_rel < 0.28, "ema.sigma_rel", f"{cfg.ema.sigma_rel} must be in (0, 0.28)"),
         (cfg.log.every >= 1, "log.every", f"{cfg.log.every} must be >= 1"),
         (cfg.log.sample_every >= 0, "log.sample_every", f"{cfg.log.sample_every} must be >= 0"),
         (1 <= cfg.log.sample_steps <= d.num_timesteps, "log.sample_steps",

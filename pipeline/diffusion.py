@@ -5,6 +5,7 @@ and the NumPy samplers share one source of truth.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -18,16 +19,34 @@ def schedule_from_config(cfg: DiffusionConfig) -> DiffusionSchedule:
         prediction_type=cfg.prediction_type, variance_type=cfg.variance_type, clip_sample=cfg.clip_sample)
 
 
-class GaussianDiffusion:
-    """q_sample and the simple (unweighted MSE) DDPM loss, on torch tensors."""
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
-    def __init__(self, schedule: DiffusionSchedule):
+
+def min_snr_weights(schedule: DiffusionSchedule, gamma: float) -> np.ndarray:
+    """Per-timestep loss weights (T,), float64, of Min-SNR-gamma (Hang et al. 2023).
+
+    The weight on the x0 error is min(SNR, gamma); an epsilon error is an x0 error times SNR
+    and a v error one times SNR + 1, so those losses are divided by that factor.
+    """
+    snr = schedule.alphas_cumprod / (1.0 - schedule.alphas_cumprod)
+    capped = np.minimum(snr, gamma)
+    return {"epsilon": capped / snr, "v_prediction": capped / (snr + 1.0), "sample": capped}[schedule.prediction_type]
+
+
+class GaussianDiffusion:
+    """q_sample and the DDPM loss (plain MSE, or Min-SNR weighted per timestep), on torch tensors."""
+
+    def __init__(self, schedule: DiffusionSchedule, loss_weighting: str = "uniform", snr_gamma: float = 5.0):
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
         self.schedule = schedule
         self.num_timesteps = schedule.num_timesteps
         self.prediction_type = schedule.prediction_type
         # Kept in float64 on the host; gathered per batch and cast to the batch dtype.
         self.sqrt_alphas_cumprod = torch.from_numpy(schedule.sqrt_alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = torch.from_numpy(schedule.sqrt_one_minus_alphas_cumprod)
+        self.loss_weights = (torch.from_numpy(min_snr_weights(schedule, snr_gamma))
+                             if loss_weighting == "min_snr" else None)
 
     def _coef(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] as (B, 1, 1, 1) in like's dtype and device."""
@@ -53,7 +72,12 @@ class GaussianDiffusion:
         return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
 
     def training_loss(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Mean squared error between the model output at (x_t, t) and the target; a scalar."""
+        """Mean squared error between the model output at (x_t, t) and the target, each sample's
+        weighted by its timestep's loss weight when there is one; a scalar."""
         x_t = self.q_sample(x0, t, noise)
-        output = model(x_t, t)
-        return F.mse_loss(output.float(), self.target(x0, t, noise).float())
+        output = model(x_t, t).float()
+        target = self.target(x0, t, noise).float()
+        if self.loss_weights is None:
+            return F.mse_loss(output, target)
+        per_sample = (output - target).square().mean(dim=tuple(range(1, output.ndim)))
+        return (self.loss_weights.to(output.device)[t.long()].float() * per_sample).mean()

@@ -1,6 +1,13 @@
-"""Exponential moving average of the weights, in fp32, correct under ZeRO-3.
+"""Moving average of the weights, in fp32, correct under ZeRO-3.
 
     ema <- decay * ema + (1 - decay) * w        after every applied optimizer step
+
+Two profiles set the decay of update n (counting from 0):
+- exponential: a constant `decay`, with the optional warm-up min(decay, (1 + n) / (10 + n));
+- power (Karras et al. 2024, EDM2): decay (1 - 1 / (n + 1)) ** (gamma + 1), which weighs the
+  weights of step i by i ** gamma. Its width relative to the run's length, sigma_rel, is the
+  same at every step, so one setting suits a 1,000-step demo and a 100,000-step run alike.
+Both depend on the update count only, which a checkpoint stores: a resumed run continues exactly.
 
 Under ZeRO-3 each rank holds only a shard of every parameter; the EMA is taken of the whole
 parameters, gathered chunk by chunk, so no rank ever averages a partial shard. Gathering is a
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,17 +69,40 @@ def full_weights(model: nn.Module, keep: bool = True, chunk_numel: int = GATHER_
     return weights
 
 
+def power_exponent(sigma_rel: float) -> float:
+    """gamma of the power-function EMA whose relative standard deviation is sigma_rel (EDM2 eq. 3:
+    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), the largest real root)."""
+    s = sigma_rel ** -2
+    return float(max(r.real for r in np.roots([1.0, 7.0, 16.0 - s, 12.0 - s]) if abs(r.imag) < 1e-9))
+
+
+def power_sigma_rel(gamma: float) -> float:
+    """The inverse of power_exponent."""
+    return float(np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))))
+
+
+PROFILES = ("exponential", "power")
+
+
 class EMA:
     """fp32 shadow weights keyed like `model.state_dict()`; held only where keep=True."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False, keep: bool = True,
-                 chunk_numel: int = GATHER_CHUNK_NUMEL):
+                 chunk_numel: int = GATHER_CHUNK_NUMEL, profile: str = "exponential", sigma_rel: float = 0.05):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown EMA profile {profile!r}; expected one of {PROFILES}")
         self.decay, self.warmup, self.keep, self.chunk_numel = decay, warmup, keep, chunk_numel
+        self.profile = profile
+        self.gamma = power_exponent(sigma_rel) if profile == "power" else None
         self.num_updates = 0
         self.shadow = full_weights(model, keep, chunk_numel)
 
     def current_decay(self) -> float:
-        """The decay of the next update; with warm-up (1 + n) / (10 + n), capped at `decay`."""
+        """The decay of the next update: power (n / (n + 1)) ** (gamma + 1); exponential `decay`,
+        with warm-up (1 + n) / (10 + n) capped at `decay`."""
+        if self.profile == "power":
+            n = self.num_updates
+            return (n / (n + 1)) ** (self.gamma + 1)
         if self.warmup:
             return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         return self.decay

@@ -468,7 +468,8 @@ def _train(cfg: Config) -> int:
     on_all_ranks(env, lambda: image_stream(cfg, env, micro_batch, 0) if env.is_main else None)
 
     engine = build_engine(cfg, ds_config, deepspeed)
-    ema = EMA(engine.module, cfg.ema.decay, warmup=cfg.ema.warmup, keep=env.is_main)
+    ema = EMA(engine.module, cfg.ema.decay, warmup=cfg.ema.warmup, keep=env.is_main,
+              profile=cfg.ema.profile, sigma_rel=cfg.ema.sigma_rel)
     state = resume(engine, ema, cfg, env)
     if state.step >= t.max_steps:
         if env.is_main:
@@ -521,7 +522,7 @@ def train_step(engine, diffusion, batches, state: TrainState, seed: int, env: Di
 def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batches, log: MetricsLog) -> int:
     from pipeline.diffusion import GaussianDiffusion, schedule_from_config
     t = cfg.train
-    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
+    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion), t.loss_weighting, t.snr_gamma)
     fp16 = engine.fp16_enabled()
     bad_steps = 0
     corrupt = 0  # samples the data loaders of all ranks skipped since this process started

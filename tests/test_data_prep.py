@@ -228,8 +228,28 @@ def test_synthetic_faces_are_deterministic_and_varied():
     assert np.abs(centre - corner).sum(axis=1).mean() > 30
 
 
+def test_synthetic_grayscale_has_three_equal_channels(tmp_path):
+    run_prep("--synthetic", 12, "--grayscale", "--size", SIZE, "--out", tmp_path / "gray", "--workers", 1)
+    manifest = json.loads((tmp_path / "gray" / "manifest.json").read_text())
+    assert manifest["source"]["grayscale"] is True
+    faces = []
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            with tarfile.open(tmp_path / "gray" / entry["name"]) as tar:
+                faces += [np.asarray(Image.open(tar.extractfile(m)).convert("RGB"), dtype=np.int16)
+                          for m in tar.getmembers() if m.name.endswith(".png")]
+    assert len(faces) == 12
+    for face in faces:
+        assert np.array_equal(face[..., 0], face[..., 1]) and np.array_equal(face[..., 1], face[..., 2])
+        assert face.std() > 10  # still a face, not a flat grey
+    from data_prep.synthetic import draw_face  # the same face as the colour set, its luma
+    luma = np.asarray(draw_face(0, 3, SIZE).convert("L"))
+    assert np.array_equal(np.asarray(draw_face(0, 3, SIZE, grayscale=True))[..., 0], luma)
+
+
 @pytest.mark.parametrize("args, expect", [
     ([], "one of --src, --synthetic or --verify is required"),
+    (["--src", "x", "--out", "y", "--grayscale"], "--grayscale: only with --synthetic"),
     (["--src", "/nonexistent/celeba", "--out", "x"], "/nonexistent/celeba: no such file or directory"),
     (["--synthetic", "4", "--out", "x", "--format", "gif"], "--format: invalid choice: 'gif'"),
     (["--synthetic", "4"], "--out is required"),
