@@ -1,6 +1,7 @@
 """python -m benchmarks <name>|all [--quick] [--device cpu|cuda] [--out DIR]
 
-Benchmarks: train, data, sampler, end_to_end. Each writes <out>/<name>.json (machine, versions,
+Benchmarks: train, data, sampler, end_to_end (`all` runs these), and learning (what a fixed training
+budget learns: quality, not speed; an hour on 2 CPU cores, so not part of `all`). Each writes <out>/<name>.json (machine, versions,
 config, every repeat) and <out>/<name>.md (tables, targets, method), plus PNG plots where a curve
 says more than a table; `all` also writes <out>/summary.md and summary.json with every target.
 --quick finishes in a few minutes on 2 CPU cores (a smoke run: numbers are not representative).
@@ -20,6 +21,7 @@ from pathlib import Path
 from benchmarks import common
 
 NAMES = ("train", "data", "sampler", "end_to_end")
+EXTRA = ("learning",)
 
 
 def module(name: str):
@@ -28,12 +30,12 @@ def module(name: str):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=NAMES + ("all",), help="which benchmark, or all of them")
+    p.add_argument("name", choices=NAMES + EXTRA + ("all",), help="which benchmark, or all of them")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (minutes on 2 CPU cores)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results/<device>)")
     p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: usable cores)")
-    for name in NAMES:
+    for name in NAMES + EXTRA:
         module(name).add_arguments(p)
     args = p.parse_args(argv)
     if args.device is None:
@@ -44,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device is visible to torch on this machine")
     args.out = args.out or Path("benchmarks/results") / args.device
-    for name in NAMES:
+    for name in NAMES + EXTRA:
         module(name).defaults(args)
     return args
 

@@ -63,3 +63,36 @@ def test_quick_run_writes_every_result(tmp_path, repo_root):
         "train_step_vs_diffusers", "checkpointing_memory", "checkpointing_time", "zero2_optimizer_state",
         "loader_vs_consumption", "ort_vs_torch_cpu", "loop_overhead"}
     assert (out / "summary.md").read_text().startswith("# Benchmark summary")
+
+
+@pytest.mark.integration
+def test_learning_quick_trains_scores_and_plots(tmp_path, repo_root):
+    out = tmp_path / "learning"
+    env = dict(os.environ, PYTHONPATH=repo_root)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "learning", "--quick", "--out", str(out)],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((out / "learning.json").read_text())
+    faces, gray = result["results"]["faces"], result["results"]["grayscale"]
+    assert set(faces) == {"val split (floor)", "today", "v-pred min-SNR"}
+    for name in ("today", "v-pred min-SNR"):
+        points = faces[name]["points"]
+        assert [p["step"] for p in points] == [8, 16] and all(p["classifier-FID"] > 0 for p in points)
+        assert 0 <= points[-1]["precision"] <= 1 and faces[name]["eta0"]["classifier-FID"] > 0
+        assert faces[name]["wall_seconds"] > 0
+    # the grayscale data has no colour; a model a few steps old has some
+    assert gray["val split (floor)"]["floor"]["colour_cast"] == 0.0
+    assert gray["v-pred min-SNR"]["points"][-1]["colour_cast"] >= 0
+    md = (out / "learning.md").read_text()
+    assert md.startswith("# learning") and "colour cast" in md
+    for png in ("learning_cfid.png", "learning_samples.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_colour_cast_is_the_mean_channel_mean_difference():
+    import numpy as np
+    from benchmarks.learning import colour_cast
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[0, ..., 0] = 30  # R 30 G 0 B 0: pairs |30|, |0|, |30| -> 20
+    images[1] = 77          # grey: 0
+    assert colour_cast(images) == pytest.approx(10.0)
