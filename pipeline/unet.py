@@ -263,17 +263,98 @@ def convert_diffusers_state_dict(sd: dict) -> dict:
     return out
 
 
+class DiffusersConfigError(ValueError):
+    """A diffusers config this U-Net cannot reproduce; the message names the field and its value."""
+
+
+# diffusers' UNet2DModel defaults: a field absent from config.json has this value there.
+_DIFFUSERS_DEFAULTS = {
+    "in_channels": 3, "out_channels": 3, "center_input_sample": False, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True, "mid_block_type": "UNetMidBlock2D",
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "downsample_padding": 1, "downsample_type": "conv",
+    "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32,
+    "attn_norm_num_groups": None, "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896),
+}
+# Fields whose value this network has built in (the DDPM layout), with what it computes there.
+_FIXED = {
+    "center_input_sample": (False, "inputs used as given"),
+    "time_embedding_type": ("positional", "a sinusoidal timestep embedding"),
+    "flip_sin_to_cos": (False, "the embedding ordered [sin, cos]"),
+    "freq_shift": (1, "frequencies exp(-ln(10000) i / (half - 1))"),
+    "mid_block_type": ("UNetMidBlock2D", "a middle block of resnet, attention, resnet"),
+    "add_attention": (True, "attention in the middle block"),
+    "mid_block_scale_factor": (1, "unscaled residuals in the middle block"),
+    "downsample_padding": (0, "down-sampling by a stride-2 conv after (0, 1, 0, 1) padding"),
+    "downsample_type": ("conv", "down-sampling by a strided conv"),
+    "upsample_type": ("conv", "up-sampling by nearest neighbour and a conv"),
+    "norm_eps": (1e-6, "GroupNorm eps 1e-6"),
+    "resnet_time_scale_shift": ("default", "the time embedding added, not a scale and shift"),
+    "class_embed_type": (None, "no class conditioning"),
+    "num_class_embeds": (None, "no class conditioning"),
+}
+_DOWN_TYPES, _UP_TYPES = ("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "AttnUpBlock2D")
+
+
+def check_diffusers_config(dcfg: dict, where: str = "config.json") -> None:
+    """Refuse a UNet2DModel config that computes something this U-Net does not, naming the field."""
+    def value(key):
+        return dcfg.get(key, _DIFFUSERS_DEFAULTS.get(key))
+
+    def refuse(key, why):
+        raise DiffusersConfigError(f"{where}: {key}={value(key)!r} is not supported: {why}")
+
+    for key, (wanted, meaning) in _FIXED.items():
+        v = value(key)
+        same = (v == wanted and type(v) is not bool) if type(wanted) is not bool else v is wanted
+        if not same and not (key == "norm_eps" and isinstance(v, float) and math.isclose(v, wanted, rel_tol=1e-9)):
+            refuse(key, f"this U-Net computes {meaning} ({key}={wanted!r})")
+    if value("act_fn") not in ("silu", "swish"):
+        refuse("act_fn", "this U-Net's activation is SiLU (act_fn='silu')")
+    chs = list(value("block_out_channels"))
+    if any(c % chs[0] for c in chs):
+        refuse("block_out_channels", f"every width must be a multiple of the first, {chs[0]}")
+    if value("time_embedding_dim") not in (None, 4 * chs[0]):
+        refuse("time_embedding_dim", f"this U-Net's time embedding is 4 x {chs[0]} = {4 * chs[0]} wide")
+    if value("in_channels") != value("out_channels"):
+        refuse("out_channels", f"this U-Net outputs as many channels as it takes (in_channels={value('in_channels')})")
+    if value("norm_num_groups") is None or value("attn_norm_num_groups") not in (None, value("norm_num_groups")):
+        refuse("attn_norm_num_groups" if value("norm_num_groups") else "norm_num_groups",
+               "one GroupNorm group count for resnets and attention (norm_num_groups)")
+    down, up = list(value("down_block_types")), list(value("up_block_types"))
+    for key, types, allowed in (("down_block_types", down, _DOWN_TYPES), ("up_block_types", up, _UP_TYPES)):
+        if len(types) != len(chs) or any(t not in allowed for t in types):
+            refuse(key, f"one of {'/'.join(allowed)} per entry of block_out_channels")
+    if [t.startswith("Attn") for t in down] != [t.startswith("Attn") for t in reversed(up)]:
+        refuse("up_block_types", f"attention at the same resolutions as down_block_types={down!r}")
+    size = value("sample_size")
+    if not isinstance(size, (int, list, tuple)):
+        refuse("sample_size", "the image size is needed (an int or [h, w])")
+    if isinstance(size, (list, tuple)) and len(set(size)) != 1:
+        refuse("sample_size", "square images only")
+    # Single-head attention: a head as wide as the block (attention_head_dim None or the block's width).
+    head = value("attention_head_dim")
+    attn_widths = {c for c, t in zip(chs, down) if t.startswith("Attn")} | {chs[-1]}
+    if head is not None and any(head != c for c in attn_widths):
+        refuse("attention_head_dim", f"this U-Net's attention has one head as wide as the block "
+                                     f"({', '.join(map(str, sorted(attn_widths)))} channels): use null")
+
+
 def import_diffusers_unet(state_dict_or_dir, cfg: ModelConfig | None = None) -> UNet:
     """Build a UNet from a diffusers `UNet2DModel` state dict or saved model directory.
 
-    With a directory, the config is read from its `config.json`; with a state dict, pass `cfg`.
+    With a directory, the config is read from its `config.json` and every field that changes
+    what the network computes is honoured or refused (DiffusersConfigError); with a state dict, pass `cfg`.
     """
     if isinstance(state_dict_or_dir, (str, Path)):
         import json
         from safetensors.torch import load_file
         folder = Path(state_dict_or_dir)
         dcfg = json.loads((folder / "config.json").read_text())
-        cfg = model_config_from_diffusers(dcfg)
+        cfg = model_config_from_diffusers(dcfg, where=str(folder / "config.json"))
         weights = folder / "diffusion_pytorch_model.safetensors"
         if weights.exists():
             sd = load_file(str(weights))
@@ -288,14 +369,15 @@ def import_diffusers_unet(state_dict_or_dir, cfg: ModelConfig | None = None) -> 
     return model
 
 
-def model_config_from_diffusers(dcfg: dict) -> ModelConfig:
-    """ModelConfig equivalent of a diffusers UNet2DModel config dict (DDPM layout only)."""
-    chs = list(dcfg["block_out_channels"])
+def model_config_from_diffusers(dcfg: dict, where: str = "config.json") -> ModelConfig:
+    """ModelConfig equivalent of a diffusers UNet2DModel config dict; DiffusersConfigError when there is none."""
+    check_diffusers_config(dcfg, where)
+    d = {**_DIFFUSERS_DEFAULTS, **dcfg}
+    chs = list(d["block_out_channels"])
     ch = chs[0]
-    size = dcfg["sample_size"]
+    size = d["sample_size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
-    attn = tuple(size // 2 ** i for i, t in enumerate(dcfg["down_block_types"]) if t.startswith("Attn"))
-    return ModelConfig(image_size=size, in_channels=dcfg.get("in_channels", 3), ch=ch,
-                       ch_mult=tuple(c // ch for c in chs), num_res_blocks=dcfg.get("layers_per_block", 2),
-                       attn_resolutions=attn, dropout=dcfg.get("dropout", 0.0),
-                       num_groups=dcfg.get("norm_num_groups", 32))
+    attn = tuple(size // 2 ** i for i, t in enumerate(d["down_block_types"]) if t.startswith("Attn"))
+    return ModelConfig(image_size=size, in_channels=d["in_channels"], ch=ch, ch_mult=tuple(c // ch for c in chs),
+                       num_res_blocks=d["layers_per_block"], attn_resolutions=attn, dropout=d["dropout"],
+                       num_groups=d["norm_num_groups"])
