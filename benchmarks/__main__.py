@@ -1,7 +1,7 @@
 """python -m benchmarks <name>|all [--quick] [--device cpu|cuda] [--out DIR]
 
-Benchmarks: train, data, sampler, end_to_end (`all` runs these), and learning (what a fixed training
-budget learns: quality, not speed; an hour on 2 CPU cores, so not part of `all`). Each writes <out>/<name>.json (machine, versions,
+Benchmarks: train, data, sampler, end_to_end (`all` runs these) and learning (what a fixed training budget
+learns; an hour on 2 CPU cores, so not part of `all`). Each writes <out>/<name>.json (machine, versions,
 config, every repeat) and <out>/<name>.md (tables, targets, method), plus PNG plots where a curve
 says more than a table; `all` also writes <out>/summary.md and summary.json with every target.
 --quick finishes in a few minutes on 2 CPU cores (a smoke run: numbers are not representative).

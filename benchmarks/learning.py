@@ -69,7 +69,7 @@ each variant adds its overrides. Same seed (train.seed=0), same shards, same num
 -m pipeline.train`, OMP_NUM_THREADS=1 per process, fp32, on the machine's cores while nothing else of this
 benchmark runs. Wall time is the whole training process (start-up and checkpoints included).
 
-Scoring: the EMA weights of each checkpoint, `export.sampler.generate` with DDIM (eta 1, leading spacing,
+Scoring: the EMA weights of each checkpoint, `pipeline.sampling.generate` with DDIM (eta 1, leading spacing,
 `config.sampler_steps` steps, seed 0, the same initial noise for every variant), `config.num` samples,
 `pipeline.evaluate.evaluate` against the train split (classifier-FID, k-NN precision / recall / coverage,
 k = 3). The last checkpoint is also sampled with deterministic DDIM (eta 0). The floor row scores
@@ -131,10 +131,10 @@ def train_variant(overrides: list[str], data: Path, run_dir: Path, procs: int) -
 
 def sample(ckpt: Path, plan: dict, eta: float, threads: int) -> np.ndarray:
     from export.backends import TorchDenoiser
-    from export.sampler import generate
+    from pipeline.sampling import generate, to_uint8
     denoiser = TorchDenoiser(ckpt, threads=threads)
-    return generate(denoiser, plan["num"], batch=min(plan["num"], 128), sampler="ddim", steps=plan["sampler_steps"],
-                    eta=eta, seed=0)
+    return to_uint8(generate(denoiser, plan["num"], batch=min(plan["num"], 128), sampler="ddim",
+                             steps=plan["sampler_steps"], eta=eta, spacing="leading", seed=0))
 
 
 def score(images: np.ndarray, data: Path, featurizer) -> dict:

@@ -99,7 +99,7 @@ def test_option_trains_resumes_bit_exactly_and_exports(option, tmp_path, shards1
     from safetensors.torch import load_file
     from export.backends import OrtDenoiser
     from export.onnx import export_onnx
-    from export.sampler import generate
+    from pipeline.sampling import generate
     from pipeline.train import train
     overrides = [*OPTIONS[option], "train.checkpoint_every=3", "data.num_workers=0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -119,5 +119,6 @@ def test_option_trains_resumes_bit_exactly_and_exports(option, tmp_path, shards1
     onnx_path, _, _ = export_onnx(straight / "run", tmp_path / "denoiser.onnx")
     denoiser = OrtDenoiser(onnx_path, provider="cpu", threads=1)
     assert denoiser.info.prediction_type == prediction
-    images = generate(denoiser, 2, batch=2, sampler="ddim", steps=3)
-    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    for sampler in ("ddim", "dpmpp_2m", "unipc"):
+        images = generate(denoiser, 2, batch=2, sampler=sampler, steps=3)
+        assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all()
