@@ -85,11 +85,12 @@ def test_option_errors_name_the_key(tmp_path, shards16):
             tiny_config(tmp_path, shards16, override)
 
 
-OPTIONS = {
-    "min_snr epsilon": ["train.loss_weighting=min_snr", "train.snr_gamma=5"],
+OPTIONS = {  # each pins its prediction type and weighting (the tiny config's own may change)
+    "min_snr epsilon": ["diffusion.prediction_type=epsilon", "train.loss_weighting=min_snr", "train.snr_gamma=5"],
     "v_prediction min_snr": ["diffusion.prediction_type=v_prediction", "train.loss_weighting=min_snr"],
-    "sample prediction": ["diffusion.prediction_type=sample"],
-    "power EMA": ["ema.profile=power", "ema.sigma_rel=0.1"],
+    "sample prediction": ["diffusion.prediction_type=sample", "train.loss_weighting=uniform"],
+    "power EMA": ["diffusion.prediction_type=epsilon", "train.loss_weighting=uniform", "ema.profile=power",
+                  "ema.sigma_rel=0.1"],
 }
 
 
@@ -113,8 +114,7 @@ def test_option_trains_resumes_bit_exactly_and_exports(option, tmp_path, shards1
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     model_json = json.loads((straight / "run" / "checkpoints/step_000000006/model.json").read_text())
-    prediction = next((o.split("=")[1] for o in OPTIONS[option] if o.startswith("diffusion.prediction_type")),
-                      "epsilon")
+    prediction = next(o.split("=")[1] for o in OPTIONS[option] if o.startswith("diffusion.prediction_type"))
     assert model_json["diffusion"]["prediction_type"] == prediction
     onnx_path, _, _ = export_onnx(straight / "run", tmp_path / "denoiser.onnx")
     denoiser = OrtDenoiser(onnx_path, provider="cpu", threads=1)
