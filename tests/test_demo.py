@@ -13,9 +13,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent  # make's $(VENV): bin/python and bin/torchrun live here
-SETS = ("EMA unipc-10", "online unipc-10", "EMA DDIM-50 eta 1")  # the Makefile's DEMO_SAMPLER-DEMO_STEPS
+FAST = f"{DEFAULT_SAMPLER}-{DEFAULT_STEPS[DEFAULT_SAMPLER]}"  # the Makefile's DEMO_SAMPLER-DEMO_STEPS
+SETS = (f"EMA {FAST}", f"online {FAST}", "EMA DDIM-50 eta 1")
+
+
+def test_the_demo_samples_with_the_core_default():
+    """One default everywhere: the Makefile writes the sampling core's default out for its set names."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"DEMO_SAMPLER ?= {DEFAULT_SAMPLER}\n" in makefile
+    assert f"DEMO_STEPS ?= {DEFAULT_STEPS[DEFAULT_SAMPLER]}\n" in makefile
 
 
 def make(tmp: Path, *targets: str, **variables: str) -> subprocess.CompletedProcess:
@@ -55,7 +65,7 @@ def test_make_demo_small_writes_grid_scores_benchmark_and_reuses_its_work(tmp_pa
     assert "nothing to do" in again.stderr  # the shards
     assert "already at step 4" in again.stdout  # the training
     assert "export.onnx" not in again.stdout and "export.sample" not in again.stdout  # nothing re-sampled
-    assert "online unipc-10" in again.stdout and "ort_vs_torch_cpu" in again.stdout  # the summary again
+    assert f"online {FAST}" in again.stdout and "ort_vs_torch_cpu" in again.stdout  # the summary again
 
 
 @pytest.mark.integration
