@@ -353,23 +353,24 @@ class TorchDenoiser:
 
     def __init__(self, ckpt: str | Path, device: str = "cpu", threads: int | None = None, half: bool = False):
         import torch
-        from pipeline.checkpoint import CheckpointError, find_checkpoint, load_unet, load_model_json
+        from pipeline.checkpoint import CheckpointError, read_checkpoint
         from pipeline.diffusion import schedule_from_config
         if threads:
             torch.set_num_threads(threads)
         try:
-            self.model, model_cfg, diffusion_cfg = load_unet(ckpt, device=device)
-            self.checkpoint = find_checkpoint(ckpt)
-            step = load_model_json(self.checkpoint)[2].get("step", 0)
+            checkpoint = read_checkpoint(ckpt)
+            self.model = checkpoint.load_unet(device=device)
         except CheckpointError as e:
             raise ModelError(str(e)) from None
+        self.checkpoint = checkpoint.dir
         if half:
             self.model.half()
         self._torch, self._device = torch, torch.device(device)
         self._dtype = torch.float16 if half else torch.float32
-        self.info = sidecar_from_config(model_cfg, diffusion_cfg, schedule_from_config(diffusion_cfg).betas,
+        self.info = sidecar_from_config(checkpoint.model, checkpoint.diffusion,
+                                        schedule_from_config(checkpoint.diffusion).betas,
                                         fmt="torch", dtype="float16" if half else "float32",
-                                        source=str(self.checkpoint), step=step)
+                                        source=str(checkpoint.dir), step=checkpoint.step)
         self.name = f"torch {torch.__version__} eager {device}{' fp16' if half else ''}"
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:

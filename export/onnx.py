@@ -75,21 +75,20 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, fp16: bool = Fa
     """Export, check, verify, write. Returns (onnx path, sidecar, max error vs torch)."""
     import onnx
     import torch
-    from pipeline.checkpoint import find_checkpoint, load_unet, load_model_json
+    from pipeline.checkpoint import read_checkpoint
     from pipeline.diffusion import schedule_from_config
     if opset < MIN_OPSET:
         raise ValueError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")
-    ckpt_dir = find_checkpoint(ckpt)
-    model, model_cfg, diffusion_cfg = load_unet(ckpt_dir, weights=weights)
-    step = load_model_json(ckpt_dir)[2].get("step", 0)
+    checkpoint = read_checkpoint(ckpt)
+    model = checkpoint.load_unet(weights=weights)
     suffix = ("" if weights == "ema" else f"_{weights}") + ("_fp16" if fp16 else "")
-    out = Path(out) if out else ckpt_dir / f"denoiser{suffix}.onnx"
+    out = Path(out) if out else checkpoint.dir / f"denoiser{suffix}.onnx"
     if out.suffix != ".onnx":
         raise ValueError(f"--out {out}: expected a .onnx file name")
     dtype = "float16" if fp16 else "float32"
-    info = sidecar_from_config(model_cfg, diffusion_cfg, schedule_from_config(diffusion_cfg).betas, fmt="onnx",
-                               dtype=dtype, source=str(ckpt_dir.resolve()), step=step, batch=(1, 1, None),
-                               weights=weights)
+    info = sidecar_from_config(checkpoint.model, checkpoint.diffusion, schedule_from_config(checkpoint.diffusion).betas,
+                               fmt="onnx", dtype=dtype, source=str(checkpoint.dir.resolve()), step=checkpoint.step,
+                               batch=(1, 1, None), weights=weights)
     info.producer = {"torch": torch.__version__, "onnx": onnx.__version__, "opset": opset,
                      "exporter": "torch.onnx.export(dynamo=True)"}
 

@@ -10,6 +10,8 @@
 
 A directory without COMPLETE does not exist for resume or export. Every file read here that is
 truncated, garbled, empty or of the wrong type raises CheckpointError("<file>: <what is wrong>").
+`read_checkpoint` finds one and reads its model.json once into a `Checkpoint`, which
+export, the torch backend and the sample tools are handed; the weights are read only when asked for.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, ConfigError, DiffusionConfig, ModelConfig, _build
+from pipeline.config import Config, ConfigError, DiffusionConfig, ModelConfig, build_dataclass
 from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer
 
 CHECKPOINTS = "checkpoints"
@@ -41,6 +43,12 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:09d}"
 
 
+def step_of(ckpt_dir: str | Path) -> int | None:
+    """The step a checkpoint directory is named for (`step_000010000` -> 10000); None for other names."""
+    m = _STEP_DIR.match(Path(ckpt_dir).name)
+    return int(m.group(1)) if m else None
+
+
 def is_complete(ckpt_dir: str | Path) -> bool:
     """COMPLETE exists. Whether it is whole is `check_marker`'s question: a damaged marker must stop
     a resume with its name, not make the checkpoint look interrupted (and get it deleted)."""
@@ -52,7 +60,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)) and is_complete(d)]
+    found = [(step, d) for d in root.iterdir() if (step := step_of(d)) is not None and is_complete(d)]
     return [d for _, d in sorted(found)]
 
 
@@ -63,7 +71,7 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint or run directory)")
-    if _STEP_DIR.match(path.name):
+    if step_of(path) is not None:
         if not is_complete(path):
             raise CheckpointError(f"{path}: checkpoint has no {COMPLETE} marker (interrupted while writing)")
         check_marker(path)
@@ -97,10 +105,10 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     complete = complete_checkpoints(run_dir)
     removed = complete[:-keep] if keep > 0 else []
     if complete:
-        newest = int(complete[-1].name[5:])
+        newest = step_of(complete[-1])
         for d in (Path(run_dir) / CHECKPOINTS).iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and int(m.group(1)) < newest and not is_complete(d):
+            step = step_of(d)
+            if step is not None and step < newest and not is_complete(d):
                 removed.append(d)
     for d in removed:
         shutil.rmtree(d, ignore_errors=True)
@@ -127,7 +135,8 @@ def load_model_json(ckpt_dir: str | Path) -> tuple[ModelConfig, DiffusionConfig,
         meta = json.loads(path.read_text())
         if not isinstance(meta, dict):
             raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-        return _build(ModelConfig, meta["model"], "model"), _build(DiffusionConfig, meta["diffusion"], "diffusion"), meta
+        return (build_dataclass(ModelConfig, meta["model"], "model"),
+                build_dataclass(DiffusionConfig, meta["diffusion"], "diffusion"), meta)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
         reason = f"missing key {e}" if isinstance(e, KeyError) else getattr(e, "strerror", None) or e
         raise CheckpointError(f"{path}: unreadable model description ({reason})") from None
@@ -204,27 +213,57 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}"
 
 
-def load_unet(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"):
-    """(UNet in eval mode, ModelConfig, DiffusionConfig) from a checkpoint or run dir.
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One complete checkpoint, read once: its directory and its model.json. Weights load on demand."""
+    dir: Path
+    step: int
+    images_seen: int
+    model: ModelConfig
+    diffusion: DiffusionConfig
+
+    def weights_file(self, weights: str = "ema") -> Path:
+        """ema.safetensors ("ema": what is exported and served) or model.safetensors ("model": online)."""
+        if weights not in WEIGHT_FILES:
+            raise CheckpointError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_FILES)}")
+        file = self.dir / WEIGHT_FILES[weights]
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (checkpoints written before the online weights were saved "
+                                  f"hold only {EMA_FILE}; use the EMA weights)")
+        return file
+
+    def load_unet(self, device: str | torch.device = "cpu", weights: str = "ema"):
+        """The U-Net in eval mode on `device`, with the chosen weights."""
+        from pipeline.unet import UNet
+        file = self.weights_file(weights)
+        model = UNet(self.model)
+        state = load_tensors(file)
+        try:
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot load {weights} weights ({str(e).splitlines()[0]})") from None
+        return model.to(device).eval()
+
+
+def read_checkpoint(path: str | Path | Checkpoint) -> Checkpoint:
+    """The checkpoint at `path` (a checkpoint directory, or a run directory: its newest complete one)."""
+    if isinstance(path, Checkpoint):
+        return path
+    ckpt_dir = find_checkpoint(path)
+    model_cfg, diffusion_cfg, meta = load_model_json(ckpt_dir)
+    return Checkpoint(dir=ckpt_dir, step=int(meta.get("step", 0)),
+                      images_seen=int(meta.get("images_seen", 0)), model=model_cfg, diffusion=diffusion_cfg)
+
+
+def load_unet(path: str | Path | Checkpoint, device: str | torch.device = "cpu", weights: str = "ema"):
+    """(UNet in eval mode, ModelConfig, DiffusionConfig) from a checkpoint, checkpoint dir or run dir.
 
     weights: "ema" (what is exported and served) or "model" (the online weights, for comparison).
     """
-    from pipeline.unet import UNet
-    if weights not in WEIGHT_FILES:
+    if weights not in WEIGHT_FILES:  # before any file is read: a typo is named as such
         raise CheckpointError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_FILES)}")
-    ckpt = find_checkpoint(path)
-    model_cfg, diffusion_cfg, _ = load_model_json(ckpt)
-    file = ckpt / WEIGHT_FILES[weights]
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing (checkpoints written before the online weights were saved "
-                              f"hold only {EMA_FILE}; use the EMA weights)")
-    model = UNet(model_cfg)
-    state = load_tensors(file)
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{file}: cannot load {weights} weights ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), model_cfg, diffusion_cfg
+    ckpt = read_checkpoint(path)
+    return ckpt.load_unet(device, weights), ckpt.model, ckpt.diffusion
 
 
 # --- resume state that is not DeepSpeed's: RNG streams, interrupted writes, safe loading --------
@@ -235,7 +274,7 @@ RNG_DIR = "rng"
 def remove_incomplete(run_dir: str | Path) -> list[Path]:
     """Delete every checkpoint directory without COMPLETE (a write that was interrupted)."""
     root = Path(run_dir) / CHECKPOINTS
-    removed = [d for d in root.iterdir() if _STEP_DIR.match(d.name) and not is_complete(d)] if root.is_dir() else []
+    removed = [d for d in root.iterdir() if step_of(d) is not None and not is_complete(d)] if root.is_dir() else []
     for d in removed:
         shutil.rmtree(d, ignore_errors=True)
     return removed

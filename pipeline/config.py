@@ -153,8 +153,11 @@ def _coerce(value, annotation, where: str):
     raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
 
 
-def _build(cls, data: dict, where: str):
-    """Instantiate dataclass `cls` from a dict, rejecting unknown keys."""
+def build_dataclass(cls, data: dict, where: str):
+    """Instantiate dataclass `cls` (a section, or the whole Config) from a dict, rejecting unknown keys.
+
+    `where` prefixes the keys in errors ("model" -> "model.channels: ..."); checkpoints use it too.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -165,7 +168,7 @@ def _build(cls, data: dict, where: str):
         if key not in known:
             raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(known))})")
         if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value or {}, path)
+            kwargs[key] = build_dataclass(hints[key], value or {}, path)
         else:
             kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
@@ -244,7 +247,7 @@ def validate(cfg: Config) -> None:
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data, "")
+    cfg = build_dataclass(Config, data, "")
     validate(cfg)
     return cfg
 

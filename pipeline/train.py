@@ -37,8 +37,8 @@ import torch.distributed as dist
 from pipeline import distributed
 from pipeline.checkpoint import (CheckpointError, EMA_FILE, checkpoint_dir, complete_checkpoints, fsync_tree,
                                  load_rng, load_tensors, mark_complete, prune_checkpoints, remove_incomplete,
-                                 save_export_files, save_rng, use_weights_only_loading, verify_deepspeed_files,
-                                 verify_export_files)
+                                 save_export_files, save_rng, step_of, use_weights_only_loading,
+                                 verify_deepspeed_files, verify_export_files)
 from pipeline.config import Config, ConfigError, load_config_or_report, save_config
 from pipeline.distributed import DistEnv, LaunchError
 from pipeline.ema import EMA, full_weights
@@ -277,7 +277,7 @@ def resume(engine, ema, cfg: Config, env: DistEnv) -> TrainState:
             print(f"removed incomplete checkpoint {d} (interrupted while writing)", flush=True)
     distributed.barrier()
     # All ranks must load the same one: rank 0 decides.
-    steps = [[int(d.name[5:]) for d in complete_checkpoints(cfg.run.dir)]]
+    steps = [[step_of(d) for d in complete_checkpoints(cfg.run.dir)]]
     dist.broadcast_object_list(steps, src=0)
     candidates = [checkpoint_dir(cfg.run.dir, step) for step in reversed(steps[0])]
     for i, ckpt in enumerate(candidates):

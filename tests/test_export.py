@@ -190,6 +190,28 @@ def test_export_cli_rejects_a_bad_checkpoint(tmp_path, capsys):
     assert "COMPLETE" in capsys.readouterr().err
 
 
+def test_checkpoint_is_read_once_into_a_record(ckpt, tmp_path):
+    """A run directory and its checkpoint directory give the same record; weights load only on demand."""
+    import torch
+    from pipeline.checkpoint import CheckpointError, MODEL_FILE, load_unet, read_checkpoint, step_of
+    record = read_checkpoint(ckpt.parent.parent)
+    assert record == read_checkpoint(ckpt) and read_checkpoint(record) is record
+    assert (record.dir, record.step, record.images_seen) == (ckpt, 10, 640)
+    assert step_of(ckpt) == 10 and step_of(ckpt.parent) is None and step_of("step_12") is None
+    assert record.model.image_size == 16 and record.diffusion.num_timesteps == 1000
+    x, t = torch.zeros(1, 3, 16, 16), torch.tensor([3.0])
+    with torch.inference_mode():
+        assert torch.equal(record.load_unet()(x, t), load_unet(ckpt)[0](x, t))
+        assert not torch.equal(record.load_unet(weights="model")(x, t), record.load_unet()(x, t))
+    with pytest.raises(CheckpointError, match="weights 'online'"):
+        record.load_unet(weights="online")
+    copy = tmp_path / "step_000000010"
+    shutil.copytree(ckpt, copy)
+    (copy / MODEL_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"{MODEL_FILE}: missing"):
+        read_checkpoint(copy).load_unet(weights="model")
+
+
 # --- the standalone sampler CLI ----------------------------------------------------------
 
 BLOCK_TORCH = """

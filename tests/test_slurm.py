@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import complete_checkpoints
+from pipeline.checkpoint import complete_checkpoints, step_of
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ def wait_for_step(run_dir: Path, step: int, job_id: str, timeout: float = JOB_TI
 
 
 def steps_of(checkpoints: list[Path]) -> list[int]:
-    return [int(c.name.removeprefix("step_")) for c in checkpoints]
+    return [step_of(c) for c in checkpoints]
 
 
 def test_sbatch_two_tasks_train_and_checkpoint(tmp_path, shards):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import complete_checkpoints, load_rng, save_rng
+from pipeline.checkpoint import complete_checkpoints, load_rng, save_rng, step_of
 from pipeline.config import Config, ConfigError, TrainConfig, load_config
 from pipeline.distributed import LaunchError, read_env
 from pipeline.ds_config import FP16_LOSS_SCALING, batch_sizes, build_ds_config, load_user_ds_config
@@ -204,7 +204,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards
     assert "consecutive non-finite steps (train.max_bad_steps=2)" in out
     kept = complete_checkpoints(tmp_path / "run")
     assert kept, out
-    good = int(kept[-1].name[5:])
+    good = step_of(kept[-1])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows if r["step"] <= good)
     assert rows[-1]["step"] == good + 3 and not np.isfinite(rows[-1]["loss"])
@@ -296,7 +296,7 @@ def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16, l
     assert f"exitcode  : {REQUEUE_EXIT_CODE}" in out, out[-3000:]
     stopped = complete_checkpoints(interrupted)
     assert len(stopped) == 1, out[-3000:]
-    stop_step = int(stopped[0].name[5:])
+    stop_step = step_of(stopped[0])
     assert f"step {stop_step}: stopped on request" in out and 1 <= stop_step < 1000
     total = stop_step + 2
 
