@@ -354,7 +354,7 @@ class TorchDenoiser:
     def __init__(self, ckpt: str | Path, device: str = "cpu", threads: int | None = None, half: bool = False):
         import torch
         from pipeline.checkpoint import CheckpointError, read_checkpoint
-        from pipeline.diffusion import schedule_from_config
+        from pipeline.schedule import schedule_from_config
         if threads:
             torch.set_num_threads(threads)
         try:

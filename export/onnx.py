@@ -76,7 +76,7 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, fp16: bool = Fa
     import onnx
     import torch
     from pipeline.checkpoint import read_checkpoint
-    from pipeline.diffusion import schedule_from_config
+    from pipeline.schedule import schedule_from_config
     if opset < MIN_OPSET:
         raise ValueError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")
     checkpoint = read_checkpoint(ckpt)

@@ -9,14 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DiffusionConfig
-from pipeline.schedule import DiffusionSchedule
-
-
-def schedule_from_config(cfg: DiffusionConfig) -> DiffusionSchedule:
-    return DiffusionSchedule.from_config(
-        cfg.num_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end,
-        prediction_type=cfg.prediction_type, variance_type=cfg.variance_type, clip_sample=cfg.clip_sample)
+from pipeline.schedule import DiffusionSchedule, schedule_from_config  # noqa: F401  (callers import it from here too)
 
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")

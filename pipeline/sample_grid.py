@@ -89,7 +89,7 @@ def save_preview(model: torch.nn.Module, schedule: DiffusionSchedule, run_dir: s
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.checkpoint import CheckpointError, load_unet
-    from pipeline.diffusion import schedule_from_config
+    from pipeline.schedule import schedule_from_config
     p = argparse.ArgumentParser(prog="python -m pipeline.sample_grid", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (newest checkpoint)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="|".join(SAMPLERS))

@@ -8,8 +8,12 @@ and Song et al. 2021 (DDIM); timesteps index the arrays below, 0 <= t < T.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # only for the annotation: config imports this module's constants
+    from pipeline.config import DiffusionConfig
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -114,3 +118,10 @@ class DiffusionSchedule:
         else:
             x0 = model_output
         return np.clip(x0, -self.clip_range, self.clip_range) if self.clip_sample else x0
+
+
+def schedule_from_config(cfg: DiffusionConfig) -> DiffusionSchedule:
+    """The schedule a `pipeline.config.DiffusionConfig` describes (export and training both build it here)."""
+    return DiffusionSchedule.from_config(
+        cfg.num_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end,
+        prediction_type=cfg.prediction_type, variance_type=cfg.variance_type, clip_sample=cfg.clip_sample)

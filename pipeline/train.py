@@ -520,7 +520,8 @@ def train_step(engine, diffusion, batches, state: TrainState, seed: int, env: Di
 
 
 def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batches, log: MetricsLog) -> int:
-    from pipeline.diffusion import GaussianDiffusion, schedule_from_config
+    from pipeline.diffusion import GaussianDiffusion
+    from pipeline.schedule import schedule_from_config
     t = cfg.train
     diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion), t.loss_weighting, t.snr_gamma)
     fp16 = engine.fp16_enabled()

@@ -18,6 +18,14 @@ def test_schedule_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_schedule_from_config_needs_no_torch():
+    """Export builds the sidecar's betas from a checkpoint's config without the torch training module."""
+    code = ("import sys; from pipeline.config import DiffusionConfig; from pipeline.schedule import schedule_from_config; "
+            "s = schedule_from_config(DiffusionConfig(num_timesteps=10, beta_schedule='cosine')); "
+            "assert s.betas.shape == (10,) and s.prediction_type == 'epsilon'; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_betas_and_alphas_cumprod_match_diffusers(kind):
     ours = DiffusionSchedule(beta_schedule(kind, 1000))
