@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     common.COMMAND = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     names = NAMES if args.name == "all" else (args.name,)
     args.out.mkdir(parents=True, exist_ok=True)
-    progress = common.Progress(sum(module(n).steps(args) for n in names))
+    progress = common.run_progress(sum(module(n).steps(args) for n in names))
     start, results = time.monotonic(), {}
     from pipeline.fileio import NoSpaceError
     try:

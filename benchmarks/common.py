@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from export.backends import default_threads
+from pipeline import progress
 from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 COMMAND = ""  # the command line of this run, set by benchmarks.__main__
@@ -39,12 +41,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (taskset, cgroups via affinity, Slurm binding)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+usable_cores = default_threads  # cores this process may run on (taskset, cgroups via affinity, Slurm binding)
 
 
 def ram_gib() -> float | None:
@@ -256,40 +253,14 @@ def plot_curves(path: str | Path, title: str, xlabel: str, ylabel: str,
 
 # --- progress -------------------------------------------------------------------------------
 
-class Progress:
+def run_progress(total: int, interval: float = 15.0, quiet: bool = False) -> progress.Progress:
     """One bar over the whole run: tqdm on a terminal, else a log line at most every `interval` s."""
-
-    def __init__(self, total: int, interval: float = 15.0, quiet: bool = False):
-        self.total, self.done, self.interval, self.quiet = total, 0, interval, quiet
-        self.start = self.last = time.monotonic()
-        self.text, self.bar = "", None
-        if sys.stderr.isatty() and not quiet:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
-
-    def describe(self, text: str) -> None:
-        self.text = text
-        if self.bar is not None:
-            self.bar.set_description(text)
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if not self.quiet and (now - self.last >= self.interval or self.done >= self.total):
-            self.last = now
-            print(f"benchmarks: {self.done}/{self.total} steps, {now - self.start:.0f} s, {self.text}",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return progress.Progress(total, lambda p: f"benchmarks: {p.done}/{p.total} steps, {p.elapsed:.0f} s, {p.text}",
+                             interval=interval, quiet=quiet)
 
 
-def no_progress() -> Progress:
-    return Progress(0, quiet=True)
+def no_progress() -> progress.Progress:
+    return run_progress(0, quiet=True)
 
 
 def set_threads(threads: int | None) -> int:

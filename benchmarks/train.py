@@ -25,6 +25,7 @@ import torch
 from benchmarks import common
 from pipeline.config import Config, ModelConfig, load_config
 from pipeline.diffusion import GaussianDiffusion, schedule_from_config
+from pipeline.distributed import free_port
 from pipeline.unet import UNet, count_parameters, import_diffusers_unet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -300,7 +301,7 @@ def zero_memory(config_names: list[str], args, progress) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "zero.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "benchmarks.zero_memory", "--config", ",".join(paths),
+               str(free_port()), "-m", "benchmarks.zero_memory", "--config", ",".join(paths),
                "--stages", "0,2,3", "--device", args.device, "--out", str(out)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         if not args.device.startswith("cuda"):
@@ -312,13 +313,6 @@ def zero_memory(config_names: list[str], args, progress) -> list[dict]:
         rows = [dict(r, config=paths[r.pop("config_path")]) for r in json.loads(out.read_text())]
     progress.update(len(config_names))
     return rows
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def precision_for(cfg: Config, device: str) -> str:

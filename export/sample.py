@@ -22,6 +22,8 @@ import numpy as np
 from export.backends import BackendUnavailable, ModelError, load_denoiser
 from export.sidecar import SidecarError
 from pipeline.fileio import NoSpaceError, atomic_write_bytes
+from pipeline.grid import image_grid
+from pipeline.progress import Progress
 from pipeline.sampling import (DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SamplerError,
                                check_sampler, default_steps, generate, to_uint8)
 from pipeline.schedule import SPACINGS
@@ -34,18 +36,6 @@ class UsageError(ValueError):
     """A bad command-line value; the message names the flag."""
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """(N,H,W,C) uint8 -> one (rows*H, cols*W, C) image, 2 px gutters."""
-    n, h, w, c = images.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = img
-    return grid
-
-
 def save_images(images: np.ndarray, out: Path) -> None:
     """Atomically write a .npz (`images`) or a .png grid."""
     buffer = io.BytesIO()
@@ -56,35 +46,6 @@ def save_images(images: np.ndarray, out: Path) -> None:
         grid = image_grid(images)
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())
-
-
-class Progress:
-    """tqdm on a terminal; otherwise a log line every `interval` seconds (batch logs stay short)."""
-
-    def __init__(self, total: int, interval: float = 10.0):
-        self.total, self.done, self.interval = total, 0, interval
-        self.start = self.last = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, unit="step", file=sys.stderr)
-            except ImportError:  # the standalone sampler needs only numpy + an engine
-                pass
-
-    def __call__(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update()
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.interval or self.done == self.total:
-            self.last = now
-            print(f"  step {self.done}/{self.total} ({now - self.start:.1f}s)", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def parse_args(argv):
@@ -157,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or default_steps(info.schedule(), args.sampler)
     print(f"{args.model}: {info.image_size}px {info.dtype}, batch {info.batch_range()}; running on {denoiser.name}",
           file=sys.stderr)
-    progress = Progress(total=math.ceil(args.num / batch) * steps)
+    progress = Progress(math.ceil(args.num / batch) * steps, lambda p: f"  step {p.done}/{p.total} ({p.elapsed:.1f}s)")
     start = time.perf_counter()
     images = to_uint8(generate(denoiser, args.num, batch=batch, sampler=args.sampler, steps=steps, eta=args.eta,
                                spacing=args.spacing, seed=args.seed, callback=lambda *_: progress()))

@@ -13,12 +13,11 @@ the format it was asked for. Imports no torch and no onnx: the standalone sample
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import atomic_write_json, sha256_file
 from pipeline.schedule import PREDICTION_TYPES, VARIANCE_TYPES, DiffusionSchedule
 
 SIDECAR_VERSION = 1
@@ -86,20 +85,12 @@ def _legacy_sidecar_path(model_path: Path) -> Path:
     return model_path.with_suffix(".json")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_sidecar(model_path: str | Path, sidecar: Sidecar) -> Path:
     """Record the model file's name, size and hash, then write its `<file>.json` atomically."""
     model_path = Path(model_path)
     sidecar.model_file = model_path.name
     sidecar.model_bytes = model_path.stat().st_size
-    sidecar.model_sha256 = file_sha256(model_path)
+    sidecar.model_sha256 = sha256_file(model_path)
     validate(sidecar, sidecar_path(model_path))
     _check_format(sidecar, model_path, sidecar_path(model_path))
     atomic_write_json(sidecar_path(model_path), sidecar.to_json())

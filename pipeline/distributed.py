@@ -51,7 +51,8 @@ def _int_var(environ, name: str) -> int:
         raise LaunchError(f"environment variable {name}={environ[name]!r} is not an integer") from None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a single-node rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -75,7 +76,7 @@ def read_env(environ=os.environ, cuda: bool | None = None, device_count: int | N
         raise LaunchError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
                           "(torchrun sets them; under srun the batch script exports them, see slurm/train.sh)")
     master_addr = environ.get("MASTER_ADDR", "127.0.0.1")
-    master_port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port()
+    master_port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else free_port()
     device = torch.device("cuda", cuda_device_index(local_rank, device_count)) if cuda else torch.device("cpu")
     return DistEnv(rank, local_rank, world_size, master_addr, master_port, "nccl" if cuda else "gloo", device)
 

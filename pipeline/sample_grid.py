@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from pipeline.fileio import atomic_write_bytes
+from pipeline.grid import image_grid
 from pipeline.sampling import DEFAULT_SAMPLER, SAMPLERS, SamplerError, check_sampler, generate
 from pipeline.schedule import DiffusionSchedule
 
@@ -52,17 +52,10 @@ def model_samples(model: torch.nn.Module, schedule: DiffusionSchedule, num: int,
 
 def to_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> Image.Image:
     """(N, C, H, W) in [-1, 1] -> one RGB image, ncol images per row (default: square)."""
-    n, c, h, w = images.shape
-    ncol = ncol or math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
     pixels = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-    if c == 1:
+    if pixels.shape[-1] == 1:
         pixels = np.repeat(pixels, 3, axis=-1)
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(pixels):
-        r, col = divmod(i, ncol)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-    return Image.fromarray(grid)
+    return Image.fromarray(image_grid(pixels, ncol, pad))
 
 
 def png_bytes(image: Image.Image) -> bytes:
