@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # OpenMP threads that spin-wait for a busy core make torch many times slower on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo demo-results test test-unit venv clean gpu-wheels
+.PHONY: demo demo-results test test-unit lint venv clean gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ test: venv
 
 test-unit: venv
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+# ruff (lint) over the tree, mypy over the files pyproject.toml names; any finding fails.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # --- the demo: synthetic faces (or CELEBAHQ=/path/to/images) -> DeepSpeed on 2 CPU processes
 # -> ONNX (EMA and online weights) -> the NumPy sampling core through onnxruntime -> scores -> benchmark.

@@ -167,7 +167,7 @@ def per_evaluation(name: str, batches: list[int], args, progress) -> tuple[list[
         row = {"config": name, "batch": b, "backends": {label: backends[label].name for label in backends},
                "seconds": {label: common.summarize(v) for label, v in times.items()}}
         # The baseline is the faster of the two torch memory formats: it is never handicapped.
-        row["torch_baseline"] = min(("torch", "torch+channels_last"), key=lambda l: row["seconds"][l]["median"])
+        row["torch_baseline"] = min(("torch", "torch+channels_last"), key=lambda label: row["seconds"][label]["median"])
         row["ort_speedup_vs_torch"] = common.paired_ratio(times[row["torch_baseline"]], times["ort"])
         if "ort+static_batch" in times:
             row["ort_static_speedup_vs_torch"] = common.paired_ratio(times[row["torch_baseline"]], times["ort+static_batch"])

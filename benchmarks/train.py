@@ -234,7 +234,7 @@ def compare_with_diffusers(cfg: Config, name: str, batches: list[int], args, pro
         times = common.interleaved(steps, warmup=args.warmup, repeats=args.repeats, sync=common.cuda_sync(device),
                                    on_round=progress.update)
         seconds = {label: common.summarize(v) for label, v in times.items()}
-        best = {side: min((label for label in times if label.startswith(side)), key=lambda l: seconds[l]["median"])
+        best = {side: min((label for label in times if label.startswith(side)), key=lambda label: seconds[label]["median"])
                 for side in ("ours", "diffusers")}
         profile = profile_steps({best[side]: steps[best[side]] for side in ("ours", "diffusers")}, device) \
             if args.profile and b == batches[-1] else None
@@ -356,23 +356,23 @@ def report(result: dict, out_dir: Path) -> None:
     """Tables, targets and plots from result['results']."""
     res = result["results"]
     labels = list(res["throughput"][0]["images_per_second"])
-    rows = [[r["config"], r["batch"], r["precision"], r["params"]] + [r["images_per_second"][l] for l in labels]
+    rows = [[r["config"], r["batch"], r["precision"], r["params"]] + [r["images_per_second"][label] for label in labels]
             + [f"{r['best_ours']} / {r['best_diffusers']}", _spread(r["speedup"]), _spread(r["speedup_both_contiguous"]),
                r["max_output_difference"]] for r in res["throughput"]]
     result["tables"].append(common.table(
         "Training step images/s: ours vs diffusers UNet2DModel (same architecture, batch, precision)",
-        ["config", "batch", "precision", "parameters"] + [f"{l} images/s" for l in labels]
+        ["config", "batch", "precision", "parameters"] + [f"{label} images/s" for label in labels]
         + ["fastest ours / fastest diffusers", "speed-up, fastest vs fastest (median [IQR])",
            "speed-up, both contiguous", "max |output difference|"], rows))
     for r in res["throughput"]:
         if not r.get("profile"):
             continue
         labels_p = list(r["profile"])
-        tops = [r["profile"][l]["top"] for l in labels_p]
+        tops = [r["profile"][label]["top"] for label in labels_p]
         rows = [[f"{t['op']} ({100 * t['share']:.0f} %)" if t else "" for t in line]
                 for line in zip(*[top + [None] * (max(map(len, tops)) - len(top)) for top in tops])]
-        rows.append([f"convolution (fwd+bwd) {100 * r['profile'][l]['convolution_share']:.0f} % of "
-                     f"{r['profile'][l]['total_ms']:.0f} ms" for l in labels_p])
+        rows.append([f"convolution (fwd+bwd) {100 * r['profile'][label]['convolution_share']:.0f} % of "
+                     f"{r['profile'][label]['total_ms']:.0f} ms" for label in labels_p])
         result["tables"].append(common.table(
             f"Profile of one training step ({r['config']}, batch {r['batch']}): top operators by self time",
             labels_p, rows))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,7 +132,7 @@ class OrtDenoiser:
         self.nodes = nodes_by_provider(self.session)
         on_cpu = (self.nodes or {}).get("CPUExecutionProvider", 0)
         if self.provider == "CUDAExecutionProvider" and on_cpu:
-            placed = f"{on_cpu} of {sum(self.nodes.values())} nodes on the CPU"
+            placed = f"{on_cpu} of {sum((self.nodes or {}).values())} nodes on the CPU"
             self.note = f"{self.note}; {placed}" if self.note else placed
         if want_cuda and self.provider != "CUDAExecutionProvider" and not self.note:
             self.note = "CUDA provider did not start; running on the CPU"  # auto: said, not silent
@@ -259,8 +260,12 @@ class TrtDenoiser:
 
     def __init__(self, path: str | Path, device: int = 0):
         self.path = Path(path)
-        self._cudart, self._stream, self._device, self._host, self._row_bytes = None, None, {}, {}, {}
-        self._batch = None  # the batch the context's input shapes are set for
+        self._cudart: Any = None  # cuda.bindings.runtime, once require_tensorrt found it
+        self._stream: Any = None
+        self._device: dict[str, Any] = {}  # per tensor: device buffer,
+        self._host: dict[str, tuple[int, np.ndarray]] = {}  # pinned host buffer (address, array view),
+        self._row_bytes: dict[str, int] = {}  # and bytes per batch row
+        self._batch: int | None = None  # the batch the context's input shapes are set for
         self.info = read_sidecar(self.path)
         if self.info.format != "tensorrt":
             raise ModelError(f"{self.path}: sidecar format is {self.info.format!r}, not a TensorRT engine")
@@ -294,11 +299,12 @@ class TrtDenoiser:
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             row = (1,) + (expected if name != info.input_names[1] else ())
             self._row_bytes[name] = int(np.prod(row)) * dtype.itemsize
-            nbytes = self._row_bytes[name] * info.batch_max
+            nbytes = self._row_bytes[name] * int(hi[0])  # hi[0] == info.batch_max, checked above
             self._device[name] = _cuda(self._cudart.cudaMalloc(nbytes))
             host_ptr = _cuda(self._cudart.cudaMallocHost(nbytes))  # pinned: async copies really overlap
             raw = (ctypes.c_byte * nbytes).from_address(host_ptr)
-            self._host[name] = (host_ptr, np.frombuffer(raw, dtype).reshape((info.batch_max,) + row[1:]))
+            rows = np.frombuffer(raw, dtype)  # type: ignore[call-overload]  # a ctypes array is a buffer
+            self._host[name] = (host_ptr, rows.reshape((-1,) + row[1:]))  # batch_max rows
             if not self.context.set_tensor_address(name, int(self._device[name])):
                 raise RuntimeError(f"{self.path}: TensorRT refused the device buffer of tensor {name!r}")
 

@@ -202,7 +202,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout} must be in [0, 1)"),
         (d.num_timesteps >= 2, "diffusion.num_timesteps", f"{d.num_timesteps} must be >= 2"),
         (d.beta_schedule in ("linear", "cosine"), "diffusion.beta_schedule", f"{d.beta_schedule!r} not linear|cosine"),
-        (0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", f"need 0 < beta_start < beta_end < 1"),
+        (0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", "need 0 < beta_start < beta_end < 1"),
         (d.prediction_type in ("epsilon", "v_prediction", "sample"), "diffusion.prediction_type",
          f"{d.prediction_type!r} not epsilon|v_prediction|sample"),
         (d.variance_type in ("fixed_small", "fixed_large"), "diffusion.variance_type",

@@ -20,7 +20,7 @@ final_sigmas_type="zero" (tests/test_sampling.py); DDPM and DDIM match its DDPM/
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -189,7 +189,7 @@ def _unipc_corrector(schedule, ts, i, order):
     return qx, (c_t, base - c_t - c_2, c_2)
 
 
-def plan_steps(schedule: DiffusionSchedule, timesteps: Sequence[int], sampler: str, eta: float = 0.0,
+def plan_steps(schedule: DiffusionSchedule, timesteps: Sequence[int] | np.ndarray, sampler: str, eta: float = 0.0,
                t_end: int = -1) -> list[Step]:
     """The per-step scalars for the chain timesteps[0] -> ... -> timesteps[-1] -> t_end."""
     check_sampler(sampler, None, eta, schedule.num_timesteps)
@@ -254,7 +254,7 @@ class _StepNoise:
         self.rngs, self.remaining, self.turn = rngs, count, 0
         self.buffers = [np.empty(shape, np.float32) for _ in range(min(count, 2))]
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-noise") if ahead and count else None
-        self.pending = None
+        self.pending: Future[np.ndarray] | None = None
         self._prefetch()
 
     def _draw(self, buffer: np.ndarray) -> np.ndarray:
@@ -269,7 +269,7 @@ class _StepNoise:
     def next(self) -> np.ndarray:
         """This step's noise (B, C, H, W); its buffer is refilled two steps later."""
         self.remaining -= 1
-        noise = self.pending.result() if self.pool is not None else self._draw(self.buffers[self.turn])
+        noise = self.pending.result() if self.pending is not None else self._draw(self.buffers[self.turn])
         self.turn = (self.turn + 1) % len(self.buffers)
         self._prefetch()
         return noise
@@ -279,7 +279,7 @@ class _StepNoise:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def sample_loop(denoiser, schedule: DiffusionSchedule, x_t: np.ndarray, timesteps: Sequence[int], *,
+def sample_loop(denoiser, schedule: DiffusionSchedule, x_t: np.ndarray, timesteps: Sequence[int] | np.ndarray, *,
                 sampler: str, eta: float = 0.0, rngs: Sequence[np.random.Generator] = (),
                 t_end: int = -1, callback: Callable | None = None, prefetch_noise: bool = True) -> np.ndarray:
     """Run the reverse chain from x_t (B,C,H,W) at timesteps[0] down to t_end; returns float32

@@ -184,7 +184,8 @@ def build_engine(cfg: Config, ds_config: dict, deepspeed):
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                       weight_decay=t.weight_decay)
     if "scheduler" not in ds_config:
-        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps)))
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=model.parameters() if optimizer is None else None,
                                            config=ds_config)

@@ -17,7 +17,7 @@ import torch
 
 from export.backends import BackendUnavailable, ModelError, OrtDenoiser, check_batch, require_cuda_runtime
 from export.sidecar import Sidecar, SidecarError, read_sidecar, sidecar_path, write_sidecar
-from pipeline.config import Config, ConfigError
+from pipeline.config import ConfigError
 from pipeline.distributed import accelerator_mismatch, cuda_device_index, read_env
 from pipeline.ds_config import cpu_adam_build_missing, ds_config_for
 from test_export import make_checkpoint

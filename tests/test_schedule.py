@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from pipeline.schedule import DiffusionSchedule, beta_schedule, sampling_timesteps
@@ -36,7 +35,8 @@ def test_betas_and_alphas_cumprod_match_diffusers(kind):
 
 def test_cosine_betas_follow_the_alpha_bar_definition():
     T = 1000
-    f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
+    def f(t):
+        return np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
     abar = np.array([f(t + 1) / f(0) for t in range(T)])
     betas = beta_schedule("cosine", T)
     # Below the clip the product of (1 - beta) reproduces alpha_bar(t) / alpha_bar(0).

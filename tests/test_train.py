@@ -247,7 +247,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def workers(proc: subprocess.Popen, recursive: bool = False) -> dict[int, "psutil.Process"]:
+def workers(proc: subprocess.Popen, recursive: bool = False) -> dict:
     """The training processes torchrun started, by rank (they live in sessions of their own);
     recursive: their DataLoader workers too, keyed by pid."""
     import psutil
