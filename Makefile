@@ -102,7 +102,7 @@ $(DEMO_SAMPLES)/ema_ddim50_eta1.npz: $(DEMO_RUN)/denoiser.onnx | $(DEMO_SAMPLES)
 
 DEMO_SETS := ema_$(DEMO_FAST) model_$(DEMO_FAST) ema_ddim50_eta1
 $(DEMO_RUN)/scores.txt: $(DEMO_SETS:%=$(DEMO_SAMPLES)/%.npz)
-	$(PY) -m pipeline.evaluate --shards $(DEMO_DATA) --floor --out $(DEMO_RUN)/scores.json $(DEMO_EVAL_ARGS) \
+	$(PY) -m pipeline.evaluation --shards $(DEMO_DATA) --floor --out $(DEMO_RUN)/scores.json $(DEMO_EVAL_ARGS) \
 		--samples "EMA $(DEMO_FAST)=$(DEMO_SAMPLES)/ema_$(DEMO_FAST).npz" \
 		--samples "online $(DEMO_FAST)=$(DEMO_SAMPLES)/model_$(DEMO_FAST).npz" \
 		--samples "EMA DDIM-50 eta 1=$(DEMO_SAMPLES)/ema_ddim50_eta1.npz" | tee $@.tmp

@@ -12,9 +12,9 @@ import torch
 from PIL import Image, ImageFilter
 from scipy.spatial.distance import cdist
 
-from pipeline import evaluate as ev
-from pipeline import feature_net as fnet
-from pipeline import fid_inception
+from pipeline.evaluation import evaluate as ev
+from pipeline.evaluation import feature_net as fnet
+from pipeline.evaluation import fid_inception
 
 torch.set_num_threads(2)
 

@@ -1,10 +1,10 @@
 """Sample quality: Fréchet distance and k-NN precision/recall/density/coverage against a shard split.
 
-    python -m pipeline.evaluate --samples runs/demo/samples/samples.npz --shards data/synthetic32
+    python -m pipeline.evaluation --samples runs/demo/samples/samples.npz --shards data/synthetic32
 
 Features come from the standard FID Inception network only when its weights file is given
 (--inception PATH; this machine cannot download it). Otherwise they come from a small net
-trained here on the shards themselves (pipeline.feature_net) and the distance is reported
+trained here on the shards themselves (pipeline.evaluation.feature_net) and the distance is reported
 as `classifier-FID`: same formula, different feature space, never comparable with FID.
 Fréchet distance is biased upwards at small N, so compare scores computed at equal N.
 """
@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from pipeline import feature_net as fnet
-from pipeline import fid_inception
+from pipeline.evaluation import feature_net as fnet
+from pipeline.evaluation import fid_inception
 from pipeline.fileio import NoSpaceError, atomic_write_json
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -323,7 +323,7 @@ def format_table(result: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m pipeline.evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, action="append", metavar="[NAME=]PATH",
                    help="npz with `images` uint8 (N, H, W, C); repeat with NAME=PATH to compare several")
     p.add_argument("--shards", required=True, help="shard directory with manifest.json (from data_prep)")
