@@ -12,7 +12,8 @@ import torch
 from PIL import Image, ImageFilter
 from scipy.spatial.distance import cdist
 
-from pipeline.evaluation import evaluate as ev
+from pipeline import evaluate as ev
+from pipeline.evaluation import metrics
 from pipeline.evaluation import feature_net as fnet
 from pipeline.evaluation import fid_inception
 
@@ -88,8 +89,8 @@ def test_knn_metrics_match_brute_force_in_small_blocks(monkeypatch):
     inside = cdist(real, fake) <= r_real[:, None]
     expected = {"precision": inside.any(0).mean(), "recall": (cdist(real, fake) <= r_fake[None]).any(1).mean(),
                 "density": inside.sum(0).mean() / 3, "coverage": inside.any(1).mean()}
-    blocks = ev._distance_blocks
-    monkeypatch.setattr(ev, "_distance_blocks", lambda a, b: blocks(a, b, max_elements=500))
+    blocks = metrics._distance_blocks
+    monkeypatch.setattr(metrics, "_distance_blocks", lambda a, b: blocks(a, b, max_elements=500))
     assert ev.precision_recall_density_coverage(real, fake) == pytest.approx(expected)
 
 
