@@ -25,6 +25,8 @@ EXTRA = ("learning",)
 
 
 def module(name: str):
+    """The benchmark's module: run(args, progress) and steps(args); add_arguments(parser) and
+    defaults(args) where it has flags of its own."""
     return importlib.import_module(f"benchmarks.{'data_harness' if name == 'data' else name}")
 
 
@@ -36,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results/<device>)")
     p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: usable cores)")
     for name in NAMES + EXTRA:
-        module(name).add_arguments(p)
+        getattr(module(name), "add_arguments", lambda parser: None)(p)
     args = p.parse_args(argv)
     if args.device is None:
         import torch
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("--device cuda: no CUDA device is visible to torch on this machine")
     args.out = args.out or Path("benchmarks/results") / args.device
     for name in NAMES + EXTRA:
-        module(name).defaults(args)
+        getattr(module(name), "defaults", lambda args: None)(args)
     return args
 
 

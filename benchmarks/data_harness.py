@@ -99,14 +99,6 @@ def steps(args) -> int:
     return 2
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
-
-
-def defaults(args) -> None:
-    pass
-
-
 if __name__ == "__main__":
     import sys
     from benchmarks.__main__ import main

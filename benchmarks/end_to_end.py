@@ -8,7 +8,6 @@ Reports the images/s the command prints (sampling only) and the wall time includ
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -113,14 +112,6 @@ def run(args, progress=None) -> dict:
           f"{r['images_per_second']['min']:.3g}–{r['images_per_second']['max']:.3g}", r["wall_seconds"]["median"]]
          for r in rows]))
     return result
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
-
-
-def defaults(args) -> None:
-    pass
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -389,14 +388,6 @@ def _spread(s: dict, pct: bool = False) -> str:
     if pct:
         return f"{100 * s['median']:.2f} % [{100 * s['q1']:.2f}–{100 * s['q3']:.2f}]"
     return f"{s['median']:.2f} [{s['q1']:.2f}–{s['q3']:.2f}]"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
-
-
-def defaults(args) -> None:
-    pass
 
 
 if __name__ == "__main__":
