@@ -19,11 +19,9 @@ too many corrupt samples, disk full: one line on stderr), REQUEUE_EXIT_CODE stop
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed
+from pipeline import distributed, stop_signals
 from pipeline.checkpoint import (CheckpointError, EMA_FILE, checkpoint_dir, complete_checkpoints, fsync_tree,
                                  load_rng, load_tensors, mark_complete, prune_checkpoints, remove_incomplete,
                                  save_export_files, save_rng, step_of, use_weights_only_loading,
@@ -43,7 +41,8 @@ from pipeline.config import Config, ConfigError, load_config_or_report, save_con
 from pipeline.distributed import DistEnv, LaunchError
 from pipeline.ema import EMA, full_weights
 from pipeline.ds_config import batch_sizes, check_offload_build, ds_config_for, precision_of
-from pipeline.fileio import NoSpaceError, atomic_write_json, atomic_write_text
+from pipeline.fileio import NoSpaceError, atomic_write_json
+from pipeline.metrics_log import MetricsLog, loss_scale
 
 REQUEUE_EXIT_CODE = 3   # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
 EXIT_DIVERGED = 1
@@ -51,8 +50,6 @@ EXIT_USER_ERROR = 2
 # Test hook: "STEP:SECONDS" makes rank 0 sleep after writing checkpoint STEP and before its
 # COMPLETE marker, so a test can SIGKILL the run in the middle of a checkpoint write.
 PAUSE_BEFORE_COMPLETE_ENV = "DDPM_TEST_PAUSE_BEFORE_COMPLETE"
-
-_stop_requested = False
 
 
 class TrainError(RuntimeError):
@@ -91,44 +88,6 @@ def is_min_loss_scale_error(error: BaseException) -> bool:
     """DeepSpeed's DynamicLossScaler raises a bare Exception on an overflow at min_loss_scale
     (from 2^16 with hysteresis 2: the 18th overflow in a row), long before train.max_bad_steps."""
     return "loss scale already at minimum" in str(error)  # its only mark: no exception class of its own
-
-
-def request_stop(signum=None, frame=None) -> None:
-    """Ask the running training to checkpoint at the end of this step and return REQUEUE_EXIT_CODE."""
-    global _stop_requested
-    _stop_requested = True
-
-
-STOP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
-
-
-def catch_stop_signals():
-    """Route SIGUSR1/SIGTERM to request_stop; returns what `release_stop_signals` restores.
-
-    The signals are also blocked in this thread, and the DataLoader workers forked from it inherit
-    the mask: torchrun and Slurm signal whole process groups, and an unblocked worker dies of
-    SIGTERM, taking the training down before it can checkpoint. Here they wait, pending, until
-    `poll_stop_signals` collects them at the end of the step.
-    """
-    handlers = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
-    return handlers, signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
-def poll_stop_signals() -> None:
-    if STOP_SIGNALS & signal.sigpending():
-        received = set()
-        while (info := signal.sigtimedwait(STOP_SIGNALS, 0)) is not None:
-            received.add(signal.Signals(info.si_signo).name)
-        # A line from every rank: across nodes, the log shows which ranks the signal reached.
-        print(f"rank {os.environ.get('RANK', '0')}: {', '.join(sorted(received))} received", flush=True)
-        request_stop()
-
-
-def release_stop_signals(handlers, mask) -> None:
-    poll_stop_signals()
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 # --- randomness that depends on (seed, rank, step) only -------------------------------------
@@ -327,97 +286,6 @@ def load_checkpoint(engine, ema, ckpt: Path, env: DistEnv) -> TrainState:
                       batches_drawn=client["batches_drawn"])
 
 
-# --- logging (rank 0) ---------------------------------------------------------------------------
-
-class MetricsLog:
-    """tqdm on a terminal or a line every log.every steps; metrics.jsonl and TensorBoard events."""
-
-    def __init__(self, cfg: Config, start_step: int, active: bool):
-        self.active, self.every, self.total = active, cfg.log.every, cfg.train.max_steps
-        self.run_dir = Path(cfg.run.dir)
-        self.losses, self.images, self.seconds, self.skipped = [], 0, 0.0, 0
-        self.corrupt_samples = 0  # set by the loop: samples skipped as undecodable, all ranks
-        self.bar = self.tb = None
-        if not active:
-            return
-        _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True)
-        if cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step)
-
-    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, images: int, seconds: float,
-             skipped: bool, engine) -> None:
-        if not self.active:
-            return
-        self.losses.append(loss)
-        self.images, self.seconds, self.skipped = self.images + images, self.seconds + seconds, self.skipped + skipped
-        if self.bar is not None:
-            self.bar.update(1)
-        if step % self.every and step != self.total:
-            return
-        finite = [x for x in self.losses if math.isfinite(x)]
-        row = {"step": step, "loss": sum(finite) / len(finite) if finite else float("nan"),
-               "lr": lr, "grad_norm": grad_norm, "loss_scale": _loss_scale(engine),
-               "images_per_second": self.images / max(self.seconds, 1e-9), "skipped_steps": self.skipped,
-               "corrupt_samples": self.corrupt_samples, "time": time.time()}
-        if torch.cuda.is_available():
-            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if key not in ("step", "time") and value is not None:
-                    self.tb.add_scalar(f"train/{key}", value, step)
-        text = " ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k not in ("step", "time") and v is not None)
-        if self.bar is not None:
-            self.bar.set_postfix_str(text)
-        else:
-            print(f"step {step}/{self.total} {text}", flush=True)
-        self.losses, self.images, self.seconds, self.skipped = [], 0, 0.0, 0
-
-    def message(self, text: str) -> None:
-        if self.active:
-            (self.bar.write if self.bar is not None else print)(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _keeps_grad_norm(engine) -> bool:
-    """DeepSpeed's optimizer wrappers record the global gradient norm; ZeRO-0 fp32 (bare torch) does not."""
-    return bool(engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
-
-
-def _grad_norm(module) -> float:
-    """Norm of the (already all-reduced) gradients, before clipping: ZeRO-0 fp32 only."""
-    norms = [torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def _loss_scale(engine) -> float | None:
-    """fp16's dynamic loss scale: `optimizer.loss_scale` exists on every DeepSpeed fp16 wrapper
-    (ZeRO 1-3 and the stage-0 ones, which have no `loss_scaler`)."""
-    scale = getattr(engine.optimizer, "loss_scale", None) if engine.fp16_enabled() else None
-    return float(scale) if scale is not None else None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows after `step` (logged by a run that was interrupted before its next checkpoint)."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(row + "\n" for row in rows))
-
-
 # --- the loop -------------------------------------------------------------------------------------
 
 def train(cfg: Config) -> int:
@@ -426,10 +294,9 @@ def train(cfg: Config) -> int:
     The process group stays up, so a later call in the same process reuses it (DeepSpeed caches
     its groups); `main` tears it down before the process exits.
     """
-    global _stop_requested
-    _stop_requested = False
-    # Only the main thread may set handlers; elsewhere the caller uses request_stop() itself.
-    caught = catch_stop_signals() if threading.current_thread() is threading.main_thread() else None
+    stop_signals.reset()
+    # Only the main thread may set handlers; elsewhere the caller uses stop_signals.request_stop() itself.
+    caught = stop_signals.catch() if threading.current_thread() is threading.main_thread() else None
     try:
         return _train(cfg)
     except (ConfigError, CheckpointError, LaunchError, TrainError, NoSpaceError) as e:
@@ -444,7 +311,7 @@ def train(cfg: Config) -> int:
         raise
     finally:
         if caught is not None:
-            release_stop_signals(*caught)
+            stop_signals.release(*caught)
 
 
 def _train(cfg: Config) -> int:
@@ -491,6 +358,17 @@ def _train(cfg: Config) -> int:
         log.close()
 
 
+def _keeps_grad_norm(engine) -> bool:
+    """DeepSpeed's optimizer wrappers record the global gradient norm; ZeRO-0 fp32 (bare torch) does not."""
+    return bool(engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+
+
+def _grad_norm(module) -> float:
+    """Norm of the (already all-reduced) gradients, before clipping: ZeRO-0 fp32 only."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def train_step(engine, diffusion, batches, state: TrainState, seed: int, env: DistEnv):
     """One optimizer step over gradient_accumulation_steps micro-batches -> (summed loss, grad norm)."""
     model_dtype = next(engine.module.parameters()).dtype
@@ -535,10 +413,10 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
             loss_sum, grad_norm = train_step(engine, diffusion, batches, state, t.seed, env)
         except LossScaleExhausted:  # every rank sees the same (all-reduced) overflow and stops here
             return _diverged(log, cfg, f"step {state.step + 1}: fp16 gradients overflow even at the minimum loss "
-                                       f"scale {_loss_scale(engine)}")
+                                       f"scale {loss_scale(engine)}")
         # One small collective per step: the loss summed over ranks, and whether any rank was signalled.
-        poll_stop_signals()
-        flags = torch.stack([loss_sum, torch.tensor(float(_stop_requested), device=env.device),
+        stop_signals.poll()
+        flags = torch.stack([loss_sum, torch.tensor(float(stop_signals.requested()), device=env.device),
                              torch.tensor(float(batches.loader.take_rejected()), device=env.device)])
         dist.all_reduce(flags)
         loss = flags[0].item() / (engine.gradient_accumulation_steps() * env.world_size)
@@ -560,7 +438,7 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
             ema.update(engine.module)
         else:
             log.message(f"step {state.step}: loss {loss:.4g}, grad norm {grad_norm}, " + (
-                f"fp16 overflow, step skipped, loss scale now {_loss_scale(engine):g}" if fp16 else "non-finite"))
+                f"fp16 overflow, step skipped, loss scale now {loss_scale(engine):g}" if fp16 else "non-finite"))
         log.step(state.step, loss, lr, grad_norm, t.batch_size, time.perf_counter() - started, not applied, engine)
         if bad_steps > t.max_bad_steps:
             return _diverged(log, cfg, f"{bad_steps} consecutive non-finite steps "
