@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -100,6 +101,5 @@ def steps(args) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     from benchmarks.__main__ import main
     sys.exit(main(["data", *sys.argv[1:]]))

@@ -115,6 +115,5 @@ def run(args, progress=None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
     from benchmarks.__main__ import main
     sys.exit(main(["end_to_end", *sys.argv[1:]]))

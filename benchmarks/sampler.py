@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -391,6 +392,5 @@ def _spread(s: dict, pct: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    import sys
     from benchmarks.__main__ import main
     sys.exit(main(["sampler", *sys.argv[1:]]))

@@ -513,6 +513,5 @@ def defaults(args) -> None:
 
 
 if __name__ == "__main__":
-    import sys
     from benchmarks.__main__ import main
     sys.exit(main(["train", *sys.argv[1:]]))
