@@ -27,7 +27,7 @@ EXTRA = ("learning",)
 def module(name: str):
     """The benchmark's module: run(args, progress) and steps(args); add_arguments(parser) and
     defaults(args) where it has flags of its own."""
-    return importlib.import_module(f"benchmarks.{'data_harness' if name == 'data' else name}")
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

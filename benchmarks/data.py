@@ -1,12 +1,14 @@
-"""Benchmark the first arrow: data_prep images/s and pipeline.data loader images/s.
+"""Benchmark the first arrow: data_prep images/s and the pipeline.data loader's, against the training step's appetite.
 
-  python -m benchmarks.data [--quick] [--out DIR]
+  python -m benchmarks data [--quick] [--out DIR]
 
 data_prep: procedural faces at 32 and 256 px, and CelebA-HQ-like 1024 px JPEGs resized to
 256 px, with 1 and 2 worker processes (wall time including the pool start-up).
 loader: batches/s after a warm-up batch, for DataLoader workers 0, 1 and 2, at 32 and 256 px.
+Both are set against the rate a training step consumes images on the same machine (our U-Net,
+the train benchmark's number when it ran in this session, else measured now), giving the
+target "loader >= 5x consumption".
 """
-
 from __future__ import annotations
 
 import argparse
@@ -17,11 +19,51 @@ import resource
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from benchmarks import common
+
+# loader case -> the config that trains on images of that size
+CONSUMER = {32: "tiny_cpu", 64: "celebahq64", 256: "celebahq256"}
+
+METHOD = """
+data_prep: procedural faces at 32 and 256 px, and 1024 px JPEGs resized to 256 px, with 1 and 2 worker processes
+(wall time including the pool start-up). Loader: batches/s after a warm-up batch, DataLoader workers 0, 1, 2. Consumption is
+images/s of our full training step (benchmarks.train: forward, loss, backward, AdamW) for the config that
+trains at that resolution, the fastest batch size measured (the most demanding consumer). On a shared
+machine both sides see the same load, but they are not interleaved: read the ratio as an order of magnitude.
+"""
+
+
+def consumption(args, progress) -> dict[int, dict]:
+    """Training images/s by image size: from train.json of this output dir, else measured (tiny config)."""
+    train_json = Path(args.out) / "train.json"
+    rows = []
+    if train_json.is_file():
+        previous = json.loads(train_json.read_text())
+        same = (previous.get("device"), previous.get("quick"), previous["config"].get("threads"))
+        if same == (args.device, args.quick, args.threads or common.usable_cores()):
+            rows = previous["results"]["throughput"]
+    if not rows:
+        from benchmarks import train
+        from pipeline.config import load_config
+        progress.describe("data: training-step consumption (tiny_cpu)")
+        cfg = load_config(train.REPO / "configs" / "tiny_cpu.yaml")
+        measure_args = argparse.Namespace(**{**vars(args), "repeats": 3, "warmup": 1})
+        rows = train.compare_with_diffusers(cfg, "tiny_cpu", [8 if args.quick else 32], measure_args,
+                                            common.no_progress())
+    out = {}
+    for size, name in CONSUMER.items():
+        mine = [r for r in rows if r["config"] == name]
+        if mine:
+            best = max(mine, key=lambda r: r["ours_images_per_second"])
+            out[size] = {"config": name, "batch": best["batch"], "images_per_second": best["ours_images_per_second"]}
+    return out
 
 
 def _make_source_corpus(root: Path, count: int) -> None:
@@ -99,25 +141,12 @@ def bench_loader(quick: bool, shards: dict[str, Path]) -> list[dict]:
     return results
 
 
-def _markdown(result: dict) -> str:
-    lines = ["# data benchmark", "", f"{result['machine']['cpu_count']} CPUs, Python {result['machine']['python']}",
-             "", "| stage | case | workers | images/s | images per CPU-second |", "| --- | --- | ---: | ---: | ---: |"]
-    for row in result["data_prep"]:
-        lines.append(f"| data_prep | {row['case']} | {row['workers']} | {row['images_per_second']:.1f} | "
-                     f"{row['images_per_cpu_second']:.1f} |")
-    for row in result["loader"]:
-        lines.append(f"| loader (batch {row['batch_size']}) | {row['case']} | {row['workers']} | "
-                     f"{row['images_per_second']:.1f} | |")
-    return "\n".join(lines) + "\n"
-
-
-def run(quick: bool, out_dir: Path) -> dict:
-    """Run both benchmarks; write data.json and data.md into out_dir and return the results."""
+def measure(quick: bool, work: Path) -> dict:
+    """data_prep and loader rates, measured in `work` (emptied before and after)."""
     import PIL
     import torch
     import webdataset
-    out_dir = Path(out_dir)
-    work = out_dir / "data_work"
+    work = Path(work) / "data_work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -125,7 +154,7 @@ def run(quick: bool, out_dir: Path) -> dict:
         loader = bench_loader(quick, shards)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {
+    return {
         "benchmark": "data", "quick": quick,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "cuda": torch.cuda.is_available()},
@@ -133,21 +162,52 @@ def run(quick: bool, out_dir: Path) -> dict:
                      "webdataset": webdataset.__version__},
         "data_prep": prep, "loader": loader,
     }
-    (out_dir / "data.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / "data.md").write_text(_markdown(result))
+
+
+def run(args, progress=None) -> dict:
+    progress = progress or common.no_progress()
+    common.set_threads(args.threads)
+    result = common.new_result("data", quick=args.quick, device=args.device, method=METHOD,
+                               config={"consumers": CONSUMER})
+    progress.describe("data: data_prep and loader")
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = measure(args.quick, Path(tmp))
+    progress.update()
+    consumers = consumption(args, progress)
+    progress.update()
+    result["results"] = {"data": measured, "consumption": {str(k): v for k, v in consumers.items()}}
+    result["tables"].append(common.table(
+        "data_prep", ["case", "workers", "images", "seconds", "images/s"],
+        [[r["case"], r["workers"], r["images"], r["seconds"], r["images_per_second"]] for r in measured["data_prep"]]))
+    rows = []
+    for r in measured["loader"]:
+        need = consumers.get(r["resolution"])
+        ratio = r["images_per_second"] / need["images_per_second"] if need else None
+        rows.append([r["case"], r["resolution"], r["batch_size"], r["workers"], r["images_per_second"],
+                     need["images_per_second"] if need else None, ratio])
+    result["tables"].append(common.table(
+        "Loader vs training-step consumption", ["case", "px", "batch", "workers", "loader images/s",
+                                                "training step images/s", "loader / consumption"], rows))
+    for size in sorted({r[1] for r in rows}):
+        mine = [r for r in rows if r[1] == size and r[6] is not None]
+        if not mine:
+            result["notes"].append(f"{size} px: no training-step rate for {CONSUMER.get(size)} on this machine, "
+                                   f"so no loader target (the train benchmark measures it on a GPU run)")
+            continue
+        best = max(mine, key=lambda r: r[6])
+        c = consumers[size]
+        result["targets"].append(common.target(
+            f"loader_vs_consumption[{size}px]", f"loader >= 5x training consumption ({size} px, {c['config']})",
+            best[6], 5.0, ">=", detail=f"best with {best[3]} worker(s): {best[4]:.0f} vs {best[5]:.1f} images/s "
+                                       f"(training batch {c['batch']}); workers 0/1/2: "
+                                       + ", ".join(f"{r[6]:.1f}x" for r in mine)))
     return result
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a minute or two")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for data.json / data.md")
-    args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(_markdown(run(args.quick, args.out)))
-    return 0
+def steps(args) -> int:
+    return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks.__main__ import main
+    sys.exit(main(["data", *sys.argv[1:]]))
