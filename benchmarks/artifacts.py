@@ -15,6 +15,7 @@ from pathlib import Path
 
 from benchmarks import common
 from pipeline.config import Config, config_to_dict, load_config
+from pipeline.fileio import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(tempfile.gettempdir()) / "ddpm-benchmarks"
@@ -65,12 +66,12 @@ def _whole_checkpoint(ckpt: Path) -> bool:
 
 def _whole_model(path: Path) -> bool:
     """A cached .onnx / .plan whose sidecar is missing or stale, or whose bytes changed, is rebuilt."""
-    from export.sidecar import SidecarError, file_sha256, read_sidecar
+    from export.sidecar import SidecarError, read_sidecar
     if not path.is_file():
         return False
     try:
         info = read_sidecar(path)
-        if info.model_sha256 and file_sha256(path) != info.model_sha256:
+        if info.model_sha256 and sha256_file(path) != info.model_sha256:
             raise SidecarError(f"{path}: sha256 differs from its sidecar")
         return True
     except SidecarError as e:

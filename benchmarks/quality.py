@@ -88,7 +88,7 @@ def run(args) -> dict:
     result = common.new_result("quality", quick=args.quick, device="cpu", config={
         "ckpt": args.ckpt, "shards": args.shards, "num": num, "seed": 0, "spacing": DEFAULT_SPACING,
         "threads": threads, "sets": [set_name(*p) for p in plan]}, method=__doc__.split("\n\n", 2)[2])
-    progress = common.Progress(len(plan) + 1)
+    progress = common.run_progress(len(plan) + 1)
     featurizer = Featurizer("classifier", args.shards, None, None)
     rows, sets, strip_rows = [], {}, []
     with tempfile.TemporaryDirectory() as workdir:

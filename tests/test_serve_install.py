@@ -1,6 +1,5 @@
 """The serving install is torch-free for real: a fresh venv with only `.[serve-onnx]` samples an export."""
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
