@@ -42,6 +42,7 @@ from pipeline.distributed import DistEnv, LaunchError
 from pipeline.ema import EMA, full_weights
 from pipeline.ds_config import batch_sizes, check_offload_build, ds_config_for, precision_of
 from pipeline.fileio import NoSpaceError, atomic_write_json
+from pipeline.manifest import DataError, check_shards, read_manifest
 from pipeline.metrics_log import MetricsLog, loss_scale
 
 REQUEUE_EXIT_CODE = 3   # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
@@ -66,7 +67,6 @@ def on_all_ranks(env: DistEnv, fn):
     A damaged file or a full disk seen by one rank must stop all of them at the same point, not
     leave the others waiting in the next collective.
     """
-    from pipeline.data import DataError
     result, error = None, None
     try:
         result = fn()
@@ -97,22 +97,27 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def check_data(cfg: Config) -> None:
+    """The pre-flight check, before the model is built: the manifest, every train shard's size and
+    sha256 (cached per (size, mtime, inode), so a damaged shard stops the run before any of its
+    bytes reach an optimizer step), and the resolution the model is configured for."""
+    manifest = read_manifest(cfg.data.shards)
+    check_shards(cfg.data.shards, "train", verify_sha256=True, manifest=manifest)
+    if manifest["resolution"] != cfg.model.image_size:
+        raise TrainError(f"data.shards: {cfg.data.shards} holds {manifest['resolution']} px images "
+                         f"but model.image_size is {cfg.model.image_size}")
+
+
 def image_stream(cfg: Config, env: DistEnv, micro_batch: int, start_step: int, skip: int = 0):
     """Endless (micro_batch, C, H, W) batches in [-1, 1] for this rank, seeded by (seed, start_step),
-    less the first `skip` (the ones a resumed run had already trained on).
-
-    The shards are hashed against the manifest first (cached per (size, mtime, inode)), so a
-    damaged one stops the run here, before any of its bytes reach an optimizer step.
-    """
+    less the first `skip` (the ones a resumed run had already trained on). The loader checks the
+    shards against the manifest again: after `check_data`, a stat per shard."""
     from pipeline.data import make_loader
     loader = make_loader(cfg.data.shards, batch_size=micro_batch, rank=env.rank, world_size=env.world_size,
                          num_workers=cfg.data.num_workers, seed=derived_seed(cfg.train.seed, start_step, 1),
                          shuffle_buffer=cfg.data.shuffle_buffer, random_flip=cfg.data.random_flip,
                          max_corrupt=cfg.data.max_corrupt)
     loader.max_corrupt = None  # train_loop counts corrupt samples over all ranks and stops them together
-    if loader.manifest["resolution"] != cfg.model.image_size:
-        raise TrainError(f"data.shards: {cfg.data.shards} holds {loader.manifest['resolution']} px images "
-                         f"but model.image_size is {cfg.model.image_size}")
     return loader.forever(skip)  # resampled epochs of equal length on every rank
 
 
@@ -299,16 +304,10 @@ def train(cfg: Config) -> int:
     caught = stop_signals.catch() if threading.current_thread() is threading.main_thread() else None
     try:
         return _train(cfg)
-    except (ConfigError, CheckpointError, LaunchError, TrainError, NoSpaceError) as e:
+    except (ConfigError, CheckpointError, DataError, LaunchError, TrainError, NoSpaceError) as e:
         if not getattr(e, "quiet", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    except Exception as e:
-        from pipeline.data import DataError
-        if isinstance(e, DataError):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return EXIT_USER_ERROR
-        raise
     finally:
         if caught is not None:
             stop_signals.release(*caught)
@@ -333,7 +332,7 @@ def _train(cfg: Config) -> int:
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_json(run_dir / "deepspeed_config.json", ds_config)
     # rank 0 hashes the shards (and caches the result) before the model is built; the others then only stat
-    on_all_ranks(env, lambda: image_stream(cfg, env, micro_batch, 0) if env.is_main else None)
+    on_all_ranks(env, lambda: check_data(cfg) if env.is_main else None)
 
     engine = build_engine(cfg, ds_config, deepspeed)
     ema = EMA(engine.module, cfg.ema.decay, warmup=cfg.ema.warmup, keep=env.is_main,

@@ -287,10 +287,10 @@ def test_data_prep_writes_what_pipeline_reads(tmp_path):
     """data_prep stands alone (it imports nothing of pipeline), so the shard contract is written down
     on both sides: the names, versions, image types and hashes must agree."""
     from data_prep import images, shards
-    from pipeline import data, fileio
-    assert shards.MANIFEST_NAME == data.MANIFEST_NAME
-    assert shards.FORMAT_VERSION in data.SUPPORTED_FORMAT_VERSIONS
-    assert set(images.FORMATS) <= set(data.IMAGE_EXTENSIONS)
+    from pipeline import fileio, manifest
+    assert shards.MANIFEST_NAME == manifest.MANIFEST_NAME
+    assert shards.FORMAT_VERSION in manifest.SUPPORTED_FORMAT_VERSIONS
+    assert set(images.FORMATS) <= set(manifest.IMAGE_EXTENSIONS)
     blob = tmp_path / "blob"
     blob.write_bytes(os.urandom(3 << 20))
     assert shards.sha256_file(blob) == fileio.sha256_file(blob)

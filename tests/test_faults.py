@@ -174,14 +174,14 @@ def test_a_flipped_byte_in_a_shard_never_reaches_an_optimizer_step(shards16, tmp
 
 
 def test_verified_shards_are_not_hashed_again(shards16, tmp_path, monkeypatch):
-    from pipeline import data
+    from pipeline import manifest
     shards = linked_copy(shards16, tmp_path / "shards")
     (shards / ".verified.json").unlink(missing_ok=True)
-    data.check_shards(shards, verify_sha256=True)
+    manifest.check_shards(shards, verify_sha256=True)
     cached = json.loads((shards / ".verified.json").read_text())
     assert set(cached) == {p.name for p in shards.glob("train-*.tar")}
-    monkeypatch.setattr(data, "sha256_file", lambda path: pytest.fail(f"hashed {path} again"))
-    data.check_shards(shards, verify_sha256=True)  # (size, mtime, inode) unchanged: only a stat
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: pytest.fail(f"hashed {path} again"))
+    manifest.check_shards(shards, verify_sha256=True)  # (size, mtime, inode) unchanged: only a stat
 
 
 @pytest.mark.parametrize("kind", DAMAGES)

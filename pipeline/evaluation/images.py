@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+from pipeline import manifest
 
 
 class EvaluateError(Exception):
@@ -40,19 +40,17 @@ def check_images(images: np.ndarray, what: str) -> np.ndarray:
 
 
 def read_manifest(shards_dir) -> dict:
-    from pipeline.data import DataError, read_manifest
     try:
-        return read_manifest(shards_dir)
-    except DataError as e:
+        return manifest.read_manifest(shards_dir)
+    except manifest.DataError as e:
         raise EvaluateError(str(e)) from None
 
 
 def check_split(shards_dir, split: str) -> None:
     """The split's shards match the manifest (size and sha256, cached as for training)."""
-    from pipeline.data import DataError, check_shards
     try:
-        check_shards(shards_dir, split, verify_sha256=True)
-    except DataError as e:
+        manifest.check_shards(shards_dir, split, verify_sha256=True)
+    except manifest.DataError as e:
         raise EvaluateError(str(e)) from None
 
 
@@ -80,7 +78,7 @@ def read_split(shards_dir, split: str, max_images: int | None = None, seed: int 
             with tarfile.open(path) as tar:
                 for member in tar:
                     ext = member.name.rpartition("/")[2].partition(".")[2]  # webdataset: key.ext
-                    if ext.lower() not in IMAGE_EXTS:
+                    if ext.lower() not in manifest.IMAGE_EXTENSIONS:
                         continue
                     if keep is None or index in keep:
                         images.append(_decode(tar.extractfile(member).read(), f"{path}:{member.name}"))
