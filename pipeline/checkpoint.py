@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, ConfigError, DiffusionConfig, ModelConfig, build_dataclass
-from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer
+from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -151,7 +151,7 @@ def load_tensors(file: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     try:
         return load_file(str(file), device=device)
     except Exception as e:  # SafetensorError is a bare Exception subclass; OSError for unreadable files
-        raise CheckpointError(f"{file}: damaged safetensors file ({_reason(e)})") from None
+        raise CheckpointError(f"{file}: damaged safetensors file ({reason_of(e)})") from None
 
 
 def check_tensors_header(file: str | Path) -> None:
@@ -161,7 +161,7 @@ def check_tensors_header(file: str | Path) -> None:
         with safe_open(str(file), framework="pt"):
             pass
     except Exception as e:
-        raise CheckpointError(f"{file}: damaged safetensors file ({_reason(e)})") from None
+        raise CheckpointError(f"{file}: damaged safetensors file ({reason_of(e)})") from None
 
 
 def verify_export_files(ckpt_dir: str | Path) -> None:
@@ -195,10 +195,10 @@ def verify_deepspeed_files(ds_dir: str | Path) -> None:
                         raise
                     torch.load(path, map_location="cpu", weights_only=True)  # checkpoint_serialization=false
         except Exception as e:
-            raise CheckpointError(f"{path}: damaged DeepSpeed state ({_reason(e)})") from None
+            raise CheckpointError(f"{path}: damaged DeepSpeed state ({reason_of(e)})") from None
 
 
-def _reason(e: BaseException) -> str:
+def reason_of(e: BaseException) -> str:
     """One line of what a loader said: weights_only refusals keep their "Unsupported global" part."""
     text = str(e)
     for line in text.splitlines():
@@ -266,9 +266,8 @@ def load_unet(path: str | Path | Checkpoint, device: str | torch.device = "cpu",
     return ckpt.load_unet(device, weights), ckpt.model, ckpt.diffusion
 
 
-# --- resume state that is not DeepSpeed's: RNG streams, interrupted writes, safe loading --------
+# --- interrupted writes; what DeepSpeed's files may hold ---------------------------------------
 
-RNG_DIR = "rng"
 
 
 def remove_incomplete(run_dir: str | Path) -> list[Path]:
@@ -280,114 +279,9 @@ def remove_incomplete(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    """This process's python, numpy and torch (CPU and CUDA) generator states as plain tensors."""
-    import random
-    import numpy as np
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python_mt": torch.tensor(mt, dtype=torch.int64),
-        "python_version_gauss": torch.tensor([version, float("nan") if gauss is None else gauss], dtype=torch.float64),
-        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-        "numpy_pos_gauss": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    import math
-    import random
-    import numpy as np
-    version, gauss = state["python_version_gauss"].tolist()
-    random.setstate((int(version), tuple(state["python_mt"].tolist()), None if math.isnan(gauss) else gauss))
-    pos, has_gauss, cached = state["numpy_pos_gauss"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
-def rng_path(ckpt_dir: str | Path, rank: int) -> Path:
-    return Path(ckpt_dir) / RNG_DIR / f"rank_{rank:05d}.pt"
-
-
-def save_rng(ckpt_dir: str | Path, rank: int) -> None:
-    import io
-    buf = io.BytesIO()
-    torch.save(rng_state(), buf)
-    atomic_write_bytes(rng_path(ckpt_dir, rank), buf.getvalue())
-
-
-def load_rng(ckpt_dir: str | Path, rank: int) -> bool:
-    """Restore this rank's RNG states; False when the checkpoint has none for this rank."""
-    path = rng_path(ckpt_dir, rank)
-    if not path.exists():
-        return False
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        set_rng_state(state)
-    except Exception as e:  # truncated, garbled, a pickle of something else, a directory
-        raise CheckpointError(f"{path}: damaged RNG state ({_reason(e)})") from None
-    return True
-
-
-def fsync_tree(root: str | Path) -> None:
-    """fsync every file and directory under root (files another rank wrote included)."""
-    import os
-    from pipeline.fileio import fsync_dir
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(folder)
-
-
 def deepspeed_safe_globals() -> list:
     """The DeepSpeed classes its checkpoints pickle besides tensors and containers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def use_weights_only_loading(engine) -> None:
-    """Make engine.load_checkpoint unpickle with weights_only=True (DeepSpeed's own loader does not).
-
-    Only plain containers, tensors and the classes in `deepspeed_safe_globals` are accepted,
-    so a tampered checkpoint cannot run code on load.
-    """
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        return  # a configured alternative engine (nebula, fast, ...) keeps its own loader
-    allowed = deepspeed_safe_globals()
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        """Loads name the damaged file; saves go through atomic_writer, and a failed save (a full
-        disk) is kept in `save_error` instead of raised, so this rank still joins DeepSpeed's
-        collectives and the caller can stop every rank together."""
-        save_error: Exception | None = None
-
-        def load(self, path: str, map_location=None):
-            try:
-                with torch.serialization.safe_globals(allowed):
-                    return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{path}: damaged DeepSpeed state ({_reason(e)})") from None
-
-        def save(self, state_dict, path: str):
-            if self.save_error is not None:
-                return  # the checkpoint is lost already; write nothing more into it
-            try:
-                with atomic_writer(path) as f:
-                    torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
-            except Exception as e:
-                self.save_error = e
-
-    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)

@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,51 +30,19 @@ import torch
 import torch.distributed as dist
 
 from pipeline import distributed, stop_signals
-from pipeline.checkpoint import (CheckpointError, EMA_FILE, checkpoint_dir, complete_checkpoints, fsync_tree,
-                                 load_rng, load_tensors, mark_complete, prune_checkpoints, remove_incomplete,
-                                 save_export_files, save_rng, step_of, use_weights_only_loading,
-                                 verify_deepspeed_files, verify_export_files)
+from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config, ConfigError, load_config_or_report, save_config
 from pipeline.distributed import DistEnv, LaunchError
-from pipeline.ema import EMA, full_weights
+from pipeline.ema import EMA
 from pipeline.ds_config import batch_sizes, check_offload_build, ds_config_for, precision_of
 from pipeline.fileio import NoSpaceError, atomic_write_json
 from pipeline.manifest import DataError, check_shards, read_manifest
 from pipeline.metrics_log import MetricsLog, loss_scale
+from pipeline.resume import TrainError, TrainState, on_all_ranks, resume, save_checkpoint, use_weights_only_loading
 
 REQUEUE_EXIT_CODE = 3   # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
 EXIT_DIVERGED = 1
 EXIT_USER_ERROR = 2
-# Test hook: "STEP:SECONDS" makes rank 0 sleep after writing checkpoint STEP and before its
-# COMPLETE marker, so a test can SIGKILL the run in the middle of a checkpoint write.
-PAUSE_BEFORE_COMPLETE_ENV = "DDPM_TEST_PAUSE_BEFORE_COMPLETE"
-
-
-class TrainError(RuntimeError):
-    """A problem with the run set-up the user can fix; printed as one line (`quiet`: by rank 0 only)."""
-
-    def __init__(self, message: str, quiet: bool = False):
-        super().__init__(message)
-        self.quiet = quiet
-
-
-def on_all_ranks(env: DistEnv, fn):
-    """fn() on every rank; if it failed on any rank, every rank raises TrainError with the first message.
-
-    A damaged file or a full disk seen by one rank must stop all of them at the same point, not
-    leave the others waiting in the next collective.
-    """
-    result, error = None, None
-    try:
-        result = fn()
-    except (CheckpointError, DataError, TrainError, OSError) as e:
-        error = str(e)
-    errors = [None] * env.world_size
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first is not None:
-        raise TrainError(first, quiet=not env.is_main)
-    return result
 
 
 class LossScaleExhausted(RuntimeError):
@@ -121,16 +86,6 @@ def image_stream(cfg: Config, env: DistEnv, micro_batch: int, start_step: int, s
     return loader.forever(skip)  # resampled epochs of equal length on every rank
 
 
-# --- the training state that is not DeepSpeed's ---------------------------------------------
-
-@dataclass
-class TrainState:
-    step: int = 0            # optimizer steps taken (skipped fp16 overflow steps included)
-    images_seen: int = 0
-    stream_start: int = 0    # data position: the step whose seed started the current stream,
-    batches_drawn: int = 0   # and the micro-batches this rank has drawn from it since
-
-
 def warmup_lambda(warmup_steps: int):
     """Linear warm-up factor for LambdaLR: (step + 1) / warmup_steps, then 1."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -142,153 +97,19 @@ def build_engine(cfg: Config, ds_config: dict, deepspeed):
     torch.manual_seed(cfg.train.seed)
     model = UNet(cfg.model)
     model.grad_checkpointing = cfg.train.grad_checkpointing
-    t = cfg.train
+    train_cfg = cfg.train
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                      weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
+                                      weight_decay=train_cfg.weight_decay)
     if "scheduler" not in ds_config:
         def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps))
+            return torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(train_cfg.warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=model.parameters() if optimizer is None else None,
                                            config=ds_config)
     use_weights_only_loading(engine)
     return engine
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-def save_checkpoint(engine, ema, state: TrainState, cfg: Config, env: DistEnv) -> Path:
-    """Every rank writes its DeepSpeed shards and RNG; rank 0 the export files, then COMPLETE.
-
-    A write that fails (a full disk) does not stop a rank on its own: it keeps joining the
-    collectives, then all ranks agree, rank 0 removes the unfinished directory, and every rank
-    raises TrainError. The earlier checkpoints are untouched (pruning follows COMPLETE).
-    """
-    ckpt = checkpoint_dir(cfg.run.dir, state.step)
-    failed = []  # this rank's first failure
-
-    def attempt(write) -> None:
-        if not failed:
-            try:
-                write()
-            except OSError as e:
-                failed.append(e)
-
-    if env.is_main:
-        shutil.rmtree(ckpt, ignore_errors=True)  # a leftover of an interrupted write
-        attempt(lambda: ckpt.mkdir(parents=True))
-    distributed.barrier()
-    client_state = {"step": state.step, "images_seen": state.images_seen, "stream_start": state.stream_start,
-                    "batches_drawn": state.batches_drawn, "ema_num_updates": ema.num_updates,
-                    "world_size": env.world_size}
-    writer = engine.checkpoint_engine
-    writer.save_error = failed[0] if failed else None  # WeightsOnlyCheckpointEngine then writes nothing
-    engine.save_checkpoint(str(ckpt), tag="deepspeed", client_state=client_state, save_latest=False)
-    if writer.save_error is not None and not failed:
-        failed.append(writer.save_error)
-    writer.save_error = None
-    attempt(lambda: save_rng(ckpt, env.rank))
-    online = full_weights(engine.module, keep=env.is_main)  # a collective under ZeRO-3
-    distributed.barrier()
-    attempt(lambda: fsync_tree(ckpt))  # each rank flushes what it wrote (and, harmlessly, what the others wrote)
-    distributed.barrier()
-    if env.is_main:
-        attempt(lambda: save_export_files(ckpt, ema.state_dict(), cfg, state.step, state.images_seen,
-                                          model_state=online))
-    _agree_or_remove(ckpt, failed, env)
-    if env.is_main:
-        _test_pause_before_complete(state.step)
-        attempt(lambda: mark_complete(ckpt))  # the commit point: before this line the checkpoint does not exist
-    _agree_or_remove(ckpt, failed, env)
-    if env.is_main:
-        prune_checkpoints(cfg.run.dir, cfg.train.keep_checkpoints)
-    distributed.barrier()
-    return ckpt
-
-
-def _agree_or_remove(ckpt: Path, failed: list, env: DistEnv) -> None:
-    try:
-        on_all_ranks(env, lambda: _reraise(failed))
-    except TrainError as e:
-        if env.is_main:
-            shutil.rmtree(ckpt, ignore_errors=True)
-        raise TrainError(f"{e}; removed the unfinished checkpoint {ckpt}, the earlier ones are intact",
-                         quiet=e.quiet) from None
-
-
-def _reraise(failed: list) -> None:
-    if failed:
-        raise failed[0]
-
-
-def _test_pause_before_complete(step: int) -> None:
-    spec = os.environ.get(PAUSE_BEFORE_COMPLETE_ENV)
-    if spec:
-        at, seconds = spec.split(":")
-        if int(at) == step:
-            time.sleep(float(seconds))
-
-
-def resume(engine, ema, cfg: Config, env: DistEnv) -> TrainState:
-    """Load the newest complete checkpoint of run.dir, if any; interrupted writes are deleted.
-
-    One that cannot be loaded (a damaged file: the message names it) stops the run, or with
-    train.resume_fallback=true the next older complete checkpoint is tried, and the log says so.
-    """
-    if env.is_main:
-        for d in remove_incomplete(cfg.run.dir):
-            print(f"removed incomplete checkpoint {d} (interrupted while writing)", flush=True)
-    distributed.barrier()
-    # All ranks must load the same one: rank 0 decides.
-    steps = [[step_of(d) for d in complete_checkpoints(cfg.run.dir)]]
-    dist.broadcast_object_list(steps, src=0)
-    candidates = [checkpoint_dir(cfg.run.dir, step) for step in reversed(steps[0])]
-    for i, ckpt in enumerate(candidates):
-        try:
-            return load_checkpoint(engine, ema, ckpt, env)
-        except TrainError as e:
-            if not cfg.train.resume_fallback or i + 1 == len(candidates):
-                hint = "" if cfg.train.resume_fallback else "; train.resume_fallback=true resumes from the one before"
-                raise TrainError(f"{e}{hint if i + 1 < len(candidates) else ''}", quiet=e.quiet) from None
-            if env.is_main:
-                print(f"warning: {e}; falling back to the next older complete checkpoint {candidates[i + 1]} "
-                      f"(train.resume_fallback=true)", flush=True)
-    return TrainState()
-
-
-def load_checkpoint(engine, ema, ckpt: Path, env: DistEnv) -> TrainState:
-    """Check every file of `ckpt` this rank reads, then load them; a failure on any rank raises on all."""
-    on_all_ranks(env, lambda: (verify_export_files(ckpt), verify_deepspeed_files(ckpt / "deepspeed")))
-
-    def load_engine():
-        try:
-            _, client = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
-        except (RuntimeError, KeyError, ValueError, OSError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{ckpt}: cannot resume from it ({str(e).splitlines()[0][:300]}); "
-                                  f"was it written by a different config or world size?") from None
-        if client is None:
-            raise CheckpointError(f"{ckpt / 'deepspeed'}: DeepSpeed found no state there")
-        return client
-    client = on_all_ranks(env, load_engine)
-
-    def load_ema_and_rng() -> bool:
-        ema_state = load_tensors(ckpt / EMA_FILE, device=str(env.device)) if env.is_main else {}
-        try:
-            ema.load_state_dict(ema_state, client["ema_num_updates"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{ckpt / EMA_FILE}: does not fit this model ({str(e).splitlines()[0][:200]})") from None
-        return load_rng(ckpt, env.rank)
-    if not on_all_ranks(env, load_ema_and_rng) and env.is_main:
-        print(f"warning: {ckpt} has no RNG state for rank {env.rank}; continuing with fresh generators")
-    if env.is_main:
-        print(f"resumed from {ckpt} (step {client['step']}, {client['images_seen']} images seen)", flush=True)
-    return TrainState(step=client["step"], images_seen=client["images_seen"], stream_start=client["stream_start"],
-                      batches_drawn=client["batches_drawn"])
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -315,9 +136,9 @@ def train(cfg: Config) -> int:
 
 def _train(cfg: Config) -> int:
     """Set up the process group, engine, EMA and data position (resumed if run.dir has a checkpoint)."""
-    t = cfg.train
+    train_cfg = cfg.train
     env = distributed.read_env()
-    micro_batch, accum = batch_sizes(t, env.world_size)
+    micro_batch, accum = batch_sizes(train_cfg, env.world_size)
     ds_config = ds_config_for(cfg, env.world_size)
     precision = precision_of(ds_config)
     if precision == "fp16" and not torch.cuda.is_available():
@@ -338,9 +159,9 @@ def _train(cfg: Config) -> int:
     ema = EMA(engine.module, cfg.ema.decay, warmup=cfg.ema.warmup, keep=env.is_main,
               profile=cfg.ema.profile, sigma_rel=cfg.ema.sigma_rel)
     state = resume(engine, ema, cfg, env)
-    if state.step >= t.max_steps:
+    if state.step >= train_cfg.max_steps:
         if env.is_main:
-            print(f"{run_dir}: already at step {state.step} >= train.max_steps={t.max_steps}; nothing to do")
+            print(f"{run_dir}: already at step {state.step} >= train.max_steps={train_cfg.max_steps}; nothing to do")
         return 0
     if env.is_main and state.batches_drawn:
         print(f"skipping {state.batches_drawn} batches to restore the data position", flush=True)
@@ -349,8 +170,8 @@ def _train(cfg: Config) -> int:
 
     log = MetricsLog(cfg, state.step, env.is_main)
     log.message(f"training {run_dir}: {env.world_size} process(es) on {env.device.type}, {precision}, "
-                f"ZeRO-{engine.zero_optimization_stage()}, batch {t.batch_size} = {micro_batch} x {accum} "
-                f"accumulation x {env.world_size}, from step {state.step} to {t.max_steps}")
+                f"ZeRO-{engine.zero_optimization_stage()}, batch {train_cfg.batch_size} = {micro_batch} x {accum} "
+                f"accumulation x {env.world_size}, from step {state.step} to {train_cfg.max_steps}")
     try:
         return train_loop(cfg, env, engine, ema, state, batches, log)
     finally:
@@ -400,16 +221,16 @@ def train_step(engine, diffusion, batches, state: TrainState, seed: int, env: Di
 def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batches, log: MetricsLog) -> int:
     from pipeline.diffusion import GaussianDiffusion
     from pipeline.schedule import schedule_from_config
-    t = cfg.train
-    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion), t.loss_weighting, t.snr_gamma)
+    train_cfg = cfg.train
+    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion), train_cfg.loss_weighting, train_cfg.snr_gamma)
     fp16 = engine.fp16_enabled()
     bad_steps = 0
     corrupt = 0  # samples the data loaders of all ranks skipped since this process started
     engine.train()
-    while state.step < t.max_steps:
+    while state.step < train_cfg.max_steps:
         started, lr = time.perf_counter(), engine.get_lr()[0]
         try:
-            loss_sum, grad_norm = train_step(engine, diffusion, batches, state, t.seed, env)
+            loss_sum, grad_norm = train_step(engine, diffusion, batches, state, train_cfg.seed, env)
         except LossScaleExhausted:  # every rank sees the same (all-reduced) overflow and stops here
             return _diverged(log, cfg, f"step {state.step + 1}: fp16 gradients overflow even at the minimum loss "
                                        f"scale {loss_scale(engine)}")
@@ -425,7 +246,7 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
         if corrupt > cfg.data.max_corrupt:
             raise too_many_corrupt(cfg, env, batches.loader.last_rejected, corrupt)
         state.step += 1
-        state.images_seen += t.batch_size
+        state.images_seen += train_cfg.batch_size
 
         # fp16: DeepSpeed skipped the step on overflow. bf16/fp32 have no scaler: after a non-finite
         # loss or gradient the weights may be damaged, so neither the EMA nor a checkpoint takes them.
@@ -438,23 +259,23 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
         else:
             log.message(f"step {state.step}: loss {loss:.4g}, grad norm {grad_norm}, " + (
                 f"fp16 overflow, step skipped, loss scale now {loss_scale(engine):g}" if fp16 else "non-finite"))
-        log.step(state.step, loss, lr, grad_norm, t.batch_size, time.perf_counter() - started, not applied, engine)
-        if bad_steps > t.max_bad_steps:
+        log.step(state.step, loss, lr, grad_norm, train_cfg.batch_size, time.perf_counter() - started, not applied, engine)
+        if bad_steps > train_cfg.max_bad_steps:
             return _diverged(log, cfg, f"{bad_steps} consecutive non-finite steps "
-                                       f"(train.max_bad_steps={t.max_bad_steps})")
+                                       f"(train.max_bad_steps={train_cfg.max_bad_steps})")
 
-        if state.step % t.checkpoint_every == 0:  # a fresh stream, so a resume from here skips nothing
+        if state.step % train_cfg.checkpoint_every == 0:  # a fresh stream, so a resume from here skips nothing
             batches = on_all_ranks(env, lambda: image_stream(cfg, env, engine.train_micro_batch_size_per_gpu(),
                                                              state.step))
             state.stream_start, state.batches_drawn = state.step, 0
         weights_ok = fp16 or bad_steps == 0
-        last = state.step == t.max_steps
+        last = state.step == train_cfg.max_steps
         if env.is_main and weights_ok and cfg.log.sample_every and (state.step % cfg.log.sample_every == 0 or last):
             try:
                 log.message(f"step {state.step}: EMA samples in {preview(cfg, ema, diffusion, state.step, env)}")
             except NoSpaceError as e:  # a preview is not worth stopping for; the checkpoint below decides
                 log.message(f"warning: no preview grid: {e}")
-        if weights_ok and (state.step % t.checkpoint_every == 0 or last or stop):
+        if weights_ok and (state.step % train_cfg.checkpoint_every == 0 or last or stop):
             log.message(f"step {state.step}: checkpoint {save_checkpoint(engine, ema, state, cfg, env)}")
         if stop:
             log.message(f"step {state.step}: stopped on request; exit {REQUEUE_EXIT_CODE} so the job is requeued")

@@ -413,7 +413,7 @@ KILL_CASES = [("job", "mid-step"), ("job", "deepspeed files"), ("job", "export f
 def test_kill_9_at_a_seeded_point_resumes_bit_exact(victim, point, shards16, straight, tmp_path, launched):
     """SIGKILL the whole job (torchrun and every process under it) or rank 1 alone: mid-step, while
     DeepSpeed writes a checkpoint's per-rank files, or after the export files but before COMPLETE."""
-    from pipeline.train import PAUSE_BEFORE_COMPLETE_ENV
+    from pipeline.resume import PAUSE_BEFORE_COMPLETE_ENV
     rng = random.Random(f"{SEED}/{victim}/{point}")
     at, rows, delay = rng.choice([2, 4]), rng.randint(1, 5), rng.uniform(0.0, 0.05)
     run = tmp_path / "run"

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import complete_checkpoints, load_rng, save_rng, step_of
+from pipeline.checkpoint import complete_checkpoints, step_of
+from pipeline.resume import load_rng, save_rng
 from pipeline.config import Config, ConfigError, TrainConfig, load_config
 from pipeline.distributed import LaunchError, read_env
 from pipeline.ds_config import FP16_LOSS_SCALING, batch_sizes, build_ds_config, load_user_ds_config
@@ -326,7 +327,7 @@ def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16, l
 
 @pytest.mark.integration
 def test_zero2_bf16_killed_while_checkpointing_resumes_from_the_previous_one(tmp_path, shards16, launched):
-    from pipeline.train import PAUSE_BEFORE_COMPLETE_ENV
+    from pipeline.resume import PAUSE_BEFORE_COMPLETE_ENV
     run = tmp_path / "run"
     args = ["zero.stage=2", "train.precision=bf16", "train.grad_checkpointing=true", "train.max_steps=6",
             "train.checkpoint_every=2", "train.keep_checkpoints=2", "log.sample_every=6", "log.sample_steps=2",
