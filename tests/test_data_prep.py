@@ -294,3 +294,21 @@ def test_data_prep_writes_what_pipeline_reads(tmp_path):
     blob = tmp_path / "blob"
     blob.write_bytes(os.urandom(3 << 20))
     assert shards.sha256_file(blob) == fileio.sha256_file(blob)
+
+
+def test_data_prep_atomic_writer_behaves_like_pipelines(tmp_path):
+    """data_prep keeps its own atomic writer (it imports nothing of pipeline); it must not drift from
+    pipeline.fileio's: same permissions as a plain file, nothing left behind by a failed write."""
+    from data_prep import shards
+    from pipeline import fileio
+    umask = os.umask(0)
+    os.umask(umask)
+    for name, write in (("data_prep", shards.atomic_write_bytes), ("pipeline", fileio.atomic_write_bytes)):
+        folder = tmp_path / name
+        folder.mkdir()
+        write(folder / "f.bin", b"whole")
+        assert (folder / "f.bin").stat().st_mode & 0o777 == 0o666 & ~umask, name
+        with pytest.raises(TypeError):
+            write(folder / "f.bin", "not bytes")  # fails inside the write, after the temporary exists
+        assert [p.name for p in folder.iterdir()] == ["f.bin"], name
+        assert (folder / "f.bin").read_bytes() == b"whole", name
