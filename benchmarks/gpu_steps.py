@@ -8,6 +8,7 @@ the same code runs the GPU plan and the tiny CPU smoke plan.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import itertools
 import json
@@ -37,7 +38,6 @@ def need_cuda() -> None:
 
 def installed(module: str, *dists: str) -> str:
     """The version of the first of `dists` installed, 'present' for an undistributed module, or 'absent'."""
-    import importlib.metadata
     try:
         if importlib.util.find_spec(module) is None:
             return "absent"
