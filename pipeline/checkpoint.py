@@ -268,8 +268,6 @@ def load_unet(path: str | Path | Checkpoint, device: str | torch.device = "cpu",
 
 # --- interrupted writes; what DeepSpeed's files may hold ---------------------------------------
 
-
-
 def remove_incomplete(run_dir: str | Path) -> list[Path]:
     """Delete every checkpoint directory without COMPLETE (a write that was interrupted)."""
     root = Path(run_dir) / CHECKPOINTS
