@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +24,8 @@ from safetensors.torch import load_file
 from pipeline.checkpoint import EMA_FILE, complete_checkpoints
 from pipeline.distributed import LaunchError, bind_interface, read_env
 from pipeline.launch import node_address
-from test_slurm import JOB_TIMEOUT_S, TINY, job_env, sacct_states, steps_of, wait_for_job, wait_for_step
+from test_slurm import (JOB_TIMEOUT_S, TINY, job_env, sacct_states, shards, slurm_nodes, steps_of,  # noqa: F401
+                        wait_for_job, wait_for_step)  # shards: the fixture, shared
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 20, 4
@@ -39,16 +39,9 @@ NODE_DOWN_BOUND_S = 120
 
 
 def _two_nodes_missing() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "sbatch is not on PATH (start a cluster: bash slurm/dev-cluster.sh start --nodes 2)"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: slurmctld is not answering (bash slurm/dev-cluster.sh status)"
-    up = [line.split()[0] for line in out.stdout.splitlines() if line.split()[1].rstrip("*~#") in ("idle", "mixed")]
-    if out.returncode != 0 or not {"node1", "node2"} <= set(up):
-        return f"node1 and node2 are not both up (sinfo: {out.stdout.split() or out.stderr.strip()}); " \
-               f"run bash slurm/dev-cluster.sh start --nodes 2"
+    nodes, why = slurm_nodes()
+    if nodes is None or not all(nodes.get(n) in ("idle", "mixed") for n in ("node1", "node2")):
+        return f"node1 and node2 are not both up ({why or nodes}); run bash slurm/dev-cluster.sh start --nodes 2"
     return None
 
 
@@ -89,14 +82,6 @@ def test_master_addr_is_the_node_address_slurm_uses():
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("multinode") / "shards"
-    subprocess.run([sys.executable, "-m", "data_prep", "--synthetic", "64", "--out", str(out), "--size", "16",
-                    "--workers", "1", "--shard-size", "32"], cwd=REPO, check=True, capture_output=True)
-    return out
-
 
 def overrides(run_dir: Path, shards: Path) -> list[str]:
     return [f"run.dir={run_dir}", f"data.shards={shards}", *TINY, f"train.max_steps={STEPS}",

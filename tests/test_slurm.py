@@ -26,16 +26,23 @@ TWO_TASKS = ["--ntasks-per-node=2", "--cpus-per-task=1"]
 JOB_TIMEOUT_S = 600  # generous: the first DeepSpeed start may compile its CPU comm op
 
 
-def _cluster_missing() -> str | None:
+def slurm_nodes() -> tuple[dict[str, str] | None, str]:
+    """({node: state} as sinfo reports them, ""), or (None, why Slurm cannot be asked here)."""
     if shutil.which("sbatch") is None:
-        return "sbatch is not on PATH (start a dev cluster: bash slurm/dev-cluster.sh start)"
+        return None, "sbatch is not on PATH"
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        return "sinfo timed out: slurmctld is not answering (bash slurm/dev-cluster.sh status)"
-    states = out.stdout.split()
-    if out.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
-        return f"no Slurm node is up (sinfo: {out.stderr.strip() or states}); run bash slurm/dev-cluster.sh start"
+        return None, "sinfo timed out: slurmctld is not answering (bash slurm/dev-cluster.sh status)"
+    if out.returncode != 0:
+        return None, f"sinfo failed: {out.stderr.strip()}"
+    return {line.split()[0]: line.split()[1].rstrip("*~#") for line in out.stdout.splitlines() if line.strip()}, ""
+
+
+def _cluster_missing() -> str | None:
+    nodes, why = slurm_nodes()
+    if nodes is None or not any(s in ("idle", "mixed", "allocated") for s in nodes.values()):
+        return f"no Slurm node is up ({why or nodes}); run bash slurm/dev-cluster.sh start"
     return None
 
 
