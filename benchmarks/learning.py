@@ -129,7 +129,8 @@ def train_variant(overrides: list[str], data: Path, run_dir: Path, procs: int) -
     return seconds
 
 
-def sample(ckpt: Path, plan: dict, eta: float, threads: int) -> np.ndarray:
+def sample(ckpt, plan: dict, eta: float, threads: int) -> np.ndarray:
+    """uint8 samples of a checkpoint (a directory or a pipeline.checkpoint.Checkpoint record)."""
     from export.backends import TorchDenoiser
     from pipeline.sampling import generate, to_uint8
     denoiser = TorchDenoiser(ckpt, threads=threads)
@@ -145,7 +146,7 @@ def score(images: np.ndarray, data: Path, featurizer) -> dict:
 def run_variant(name: str, data: Path, plan: dict, featurizer, threads: int, grayscale: bool, keep: Path | None,
                 progress) -> dict:
     """Train one variant and score its checkpoints; returns its row (and keeps its final samples)."""
-    from pipeline.checkpoint import complete_checkpoints, load_model_json
+    from pipeline.checkpoint import complete_checkpoints, read_checkpoint
     overrides, steps, batch = variant_overrides(name, plan)
     with tempfile.TemporaryDirectory(prefix="learning-") as tmp:
         run_dir = Path(tmp) / "run"
@@ -154,11 +155,10 @@ def run_variant(name: str, data: Path, plan: dict, featurizer, threads: int, gra
         progress.update()
         ckpts = complete_checkpoints(run_dir)
         points, final = [], {}
-        for ckpt in (ckpts[-1:] if grayscale else ckpts):
-            progress.describe(f"learning: score {name} {ckpt.name}")
+        for ckpt in map(read_checkpoint, ckpts[-1:] if grayscale else ckpts):
+            progress.describe(f"learning: score {name} {ckpt.dir.name}")
             images = sample(ckpt, plan, 1.0, threads)
-            row = {"step": load_model_json(ckpt)[2]["step"], "images_seen": load_model_json(ckpt)[2]["images_seen"],
-                   **score(images, data, featurizer)}
+            row = {"step": ckpt.step, "images_seen": ckpt.images_seen, **score(images, data, featurizer)}
             if grayscale:
                 row["colour_cast"] = colour_cast(images)
             points.append(row)
