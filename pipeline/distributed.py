@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -204,8 +205,14 @@ def barrier() -> None:
 def shutdown() -> None:
     """Leave the process group before the process exits (NCCL wants it destroyed explicitly).
 
-    DeepSpeed caches groups of the old process group, so it cannot be re-initialised afterwards
-    in this process: in-process callers that train twice keep the group up instead.
+    Through DeepSpeed when it was started: it caches groups of the process group (the data-parallel
+    one, for instance), and only its own destroy_process_group drops them, so that a later `init`
+    in this process (the tests' in-process trainings, one after another) starts from a clean state.
     """
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
