@@ -177,16 +177,15 @@ def _unipc_corrector(schedule, ts, i, order):
     a_t, s_t, l_t = _alpha_sigma_lambda(schedule, ts[i])
     h = l_t - l_s0
     b_h = np.expm1(-h)
-    qx, base = s_t / s_s0, -a_t * b_h
+    qx, w = s_t / s_s0, -a_t * b_h
     if order == 1:
         rho_t, rho_1, rk = 0.5, 0.0, 1.0
     else:
         rk = (_alpha_sigma_lambda(schedule, ts[i - 2])[2] - l_s0) / h
         rho_1, rho_t = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), _unipc_b(-h, 2))
-    # x_i = qx x_{i-1} + base x0_{i-1} - a_t B(h) (rho_1 (x0_{i-2} - x0_{i-1}) / rk + rho_t (x0_i - x0_{i-1}))
-    w = -a_t * b_h
+    # x_i = qx x_{i-1} + w x0_{i-1} + w (rho_1 (x0_{i-2} - x0_{i-1}) / rk + rho_t (x0_i - x0_{i-1})), w = -a_t B(h)
     c_t, c_2 = w * rho_t, w * rho_1 / rk
-    return qx, (c_t, base - c_t - c_2, c_2)
+    return qx, (c_t, w - c_t - c_2, c_2)
 
 
 def plan_steps(schedule: DiffusionSchedule, timesteps: Sequence[int] | np.ndarray, sampler: str, eta: float = 0.0,
