@@ -27,9 +27,11 @@ test: venv
 test-unit: venv
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-# ruff (lint) over the tree, mypy over the files pyproject.toml names; any finding fails.
+# ruff (lint, and the formatter in --check mode) over the tree, mypy over the files pyproject.toml
+# names; any finding fails. `.venv/bin/ruff format .` applies the layout.
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 # --- the demo: synthetic faces (or CELEBAHQ=/path/to/images) -> DeepSpeed on 2 CPU processes

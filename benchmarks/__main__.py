@@ -9,6 +9,7 @@ says more than a table; `all` also writes <out>/summary.md and summary.json with
 time-boxed run (see benchmarks/gpu.py). `python -m benchmarks quality --ckpt RUN --shards DIR` scores
 every sampler against its network calls on a trained model (see benchmarks/quality.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device is None:
         import torch
+
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda":
         import torch
+
         if not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device is visible to torch on this machine")
     args.out = args.out or Path("benchmarks/results") / args.device
@@ -56,22 +59,42 @@ def parse_args(argv=None) -> argparse.Namespace:
 def summary(results: dict[str, dict], out_dir: Path, seconds: float) -> None:
     targets = [t for r in results.values() for t in r["targets"]]
     first = next(iter(results.values()))
-    md = ["# Benchmark summary", "", f"`{first['command']}` · {first['date']} · {seconds / 60:.1f} min",
-          "", f"Machine: {common.machine_line(first['machine'])}", "",
-          common.targets_table(targets), "", "Details: " + ", ".join(f"[{n}]({n}.md)" for n in results), ""]
+    md = [
+        "# Benchmark summary",
+        "",
+        f"`{first['command']}` · {first['date']} · {seconds / 60:.1f} min",
+        "",
+        f"Machine: {common.machine_line(first['machine'])}",
+        "",
+        common.targets_table(targets),
+        "",
+        "Details: " + ", ".join(f"[{n}]({n}.md)" for n in results),
+        "",
+    ]
     common.atomic_write_text(out_dir / "summary.md", "\n".join(md))
-    common.atomic_write_json(out_dir / "summary.json", {
-        "command": first["command"], "date": first["date"], "seconds": seconds, "machine": first["machine"],
-        "versions": first["versions"], "benchmarks": list(results), "targets": targets})
+    common.atomic_write_json(
+        out_dir / "summary.json",
+        {
+            "command": first["command"],
+            "date": first["date"],
+            "seconds": seconds,
+            "machine": first["machine"],
+            "versions": first["versions"],
+            "benchmarks": list(results),
+            "targets": targets,
+        },
+    )
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["gpu"]:  # every GPU path in one time-boxed run: a command of its own (benchmarks.gpu)
         from benchmarks import gpu
+
         return gpu.main(argv[1:])
     if argv[:1] == ["quality"]:  # needs a trained model and its shards: a command of its own
         from benchmarks import quality
+
         return quality.main(argv[1:])
     args = parse_args(argv)
     common.COMMAND = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
@@ -80,6 +103,7 @@ def main(argv=None) -> int:
     progress = common.run_progress(sum(module(n).steps(args) for n in names))
     start, results = time.monotonic(), {}
     from pipeline.fileio import NoSpaceError
+
     try:
         for name in names:
             progress.describe(name)
@@ -97,8 +121,10 @@ def main(argv=None) -> int:
         summary(results, args.out, time.monotonic() - start)
     for result in results.values():
         for t in result["targets"]:
-            print(f"{t['name']:45s} {common.fmt(t['value']):>8s} (need {t['op']} {t['threshold']:g}): "
-                  f"{common.target_verdict(t)}")
+            print(
+                f"{t['name']:45s} {common.fmt(t['value']):>8s} (need {t['op']} {t['threshold']:g}): "
+                f"{common.target_verdict(t)}"
+            )
     return 0
 
 

@@ -4,6 +4,7 @@ Timing does not depend on what the weights learned, only on the architecture; th
 output layers are given random values too, so no path is all zeros. Exports take a while, so
 they are cached under the system temp dir, keyed by config, torch and onnxruntime versions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,17 @@ def config(name: str) -> Config:
 
 def _key(cfg: Config, seed: int) -> str:
     v = common.versions()
-    text = json.dumps([config_to_dict(cfg)["model"], config_to_dict(cfg)["diffusion"], seed, v["torch"],
-                       v["onnx"], v["onnxruntime-gpu"] or v["onnxruntime"]], sort_keys=True)
+    text = json.dumps(
+        [
+            config_to_dict(cfg)["model"],
+            config_to_dict(cfg)["diffusion"],
+            seed,
+            v["torch"],
+            v["onnx"],
+            v["onnxruntime-gpu"] or v["onnxruntime"],
+        ],
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -37,6 +47,7 @@ def random_checkpoint(cfg: Config, seed: int = 0) -> Path:
     import torch
     from pipeline.checkpoint import checkpoint_dir, is_complete, mark_complete, save_export_files
     from pipeline.unet import UNet
+
     run_dir = CACHE / _key(cfg, seed)
     ckpt = checkpoint_dir(run_dir, 0)
     if is_complete(ckpt) and _whole_checkpoint(ckpt):
@@ -56,6 +67,7 @@ def random_checkpoint(cfg: Config, seed: int = 0) -> Path:
 def _whole_checkpoint(ckpt: Path) -> bool:
     """A cached checkpoint damaged since it was made is rebuilt, not benchmarked (or crashed on)."""
     from pipeline.checkpoint import CheckpointError, verify_export_files
+
     try:
         verify_export_files(ckpt)
         return True
@@ -67,6 +79,7 @@ def _whole_checkpoint(ckpt: Path) -> bool:
 def _whole_model(path: Path) -> bool:
     """A cached .onnx / .plan whose sidecar is missing or stale, or whose bytes changed, is rebuilt."""
     from export.sidecar import SidecarError, read_sidecar
+
     if not path.is_file():
         return False
     try:
@@ -82,6 +95,7 @@ def _whole_model(path: Path) -> bool:
 def onnx_model(cfg: Config, fp16: bool = False, seed: int = 0) -> Path:
     """denoiser[_fp16].onnx (+ sidecar) exported by export.onnx from the random checkpoint."""
     from export.onnx import export_onnx
+
     ckpt = random_checkpoint(cfg, seed)
     out = ckpt / ("denoiser_fp16.onnx" if fp16 else "denoiser.onnx")
     if not _whole_model(out):
@@ -93,6 +107,7 @@ def tensorrt_engine(cfg: Config, batch: tuple[int, int, int], fp16: bool = True,
     """denoiser.plan built by export.trt (TensorRT and a CUDA device needed)."""
     import tensorrt
     from export.trt import build_engine
+
     # TensorRT 11 is strongly typed: fp16 comes from an fp16 graph; TensorRT 10 takes the builder flag.
     strongly_typed = int(tensorrt.__version__.split(".")[0]) >= 11
     onnx_path = onnx_model(cfg, fp16=fp16 and strongly_typed, seed=seed)
@@ -106,6 +121,7 @@ def tensorrt_available() -> str | None:
     """None when TensorRT can run here, else the reason it cannot."""
     try:
         from export.backends import BackendUnavailable, require_tensorrt
+
         require_tensorrt()
         return None
     except BackendUnavailable as e:

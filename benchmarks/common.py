@@ -5,6 +5,7 @@ config, every repeat, tables, targets and plots; `write_result` turns it into `<
 (atomic) and `<name>.md`. Side-by-side timings are interleaved (A B B A ...) so that the load of a
 shared machine drifts over both sides alike, and ratios are medians of the per-round ratios.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -25,11 +26,22 @@ from pipeline import progress
 from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 COMMAND = ""  # the command line of this run, set by benchmarks.__main__
-PACKAGES = ("torch", "deepspeed", "onnxruntime-gpu", "onnxruntime", "onnx", "diffusers", "tensorrt",
-            "numpy", "webdataset", "pillow")
+PACKAGES = (
+    "torch",
+    "deepspeed",
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "onnx",
+    "diffusers",
+    "tensorrt",
+    "numpy",
+    "webdataset",
+    "pillow",
+)
 
 
 # --- the machine ----------------------------------------------------------------------------
+
 
 def cpu_model() -> str:
     try:
@@ -48,7 +60,7 @@ def ram_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2 ** 20, 1)
+                return round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
     return None
@@ -67,12 +79,22 @@ def versions() -> dict:
 
 def machine_info(device: str = "cpu") -> dict:
     import torch
-    info = {"cpu": cpu_model(), "cores": usable_cores(), "logical_cpus": os.cpu_count(), "ram_gib": ram_gib(),
-            "platform": platform.platform(), "hostname": platform.node(), "torch_threads": torch.get_num_threads(),
-            "cuda_available": torch.cuda.is_available(), "gpu": None, "load_average": _load_average()}
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "logical_cpus": os.cpu_count(),
+        "ram_gib": ram_gib(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": None,
+        "load_average": _load_average(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), cuda=torch.version.cuda)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     return info
 
 
@@ -90,6 +112,7 @@ def machine_line(machine: dict) -> str:
 
 # --- timing ---------------------------------------------------------------------------------
 
+
 def summarize(values: list[float]) -> dict:
     """Median and spread of repeats: interquartile range, min, max, and every value."""
     values = [float(v) for v in values]
@@ -97,13 +120,20 @@ def summarize(values: list[float]) -> dict:
         q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     else:
         q1 = q3 = values[0]
-    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values),
-            "repeats": values}
+    return {
+        "median": statistics.median(values),
+        "q1": q1,
+        "q3": q3,
+        "min": min(values),
+        "max": max(values),
+        "repeats": values,
+    }
 
 
 def cuda_sync(device: str) -> Callable[[], None]:
     if str(device).startswith("cuda"):
         import torch
+
         return torch.cuda.synchronize
     return lambda: None
 
@@ -116,8 +146,14 @@ def time_call(fn: Callable[[], object], sync: Callable[[], None] = lambda: None)
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
-                sync: Callable[[], None] = lambda: None, on_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    warmup: int,
+    repeats: int,
+    sync: Callable[[], None] = lambda: None,
+    on_round: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each fn, rounds alternating forward and reverse order (A B, B A, ...)."""
     names = list(fns)
     for _ in range(warmup):
@@ -126,7 +162,7 @@ def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: i
     sync()
     times = {name: [] for name in names}
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(time_call(fns[name], sync))
         if on_round:
             on_round()
@@ -140,16 +176,36 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:
 
 # --- targets ----------------------------------------------------------------------------
 
-def target(name: str, description: str, value: float | None, threshold: float, op: str, *,
-           unit: str = "x", detail: str = "") -> dict:
+
+def target(
+    name: str, description: str, value: float | None, threshold: float, op: str, *, unit: str = "x", detail: str = ""
+) -> dict:
     """A target from the issue and whether this run met it; `missed_by` is relative to the threshold."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return {"name": name, "target": description, "value": None, "threshold": threshold, "op": op, "unit": unit,
-                "met": None, "missed_by": None, "detail": detail or "not measured on this machine"}
+        return {
+            "name": name,
+            "target": description,
+            "value": None,
+            "threshold": threshold,
+            "op": op,
+            "unit": unit,
+            "met": None,
+            "missed_by": None,
+            "detail": detail or "not measured on this machine",
+        }
     met = value >= threshold if op == ">=" else value <= threshold
     missed_by = 0.0 if met else abs(value - threshold) / threshold
-    return {"name": name, "target": description, "value": value, "threshold": threshold, "op": op, "unit": unit,
-            "met": met, "missed_by": missed_by, "detail": detail}
+    return {
+        "name": name,
+        "target": description,
+        "value": value,
+        "threshold": threshold,
+        "op": op,
+        "unit": unit,
+        "met": met,
+        "missed_by": missed_by,
+        "detail": detail,
+    }
 
 
 def target_verdict(t: dict) -> str:
@@ -160,11 +216,24 @@ def target_verdict(t: dict) -> str:
 
 # --- results --------------------------------------------------------------------------------
 
+
 def new_result(name: str, *, quick: bool, device: str, config: dict, method: str) -> dict:
-    return {"benchmark": name, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": COMMAND or " ".join(map(shlex.quote, sys.argv)),
-            "quick": quick, "device": device, "machine": machine_info(device), "versions": versions(),
-            "config": config, "method": method, "results": {}, "tables": [], "targets": [], "plots": [], "notes": []}
+    return {
+        "benchmark": name,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": COMMAND or " ".join(map(shlex.quote, sys.argv)),
+        "quick": quick,
+        "device": device,
+        "machine": machine_info(device),
+        "versions": versions(),
+        "config": config,
+        "method": method,
+        "results": {},
+        "tables": [],
+        "targets": [],
+        "plots": [],
+        "notes": [],
+    }
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> dict:
@@ -192,17 +261,24 @@ def markdown_table(columns: list[str], rows: list[list]) -> str:
 
 
 def targets_table(targets: list[dict]) -> str:
-    rows = [[t["name"], t["target"], fmt(t["value"]), f"{t['op']} {fmt(t['threshold'])}", target_verdict(t)]
-            for t in targets]
+    rows = [
+        [t["name"], t["target"], fmt(t["value"]), f"{t['op']} {fmt(t['threshold'])}", target_verdict(t)]
+        for t in targets
+    ]
     return markdown_table(["target", "what", "measured", "needed", "verdict"], rows)
 
 
 def to_markdown(result: dict) -> str:
     m = result["machine"]
-    out = [f"# {result['benchmark']}", "",
-           f"`{result['command']}` · {result['date']} · {'quick' if result['quick'] else 'full'} run on {result['device']}",
-           "", f"Machine: {machine_line(m)}; load average at start {m.get('load_average')}.",
-           "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v), ""]
+    out = [
+        f"# {result['benchmark']}",
+        "",
+        f"`{result['command']}` · {result['date']} · {'quick' if result['quick'] else 'full'} run on {result['device']}",
+        "",
+        f"Machine: {machine_line(m)}; load average at start {m.get('load_average')}.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
+        "",
+    ]
     if result["targets"]:
         out += ["## Targets", "", targets_table(result["targets"]), ""]
         out += [f"- **{t['name']}**: {t['detail']}" for t in result["targets"] if t.get("detail")] + [""]
@@ -227,12 +303,22 @@ def write_result(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def plot_curves(path: str | Path, title: str, xlabel: str, ylabel: str,
-                series: dict[str, tuple[list, list]], *, logx: int = 0, logy: bool = False) -> Path:
+def plot_curves(
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: dict[str, tuple[list, list]],
+    *,
+    logx: int = 0,
+    logy: bool = False,
+) -> Path:
     """A line plot (one line per series) written atomically as PNG; logx is the x log base (0: linear)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
@@ -253,10 +339,15 @@ def plot_curves(path: str | Path, title: str, xlabel: str, ylabel: str,
 
 # --- progress -------------------------------------------------------------------------------
 
+
 def run_progress(total: int, interval: float = 15.0, quiet: bool = False) -> progress.Progress:
     """One bar over the whole run: tqdm on a terminal, else a log line at most every `interval` s."""
-    return progress.Progress(total, lambda p: f"benchmarks: {p.done}/{p.total} steps, {p.elapsed:.0f} s, {p.text}",
-                             interval=interval, quiet=quiet)
+    return progress.Progress(
+        total,
+        lambda p: f"benchmarks: {p.done}/{p.total} steps, {p.elapsed:.0f} s, {p.text}",
+        interval=interval,
+        quiet=quiet,
+    )
 
 
 def no_progress() -> progress.Progress:
@@ -266,6 +357,7 @@ def no_progress() -> progress.Progress:
 def set_threads(threads: int | None) -> int:
     """torch intra-op threads = usable cores unless told; returns the number set."""
     import torch
+
     threads = threads or usable_cores()
     torch.set_num_threads(threads)
     return threads

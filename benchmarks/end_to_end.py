@@ -6,6 +6,7 @@ Runs the real command in a subprocess (as a user would), on the exported ONNX gr
 side, on the checkpoint directory (the torch backend), and where present on a TensorRT engine.
 Reports the images/s the command prints (sampling only) and the wall time including start-up.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 # config -> (num images, batch, runs per backend); quick: the tiny config only
 PLAN = {
     "quick": {"cpu": [("tiny_cpu", 4, 4, 1)], "cuda": [("tiny_cpu", 16, 16, 1)]},
-    "full": {"cpu": [("tiny_cpu", 16, 16, 2), ("celebahq64", 2, 2, 1)],
-             "cuda": [("tiny_cpu", 256, 64, 2), ("celebahq64", 128, 64, 2), ("celebahq256", 32, 16, 2)]},
+    "full": {
+        "cpu": [("tiny_cpu", 16, 16, 2), ("celebahq64", 2, 2, 1)],
+        "cuda": [("tiny_cpu", 256, 64, 2), ("celebahq64", 128, 64, 2), ("celebahq256", 32, 16, 2)],
+    },
 }
 STEPS = 50
 # export.sample's last line: "wrote OUT: N images, ddim 50 steps, batch B, 12.34s, 1.23 images/s on BACKEND"
@@ -56,9 +59,29 @@ def models_for(name: str, args) -> dict[str, Path]:
 def sample_once(model: Path, num: int, batch: int, args) -> dict:
     """One `python -m export.sample` run: its reported images/s and the process wall time."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "export.sample", "--model", str(model), "--sampler", "ddim", "--steps", str(STEPS),
-               "--num", str(num), "--batch", str(batch), "--seed", "0", "--threads", str(args.threads or common.usable_cores()),
-               "--provider", "cuda" if args.device.startswith("cuda") else "cpu", "--out", str(Path(tmp) / "x.npz")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "export.sample",
+            "--model",
+            str(model),
+            "--sampler",
+            "ddim",
+            "--steps",
+            str(STEPS),
+            "--num",
+            str(num),
+            "--batch",
+            str(batch),
+            "--seed",
+            "0",
+            "--threads",
+            str(args.threads or common.usable_cores()),
+            "--provider",
+            "cuda" if args.device.startswith("cuda") else "cpu",
+            "--out",
+            str(Path(tmp) / "x.npz"),
+        ]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
@@ -68,8 +91,13 @@ def sample_once(model: Path, num: int, batch: int, args) -> dict:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-10:])
         raise RuntimeError(f"export.sample failed on {model} (exit {proc.returncode}):\n{tail}")
     seconds = float(match.group(1))  # the printed images/s has 2 decimals; seconds are more precise
-    return {"images_per_second": num / seconds, "sampling_seconds": seconds, "backend": match.group(2).strip(),
-            "wall_seconds": wall, "wall_images_per_second": num / wall}
+    return {
+        "images_per_second": num / seconds,
+        "sampling_seconds": seconds,
+        "backend": match.group(2).strip(),
+        "wall_seconds": wall,
+        "wall_images_per_second": num / wall,
+    }
 
 
 def plan(args) -> list:
@@ -83,37 +111,79 @@ def steps(args) -> int:
 
 def run(args, progress=None) -> dict:
     progress = progress or common.no_progress()
-    result = common.new_result("end_to_end", quick=args.quick, device=args.device, method=METHOD, config={
-        "cases": [{"config": c, "num": n, "batch": b, "runs": r} for c, n, b, r in plan(args)], "sampler": "ddim",
-        "steps": STEPS, "threads": args.threads or common.usable_cores()})
+    result = common.new_result(
+        "end_to_end",
+        quick=args.quick,
+        device=args.device,
+        method=METHOD,
+        config={
+            "cases": [{"config": c, "num": n, "batch": b, "runs": r} for c, n, b, r in plan(args)],
+            "sampler": "ddim",
+            "steps": STEPS,
+            "threads": args.threads or common.usable_cores(),
+        },
+    )
     rows = []
     for name, num, batch, runs in plan(args):
         models = models_for(name, args)
         samples = {label: [] for label in models}
         for r in range(runs):
-            for label in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            for label in list(models) if r % 2 == 0 else list(models)[::-1]:
                 progress.describe(f"end_to_end: {name} {label} DDIM-{STEPS} x {num}")
                 samples[label].append(sample_once(models[label], num, batch, args))
                 progress.update()
         for label, runs_ in samples.items():
-            rows.append({"config": name, "image_size": artifacts.config(name).model.image_size, "num": num,
-                         "batch": batch, "model": label, "backend": runs_[0]["backend"],
-                         "images_per_second": common.summarize([s["images_per_second"] for s in runs_]),
-                         "wall_seconds": common.summarize([s["wall_seconds"] for s in runs_])})
+            rows.append(
+                {
+                    "config": name,
+                    "image_size": artifacts.config(name).model.image_size,
+                    "num": num,
+                    "batch": batch,
+                    "model": label,
+                    "backend": runs_[0]["backend"],
+                    "images_per_second": common.summarize([s["images_per_second"] for s in runs_]),
+                    "wall_seconds": common.summarize([s["wall_seconds"] for s in runs_]),
+                }
+            )
     if args.device == "cpu":
-        result["notes"].append("celebahq256 is not run on CPU: one DDIM-50 image of the 114M-parameter model takes "
-                               "minutes on 2 cores; the CUDA run covers it. On CPU the torch backend runs beside "
-                               "ORT for the tiny config only (the sampler benchmark compares them per evaluation).")
+        result["notes"].append(
+            "celebahq256 is not run on CPU: one DDIM-50 image of the 114M-parameter model takes "
+            "minutes on 2 cores; the CUDA run covers it. On CPU the torch backend runs beside "
+            "ORT for the tiny config only (the sampler benchmark compares them per evaluation)."
+        )
     result["results"] = {"runs": rows}
-    result["tables"].append(common.table(
-        f"export.sample, DDIM-{STEPS}", ["config", "size", "images", "batch", "backend", "images/s (median)",
-                                         "images/s spread", "wall s (process)"],
-        [[r["config"], r["image_size"], r["num"], r["batch"], r["backend"], r["images_per_second"]["median"],
-          f"{r['images_per_second']['min']:.3g}–{r['images_per_second']['max']:.3g}", r["wall_seconds"]["median"]]
-         for r in rows]))
+    result["tables"].append(
+        common.table(
+            f"export.sample, DDIM-{STEPS}",
+            [
+                "config",
+                "size",
+                "images",
+                "batch",
+                "backend",
+                "images/s (median)",
+                "images/s spread",
+                "wall s (process)",
+            ],
+            [
+                [
+                    r["config"],
+                    r["image_size"],
+                    r["num"],
+                    r["batch"],
+                    r["backend"],
+                    r["images_per_second"]["median"],
+                    f"{r['images_per_second']['min']:.3g}–{r['images_per_second']['max']:.3g}",
+                    r["wall_seconds"]["median"],
+                ]
+                for r in rows
+            ],
+        )
+    )
     return result
 
 
 if __name__ == "__main__":
     from benchmarks.__main__ import main
+
     sys.exit(main(["end_to_end", *sys.argv[1:]]))

@@ -24,6 +24,7 @@ On the lent machine, after `make gpu-wheels` here (carry `.whl`), one call:
   PYTHONPATH=/tmp/site python3 -m benchmarks gpu --out $OUT/gpu
 then commit $OUT/gpu/gpu.{json,md} under benchmarks/results/<device kind>/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,29 +73,56 @@ STEPS = {
     "sampling_onnxruntime_cuda": ("sampling", True, 120),
     "sampling_tensorrt": ("sampling", True, 240),
 }
-TINY_MODEL = ["model.image_size=16", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
-              "model.attn_resolutions=[8]", "data.num_workers=0", "data.shuffle_buffer=50", "train.batch_size=8"]
+TINY_MODEL = [
+    "model.image_size=16",
+    "model.ch=32",
+    "model.ch_mult=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[8]",
+    "data.num_workers=0",
+    "data.shuffle_buffer=50",
+    "train.batch_size=8",
+]
 
 
 def plan(smoke: bool, fast: tuple[str, int]) -> dict[str, dict]:
     """Parameters of every step: the GPU sizes, or tiny ones for --cpu-smoke."""
-    train = {"config": "celebahq64", "image_size": 64, "images": 512, "grad_checkpointing": True,
-             "checkpoint_every": 1000, "resume": False, "overrides": ["data.num_workers=6"]}
+    train = {
+        "config": "celebahq64",
+        "image_size": 64,
+        "images": 512,
+        "grad_checkpointing": True,
+        "checkpoint_every": 1000,
+        "resume": False,
+        "overrides": ["data.num_workers=6"],
+    }
     if smoke:
         train = dict(train, config="tiny_cpu", image_size=16, images=64, overrides=TINY_MODEL)
     samplers = [["ddim", 3 if smoke else 50], [fast[0], 3 if smoke else fast[1]]]
-    sample = {"config": "tiny_cpu" if smoke else "celebahq256", "batches": [1, 2] if smoke else [1, 16, 64],
-              "samplers": samplers}
+    sample = {
+        "config": "tiny_cpu" if smoke else "celebahq256",
+        "batches": [1, 2] if smoke else [1, 16, 64],
+        "samplers": samplers,
+    }
     engine = {"config": "celebahq256", "precision": "fp16", "stage": 2, "warmup": 2, "steps": 5}
     return {
         "env": {},
         "ds_fp16_zero2": dict(train, precision="fp16", stage=2, steps=100, checkpoint_every=50, resume=True),
-        "ds_bf16_zero2": dict(train, precision="bf16", stage=2, steps=4 if smoke else 10,
-                              **({"checkpoint_every": 2, "resume": True} if smoke else {})),
+        "ds_bf16_zero2": dict(
+            train,
+            precision="bf16",
+            stage=2,
+            steps=4 if smoke else 10,
+            **({"checkpoint_every": 2, "resume": True} if smoke else {}),
+        ),
         "ds_fp16_zero3": dict(train, precision="fp16", stage=3, steps=10),
-        "unet_vs_diffusers": {"config": "tiny_cpu" if smoke else "celebahq64", "batch": 4 if smoke else 64,
-                              "precision": "fp32" if smoke else "fp16", "warmup": 1 if smoke else 3,
-                              "repeats": 2 if smoke else 10},
+        "unet_vs_diffusers": {
+            "config": "tiny_cpu" if smoke else "celebahq64",
+            "batch": 4 if smoke else 64,
+            "precision": "fp32" if smoke else "fp16",
+            "warmup": 1 if smoke else 3,
+            "repeats": 2 if smoke else 10,
+        },
         "celebahq256_b16": dict(engine, batch=16, grad_checkpointing=False),
         "celebahq256_b16_ckpt": dict(engine, batch=16, grad_checkpointing=True),
         "celebahq256_b64": dict(engine, batch=64, grad_checkpointing=False),
@@ -108,8 +136,10 @@ def plan(smoke: bool, fast: tuple[str, int]) -> dict[str, dict]:
 
 # --- one step, in its own process ------------------------------------------------------------------
 
+
 def run_step(kind: str, params: dict, work: Path, out_file: Path) -> int:
     from benchmarks import gpu_steps
+
     try:
         result = dict(getattr(gpu_steps, kind)(params, work), status="ok")
     except gpu_steps.Skipped as e:
@@ -120,6 +150,7 @@ def run_step(kind: str, params: dict, work: Path, out_file: Path) -> int:
     finally:
         if "torch" in sys.modules:  # NCCL wants its process group destroyed before the process exits
             from pipeline import distributed
+
             distributed.shutdown()
     out_file.write_text(json.dumps(result, default=str))
     return 0
@@ -129,8 +160,19 @@ def spawn(name: str, kind: str, params: dict, work: Path, timeout: float, log: P
     """Run one step in a new session; kill the whole session when it overruns."""
     out_file = work / f"{name}.result.json"
     out_file.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.gpu", "--step", kind, "--params", json.dumps(params),
-               "--work", str(work), "--step-out", str(out_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu",
+        "--step",
+        kind,
+        "--params",
+        json.dumps(params),
+        "--work",
+        str(work),
+        "--step-out",
+        str(out_file),
+    ]
     with open(log, "a") as f:
         f.write(f"\n===== {name}: {shlex.join(command[2:5])} (time box {timeout:.0f} s)\n")
         f.flush()
@@ -159,32 +201,58 @@ def _last_line(log: Path) -> str:
 
 # --- the report ----------------------------------------------------------------------------------
 
+
 def render(result: dict) -> None:
     """Tables and targets from what the steps returned so far."""
     steps = result["results"]["steps"]
-    result["tables"] = [common.table("Steps", ["step", "status", "seconds", "result or reason"],
-                                     [[s["name"], s["status"], s["seconds"], s.get("summary") or s.get("reason", "")]
-                                      for s in steps])]
+    result["tables"] = [
+        common.table(
+            "Steps",
+            ["step", "status", "seconds", "result or reason"],
+            [[s["name"], s["status"], s["seconds"], s.get("summary") or s.get("reason", "")] for s in steps],
+        )
+    ]
     from benchmarks.gpu_steps import ENGINE_COLUMNS, SAMPLING_COLUMNS
+
     engine_rows = [r for s in steps if s["name"].startswith("celebahq256") for r in s.get("rows", [])]
     sampling_rows = [r for s in steps if s["name"].startswith("sampling") for r in s.get("rows", [])]
     if engine_rows:
         result["tables"].append(common.table("celebahq256, fp16 ZeRO-2 training steps", ENGINE_COLUMNS, engine_rows))
     if sampling_rows:
-        result["tables"].append(common.table("Sampling (whole runs of the sampling loop)", SAMPLING_COLUMNS,
-                                             sampling_rows))
+        result["tables"].append(
+            common.table("Sampling (whole runs of the sampling loop)", SAMPLING_COLUMNS, sampling_rows)
+        )
     result["tables"] += [t for s in steps for t in s.get("tables", [])]
     data = result["results"]
-    best256 = max((data[n]["images_per_second"] for n in ("celebahq256_b64", "celebahq256_b64_ckpt") if n in data),
-                  default=None)
+    best256 = max(
+        (data[n]["images_per_second"] for n in ("celebahq256_b64", "celebahq256_b64_ckpt") if n in data), default=None
+    )
     fp16 = data.get("ds_fp16_zero2", {})
     result["targets"] = [
-        common.target("celebahq256_fp16_images_per_second", "celebahq256 fp16 ZeRO-2 batch 64 images/s >= the DDPM "
-                      "paper's 141 on a TPU v3-8", best256, 141.0, ">=", unit="images/s"),
-        common.target("fp16_nonfinite_steps", "no non-finite loss on an applied fp16 step (celebahq64, ZeRO-2)",
-                      fp16.get("nonfinite_applied_steps"), 0.0, "<=", unit="steps"),
-        common.target("gpu_run_seconds", f"the whole command within its budget ({result['config']['budget_s']:.0f} s)",
-                      result["seconds"], result["config"]["budget_s"], "<=", unit="s"),
+        common.target(
+            "celebahq256_fp16_images_per_second",
+            "celebahq256 fp16 ZeRO-2 batch 64 images/s >= the DDPM paper's 141 on a TPU v3-8",
+            best256,
+            141.0,
+            ">=",
+            unit="images/s",
+        ),
+        common.target(
+            "fp16_nonfinite_steps",
+            "no non-finite loss on an applied fp16 step (celebahq64, ZeRO-2)",
+            fp16.get("nonfinite_applied_steps"),
+            0.0,
+            "<=",
+            unit="steps",
+        ),
+        common.target(
+            "gpu_run_seconds",
+            f"the whole command within its budget ({result['config']['budget_s']:.0f} s)",
+            result["seconds"],
+            result["config"]["budget_s"],
+            "<=",
+            unit="s",
+        ),
     ]
 
 
@@ -192,8 +260,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="report directory (default benchmarks/results/<device>)")
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run (default 480)")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="GPU-only steps report no CUDA device; the rest run at tiny sizes")
+    p.add_argument(
+        "--cpu-smoke", action="store_true", help="GPU-only steps report no CUDA device; the rest run at tiny sizes"
+    )
     p.add_argument("--fast-sampler", default="dpmpp_2m:20", help="the sampler timed beside DDIM-50, NAME:STEPS")
     p.add_argument("--only", default="", help="comma-separated step names (default: all)")
     p.add_argument("--step", help=argparse.SUPPRESS)
@@ -205,8 +274,12 @@ def main(argv=None) -> int:
         return run_step(args.step, json.loads(args.params), args.work, args.step_out)
 
     import torch
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               PYTHONUNBUFFERED="1")
+
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        PYTHONUNBUFFERED="1",
+    )
     if args.cpu_smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run is the CPU's, also on a GPU machine
     cuda = torch.cuda.is_available() and not args.cpu_smoke
@@ -224,13 +297,23 @@ def main(argv=None) -> int:
         print(f"error: --only {','.join(unknown)}: not a step ({', '.join(STEPS)})", file=sys.stderr)
         return 2
     device = common.machine_info()["gpu"] if cuda else "cpu"
-    out = args.out or REPO / "benchmarks" / "results" / ("cpu" if not cuda else
-                                                         "".join(c if c.isalnum() else "-" for c in device.lower()))
+    out = args.out or REPO / "benchmarks" / "results" / (
+        "cpu" if not cuda else "".join(c if c.isalnum() else "-" for c in device.lower())
+    )
     out.mkdir(parents=True, exist_ok=True)
     common.COMMAND = "python -m benchmarks gpu " + " ".join(map(shlex.quote, sys.argv[2:] if argv is None else argv))
-    result = common.new_result("gpu", quick=args.cpu_smoke, device="cpu" if not cuda else "cuda",
-                               config={"budget_s": args.budget_s, "cpu_smoke": args.cpu_smoke,
-                                       "fast_sampler": args.fast_sampler, "plan": params}, method=METHOD)
+    result = common.new_result(
+        "gpu",
+        quick=args.cpu_smoke,
+        device="cpu" if not cuda else "cuda",
+        config={
+            "budget_s": args.budget_s,
+            "cpu_smoke": args.cpu_smoke,
+            "fast_sampler": args.fast_sampler,
+            "plan": params,
+        },
+        method=METHOD,
+    )
     result["results"]["steps"], result["seconds"] = [], 0.0
     log = out / "gpu.log"
     log.write_text("")
@@ -254,8 +337,12 @@ def main(argv=None) -> int:
             result["seconds"] = time.monotonic() - start
             render(result)
             common.write_result(result, out)
-            print(f"benchmarks gpu: {step}: {entry['status']} in {entry['seconds']:.0f} s: "
-                  f"{entry.get('summary') or entry.get('reason', '')}", file=sys.stderr, flush=True)
+            print(
+                f"benchmarks gpu: {step}: {entry['status']} in {entry['seconds']:.0f} s: "
+                f"{entry.get('summary') or entry.get('reason', '')}",
+                file=sys.stderr,
+                flush=True,
+            )
     print(f"benchmarks gpu: {result['seconds']:.0f} s in all -> {out / 'gpu.md'}", file=sys.stderr)
     return 0
 

@@ -9,6 +9,7 @@ several points are scored with pipeline.evaluate (classifier-FID, precision, rec
 samples of one fixed sampler; the last one also with deterministic DDIM (eta 0). A second set of
 runs trains on the grayscale faces (R = G = B) and reports the colour the samples have anyway.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,22 @@ CACHE = Path(tempfile.gettempdir()) / "ddpm-benchmarks" / "learning"
 
 # configs/tiny_cpu.yaml as it was when this benchmark was written: the variants' common base, so the
 # comparison stays the same when the config file adopts a variant.
-BASELINE = ["model.ch=32", "model.ch_mult=[1,2,2]", "model.num_res_blocks=1", "model.attn_resolutions=[8]",
-            "model.dropout=0.0", "diffusion.beta_schedule=linear", "diffusion.prediction_type=epsilon",
-            "train.lr=1e-3", "train.warmup_steps=100", "train.loss_weighting=uniform", "ema.profile=exponential",
-            "ema.decay=0.999", "ema.warmup=true", "train.precision=fp32"]
+BASELINE = [
+    "model.ch=32",
+    "model.ch_mult=[1,2,2]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[8]",
+    "model.dropout=0.0",
+    "diffusion.beta_schedule=linear",
+    "diffusion.prediction_type=epsilon",
+    "train.lr=1e-3",
+    "train.warmup_steps=100",
+    "train.loss_weighting=uniform",
+    "ema.profile=exponential",
+    "ema.decay=0.999",
+    "ema.warmup=true",
+    "train.precision=fp32",
+]
 
 # name -> (overrides, batch size multiplier); steps scale inversely so every variant sees the same images.
 # "today" is the baseline; min-SNR uses gamma 5 (train.snr_gamma's default), power EMA sigma_rel 0.10.
@@ -55,10 +68,28 @@ FULL_VARIANTS = ["today", "min-SNR eps", "v-pred", "v-pred min-SNR", "cosine eps
 GRAYSCALE_VARIANTS = ["today", "min-SNR eps", "v-pred min-SNR"]
 
 PLAN = {  # images in the set, steps, batch, scoring points, samples scored, sampler steps, processes
-    "full": {"data": 3000, "steps": 210, "batch": 32, "points": 3, "num": 128, "sampler_steps": 20, "procs": 2,
-             "variants": FULL_VARIANTS, "grayscale": GRAYSCALE_VARIANTS},
-    "quick": {"data": 400, "steps": 16, "batch": 16, "points": 2, "num": 24, "sampler_steps": 8, "procs": 1,
-              "variants": ["today", "v-pred min-SNR"], "grayscale": ["v-pred min-SNR"]},
+    "full": {
+        "data": 3000,
+        "steps": 210,
+        "batch": 32,
+        "points": 3,
+        "num": 128,
+        "sampler_steps": 20,
+        "procs": 2,
+        "variants": FULL_VARIANTS,
+        "grayscale": GRAYSCALE_VARIANTS,
+    },
+    "quick": {
+        "data": 400,
+        "steps": 16,
+        "batch": 16,
+        "points": 2,
+        "num": 24,
+        "sampler_steps": 8,
+        "procs": 1,
+        "variants": ["today", "v-pred min-SNR"],
+        "grayscale": ["v-pred min-SNR"],
+    },
 }
 FEATURE_NET_STEPS = {"full": 400, "quick": 60}
 
@@ -83,12 +114,26 @@ The data's own cast is 0.
 
 # --- data ----------------------------------------------------------------------------------------
 
+
 def shards(num: int, grayscale: bool) -> Path:
     """Synthetic 32 px faces (val 10 %, as `make demo`), built once into the cache."""
     out = CACHE / f"synthetic32-{num}{'-gray' if grayscale else ''}"
     if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "data_prep", "--synthetic", str(num), "--out", str(out), "--size", "32",
-               "--val-fraction", "0.1", "--workers", str(common.usable_cores())] + (["--grayscale"] if grayscale else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "--synthetic",
+            str(num),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--val-fraction",
+            "0.1",
+            "--workers",
+            str(common.usable_cores()),
+        ] + (["--grayscale"] if grayscale else [])
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     return out
 
@@ -102,23 +147,50 @@ def colour_cast(images: np.ndarray) -> float:
 
 # --- one variant -----------------------------------------------------------------------------------
 
+
 def variant_overrides(name: str, plan: dict) -> tuple[list[str], int, int]:
     """(overrides, steps, batch) of a variant under a plan: the same images for every variant."""
     overrides, batch_scale = VARIANTS[name]
     batch = max(plan["procs"], int(round(plan["batch"] * batch_scale)))
     steps = int(round(plan["steps"] * plan["batch"] / batch))
     every = max(1, steps // plan["points"])
-    return [*BASELINE, *overrides, f"train.batch_size={batch}", f"train.max_steps={steps}",
-            f"train.checkpoint_every={every}", f"train.keep_checkpoints={plan['points'] + 1}",
-            "train.seed=0", "log.sample_every=0", "log.tensorboard=false", f"log.every={every}",
-            "data.num_workers=1", "data.shuffle_buffer=500"], steps, batch
+    return (
+        [
+            *BASELINE,
+            *overrides,
+            f"train.batch_size={batch}",
+            f"train.max_steps={steps}",
+            f"train.checkpoint_every={every}",
+            f"train.keep_checkpoints={plan['points'] + 1}",
+            "train.seed=0",
+            "log.sample_every=0",
+            "log.tensorboard=false",
+            f"log.every={every}",
+            "data.num_workers=1",
+            "data.shuffle_buffer=500",
+        ],
+        steps,
+        batch,
+    )
 
 
 def train_variant(overrides: list[str], data: Path, run_dir: Path, procs: int) -> float:
     """Train in a fresh torchrun job, as the demo does; returns the wall seconds."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-           "-m", "pipeline.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides,
-           f"data.shards={data}", f"run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(procs),
+        "-m",
+        "pipeline.train",
+        "--config",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        *overrides,
+        f"data.shards={data}",
+        f"run.dir={run_dir}",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=7200)
@@ -133,20 +205,34 @@ def sample(ckpt, plan: dict, eta: float, threads: int) -> np.ndarray:
     """uint8 samples of a checkpoint (a directory or a pipeline.checkpoint.Checkpoint record)."""
     from export.backends import TorchDenoiser
     from pipeline.sampling import generate, to_uint8
+
     denoiser = TorchDenoiser(ckpt, threads=threads)
-    return to_uint8(generate(denoiser, plan["num"], batch=min(plan["num"], 128), sampler="ddim",
-                             steps=plan["sampler_steps"], eta=eta, spacing="leading", seed=0))
+    return to_uint8(
+        generate(
+            denoiser,
+            plan["num"],
+            batch=min(plan["num"], 128),
+            sampler="ddim",
+            steps=plan["sampler_steps"],
+            eta=eta,
+            spacing="leading",
+            seed=0,
+        )
+    )
 
 
 def score(images: np.ndarray, data: Path, featurizer) -> dict:
     from pipeline.evaluate import evaluate
+
     return evaluate(images, data, featurizer=featurizer)["metrics"]
 
 
-def run_variant(name: str, data: Path, plan: dict, featurizer, threads: int, grayscale: bool, keep: Path | None,
-                progress) -> dict:
+def run_variant(
+    name: str, data: Path, plan: dict, featurizer, threads: int, grayscale: bool, keep: Path | None, progress
+) -> dict:
     """Train one variant and score its checkpoints; returns its row (and keeps its final samples)."""
     from pipeline.checkpoint import complete_checkpoints, read_checkpoint
+
     overrides, steps, batch = variant_overrides(name, plan)
     with tempfile.TemporaryDirectory(prefix="learning-") as tmp:
         run_dir = Path(tmp) / "run"
@@ -171,11 +257,19 @@ def run_variant(name: str, data: Path, plan: dict, featurizer, threads: int, gra
         progress.update()
     if keep is not None:
         np.savez_compressed(keep, **final)
-    return {"overrides": VARIANTS[name][0], "steps": steps, "batch": batch, "wall_seconds": seconds,
-            "images_per_second": steps * batch / seconds, "points": points, **last}
+    return {
+        "overrides": VARIANTS[name][0],
+        "steps": steps,
+        "batch": batch,
+        "wall_seconds": seconds,
+        "images_per_second": steps * batch / seconds,
+        "points": points,
+        **last,
+    }
 
 
 # --- the benchmark ------------------------------------------------------------------------------
+
 
 def plan_of(args) -> dict:
     plan = dict(PLAN["quick" if args.quick else "full"])
@@ -196,14 +290,27 @@ def steps(args) -> int:
 
 def run(args, progress=None) -> dict:
     from pipeline.evaluate import Featurizer, read_split, reference_floor
+
     progress = progress or common.no_progress()
     plan = plan_of(args)
     threads = common.set_threads(args.threads)
     kind = "quick" if args.quick else "full"
-    result = common.new_result("learning", quick=args.quick, device="cpu", method=METHOD, config={
-        **plan, "baseline": BASELINE, "variants": {v: VARIANTS[v][0] for v in plan["variants"]},
-        "batch_scale": {v: VARIANTS[v][1] for v in plan["variants"]}, "sampler": "ddim", "eta": 1.0,
-        "feature_net_steps": FEATURE_NET_STEPS[kind], "threads": threads})
+    result = common.new_result(
+        "learning",
+        quick=args.quick,
+        device="cpu",
+        method=METHOD,
+        config={
+            **plan,
+            "baseline": BASELINE,
+            "variants": {v: VARIANTS[v][0] for v in plan["variants"]},
+            "batch_scale": {v: VARIANTS[v][1] for v in plan["variants"]},
+            "sampler": "ddim",
+            "eta": 1.0,
+            "feature_net_steps": FEATURE_NET_STEPS[kind],
+            "threads": threads,
+        },
+    )
     samples_dir = Path(tempfile.mkdtemp(prefix="learning-samples-"))
     out: dict = {"faces": {}, "grayscale": {}}
     try:
@@ -218,8 +325,16 @@ def run(args, progress=None) -> dict:
                 floor["colour_cast"] = colour_cast(read_split(data, "val", plan["num"], seed=1))
             out[set_name]["val split (floor)"] = {"floor": floor}
             for name in names:
-                out[set_name][name] = run_variant(name, data, plan, featurizer, threads, gray,
-                                                  samples_dir / f"{set_name}-{len(out[set_name])}.npz", progress)
+                out[set_name][name] = run_variant(
+                    name,
+                    data,
+                    plan,
+                    featurizer,
+                    threads,
+                    gray,
+                    samples_dir / f"{set_name}-{len(out[set_name])}.npz",
+                    progress,
+                )
         result["results"] = out
         report(result, plan, samples_dir, Path(args.out))
     finally:
@@ -235,47 +350,125 @@ def report(result: dict, plan: dict, samples_dir: Path, out_dir: Path) -> None:
     rows = []
     for name, r in runs.items():
         last = r["points"][-1]
-        rows.append([name, r["steps"], r["batch"], r["wall_seconds"], r["images_per_second"],
-                     min(p[metric] for p in r["points"]), last[metric], r["eta0"][metric],
-                     r["eta0"][metric] / last[metric], last["precision"], last["recall"], last["coverage"]])
-    rows.append(["val split (floor)", None, None, None, None, None, floor[metric], None, None, floor["precision"],
-                 floor["recall"], floor["coverage"]])
-    result["tables"].append(common.table(
-        f"Faces: {plan['steps'] * plan['batch']:,} images per variant, {plan['num']} samples, DDIM-{plan['sampler_steps']}",
-        ["variant", "steps", "batch", "train s", "images/s", f"best {metric}", f"last {metric} (eta 1)",
-         f"{metric} eta 0", "eta 0 / eta 1", "precision", "recall", "coverage"], rows))
+        rows.append(
+            [
+                name,
+                r["steps"],
+                r["batch"],
+                r["wall_seconds"],
+                r["images_per_second"],
+                min(p[metric] for p in r["points"]),
+                last[metric],
+                r["eta0"][metric],
+                r["eta0"][metric] / last[metric],
+                last["precision"],
+                last["recall"],
+                last["coverage"],
+            ]
+        )
+    rows.append(
+        [
+            "val split (floor)",
+            None,
+            None,
+            None,
+            None,
+            None,
+            floor[metric],
+            None,
+            None,
+            floor["precision"],
+            floor["recall"],
+            floor["coverage"],
+        ]
+    )
+    result["tables"].append(
+        common.table(
+            f"Faces: {plan['steps'] * plan['batch']:,} images per variant, {plan['num']} samples, DDIM-{plan['sampler_steps']}",
+            [
+                "variant",
+                "steps",
+                "batch",
+                "train s",
+                "images/s",
+                f"best {metric}",
+                f"last {metric} (eta 1)",
+                f"{metric} eta 0",
+                "eta 0 / eta 1",
+                "precision",
+                "recall",
+                "coverage",
+            ],
+            rows,
+        )
+    )
     points = sorted({p["images_seen"] for r in runs.values() for p in r["points"]})
-    result["tables"].append(common.table(
-        f"Faces: {metric} (eta 1) against images seen", ["variant", *[f"{n:,}" for n in points]],
-        [[name, *[next((p[metric] for p in r["points"] if p["images_seen"] == n), None) for n in points]]
-         for name, r in runs.items()]))
+    result["tables"].append(
+        common.table(
+            f"Faces: {metric} (eta 1) against images seen",
+            ["variant", *[f"{n:,}" for n in points]],
+            [
+                [name, *[next((p[metric] for p in r["points"] if p["images_seen"] == n), None) for n in points]]
+                for name, r in runs.items()
+            ],
+        )
+    )
     gruns = {k: v for k, v in gray.items() if "points" in v}
     if gruns:
         gfloor = gray["val split (floor)"]["floor"]
-        result["tables"].append(common.table(
-            "Grayscale faces: colour cast (0-255) and scores of the last checkpoint",
-            ["variant", "colour cast eta 1", "colour cast eta 0", f"{metric} eta 1", f"{metric} eta 0", "precision"],
-            [[n, r["points"][-1]["colour_cast"], r["eta0"]["colour_cast"], r["points"][-1][metric], r["eta0"][metric],
-              r["points"][-1]["precision"]] for n, r in gruns.items()]
-            + [["val split (data)", gfloor["colour_cast"], None, gfloor[metric], None, gfloor["precision"]]]))
+        result["tables"].append(
+            common.table(
+                "Grayscale faces: colour cast (0-255) and scores of the last checkpoint",
+                [
+                    "variant",
+                    "colour cast eta 1",
+                    "colour cast eta 0",
+                    f"{metric} eta 1",
+                    f"{metric} eta 0",
+                    "precision",
+                ],
+                [
+                    [
+                        n,
+                        r["points"][-1]["colour_cast"],
+                        r["eta0"]["colour_cast"],
+                        r["points"][-1][metric],
+                        r["eta0"][metric],
+                        r["points"][-1]["precision"],
+                    ]
+                    for n, r in gruns.items()
+                ]
+                + [["val split (data)", gfloor["colour_cast"], None, gfloor[metric], None, gfloor["precision"]]],
+            )
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
-    series = {name: ([p["images_seen"] for p in r["points"]], [p[metric] for p in r["points"]])
-              for name, r in runs.items()}
-    common.plot_curves(out_dir / "learning_cfid.png", f"Tiny model: {metric} (DDIM-{plan['sampler_steps']} eta 1, "
-                       f"N={plan['num']}) against images seen", "images seen", metric, series, logy=True)
+    series = {
+        name: ([p["images_seen"] for p in r["points"]], [p[metric] for p in r["points"]]) for name, r in runs.items()
+    }
+    common.plot_curves(
+        out_dir / "learning_cfid.png",
+        f"Tiny model: {metric} (DDIM-{plan['sampler_steps']} eta 1, N={plan['num']}) against images seen",
+        "images seen",
+        metric,
+        series,
+        logy=True,
+    )
     result["plots"].append("learning_cfid.png")
     grid = sample_sheet(samples_dir, list(runs) + list(gruns), len(runs))
     buf = io.BytesIO()
     grid.save(buf, format="png")
     common.atomic_write_bytes(out_dir / "learning_samples.png", buf.getvalue())
     result["plots"].append("learning_samples.png")
-    result["notes"].append("learning_samples.png: the first 12 samples of each variant's last checkpoint, DDIM eta 1 "
-                           "then eta 0 on each row; the face runs first, then the grayscale runs.")
+    result["notes"].append(
+        "learning_samples.png: the first 12 samples of each variant's last checkpoint, DDIM eta 1 "
+        "then eta 0 on each row; the face runs first, then the grayscale runs."
+    )
 
 
 def sample_sheet(samples_dir: Path, names: list[str], num_faces: int, per_row: int = 12):
     """One row per variant: 12 eta-1 samples, a gap, 12 eta-0 samples (32 px, shown at 2x), with its name."""
     from PIL import Image, ImageDraw
+
     files = [samples_dir / f"faces-{i + 1}.npz" for i in range(num_faces)]
     files += [samples_dir / f"grayscale-{i + 1}.npz" for i in range(len(names) - num_faces)]
     cell, label_w = 64, 190
@@ -301,4 +494,5 @@ def defaults(args) -> None:
 
 if __name__ == "__main__":
     from benchmarks.__main__ import main
+
     sys.exit(main(["learning", *sys.argv[1:]]))

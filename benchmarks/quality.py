@@ -9,6 +9,7 @@ split (classifier-FID, precision, recall), the val split at equal N as the floor
 quality.json, quality.md, quality.png (cFID against evaluations) and quality_strip.png (the same
 seeds across samplers and step counts).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,9 @@ STEPS = {"full": (5, 10, 15, 25, 50), "quick": (5, 10)}
 # DDIM with eta 0, the deterministic baseline (and the old default, 50 steps): at the solvers' count and its own.
 DDIM_STEPS = {"full": (10, 50), "quick": (10,)}
 REFERENCES = {"full": (("ddpm", 250, 0.0), ("ddim", 50, 1.0)), "quick": (("ddpm", 25, 0.0), ("ddim", 10, 1.0))}
-TARGET_CALLS = 10          # the issue: a solver at <= 10 evaluations ...
-TARGET_MARGIN = 1.10       # ... within 10 % of the best reference
-STRIP_SEEDS = 8            # images per row of the strip
+TARGET_CALLS = 10  # the issue: a solver at <= 10 evaluations ...
+TARGET_MARGIN = 1.10  # ... within 10 % of the best reference
+STRIP_SEEDS = 8  # images per row of the strip
 
 
 LABELS = {"unipc": "UniPC", "dpmpp_2m": "DPM++(2M)", "ddim": "DDIM", "ddpm": "DDPM"}
@@ -43,6 +44,7 @@ def export_denoiser(ckpt: str, workdir: Path, threads: int):
     """The newest EMA weights of a run (or a checkpoint dir) as an onnxruntime denoiser."""
     from export.backends import OrtDenoiser
     from export.onnx import main as export_onnx
+
     onnx = workdir / "denoiser.onnx"
     if export_onnx(["--ckpt", ckpt, "--out", str(onnx)]) != 0:
         raise SystemExit(2)  # export.onnx printed the one-line reason
@@ -51,9 +53,11 @@ def export_denoiser(ckpt: str, workdir: Path, threads: int):
 
 def sample_set(denoiser, num: int, sampler: str, steps: int, eta: float, spacing: str) -> tuple[np.ndarray, float]:
     from pipeline.sampling import generate, to_uint8
+
     start = time.perf_counter()
-    images = to_uint8(generate(denoiser, num, batch=min(num, 64), sampler=sampler, steps=steps, eta=eta,
-                               spacing=spacing, seed=0))
+    images = to_uint8(
+        generate(denoiser, num, batch=min(num, 64), sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=0)
+    )
     return images, time.perf_counter() - start
 
 
@@ -62,6 +66,7 @@ def strip(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
     from PIL import Image, ImageDraw
     from pipeline.fileio import atomic_write_bytes
     from pipeline.sample_grid import png_bytes
+
     h, w = rows[0][1].shape[1:3]
     scale = max(1, 64 // h)
     label_w, pad = 120, 2
@@ -72,7 +77,8 @@ def strip(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
         draw.text((4, y + h * scale // 2 - 6), name, fill="black")
         for c, image in enumerate(images[:STRIP_SEEDS]):
             tile = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).resize(
-                (w * scale, h * scale), Image.NEAREST)
+                (w * scale, h * scale), Image.NEAREST
+            )
             canvas.paste(tile, (label_w + c * (w * scale + pad), y))
     atomic_write_bytes(path, png_bytes(canvas))
 
@@ -80,14 +86,27 @@ def strip(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
 def run(args) -> dict:
     from pipeline.evaluate import Featurizer, evaluate, reference_floor
     from pipeline.sampling import DEFAULT_SPACING
+
     size = "quick" if args.quick else "full"
     num = args.num or (64 if args.quick else 256)
     threads = common.set_threads(args.threads)
     plan = [(s, n, 0.0) for s in SOLVERS for n in (DDIM_STEPS if s == "ddim" else STEPS)[size]]
     plan += list(REFERENCES[size])
-    result = common.new_result("quality", quick=args.quick, device="cpu", config={
-        "ckpt": args.ckpt, "shards": args.shards, "num": num, "seed": 0, "spacing": DEFAULT_SPACING,
-        "threads": threads, "sets": [set_name(*p) for p in plan]}, method=__doc__.split("\n\n", 2)[2])
+    result = common.new_result(
+        "quality",
+        quick=args.quick,
+        device="cpu",
+        config={
+            "ckpt": args.ckpt,
+            "shards": args.shards,
+            "num": num,
+            "seed": 0,
+            "spacing": DEFAULT_SPACING,
+            "threads": threads,
+            "sets": [set_name(*p) for p in plan],
+        },
+        method=__doc__.split("\n\n", 2)[2],
+    )
     progress = common.run_progress(len(plan) + 1)
     featurizer = Featurizer("classifier", args.shards, None, None)
     rows, sets, strip_rows = [], {}, []
@@ -98,8 +117,14 @@ def run(args) -> dict:
             progress.describe(f"quality: {name}")
             images, seconds = sample_set(denoiser, num, sampler, steps, eta, DEFAULT_SPACING)
             scored = evaluate(images, args.shards, featurizer=featurizer)["metrics"]
-            sets[name] = {"sampler": sampler, "steps": steps, "eta": eta, "seconds": seconds,
-                          "images_per_second": num / seconds, **scored}
+            sets[name] = {
+                "sampler": sampler,
+                "steps": steps,
+                "eta": eta,
+                "seconds": seconds,
+                "images_per_second": num / seconds,
+                **scored,
+            }
             rows.append([name, steps, scored["classifier-FID"], scored["precision"], scored["recall"], seconds])
             strip_rows.append((name, images))
             progress.update()
@@ -108,9 +133,13 @@ def run(args) -> dict:
     progress.close()
     result["results"] = {"sets": sets, "floor": floor, "steps": list(STEPS[size])}
     rows.append(["val split (floor)", 0, floor["classifier-FID"], floor["precision"], floor["recall"], None])
-    result["tables"].append(common.table(f"{num} images per set, against the train split",
-                                         ["set", "network calls", "classifier-FID", "precision", "recall",
-                                          "wall s"], rows))
+    result["tables"].append(
+        common.table(
+            f"{num} images per set, against the train split",
+            ["set", "network calls", "classifier-FID", "precision", "recall", "wall s"],
+            rows,
+        )
+    )
     judge(result, sets, size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,14 +147,22 @@ def run(args) -> dict:
     for s in SOLVERS:
         steps = (DDIM_STEPS if s == "ddim" else STEPS)[size]
         curves[LABELS[s] + (" eta 0" if s == "ddim" else "")] = (
-            list(steps), [sets[set_name(s, n, 0.0)]["classifier-FID"] for n in steps])
+            list(steps),
+            [sets[set_name(s, n, 0.0)]["classifier-FID"] for n in steps],
+        )
     for sampler, steps, eta in REFERENCES[size]:
         curves[set_name(sampler, steps, eta)] = ([steps], [sets[set_name(sampler, steps, eta)]["classifier-FID"]])
     span = [min(STEPS[size]), max(n for _, n, _ in plan)]
     curves["val split (floor)"] = (span, [floor["classifier-FID"]] * 2)
-    common.plot_curves(out / "quality.png", f"classifier-FID against network calls ({num} images per set)",
-                       "network evaluations per image", "classifier-FID (lower is better)", curves,
-                       logx=2, logy=True)
+    common.plot_curves(
+        out / "quality.png",
+        f"classifier-FID against network calls ({num} images per set)",
+        "network evaluations per image",
+        "classifier-FID (lower is better)",
+        curves,
+        logx=2,
+        logy=True,
+    )
     strip(strip_rows, out / "quality_strip.png")
     result["plots"] += ["quality.png", "quality_strip.png"]
     return result
@@ -139,20 +176,28 @@ def judge(result: dict, sets: dict, size: str) -> None:
     at_target = [v["classifier-FID"] for v in solvers.values() if v["steps"] <= TARGET_CALLS]
     best = min(at_target) if at_target else None
     ref_calls = max(r[1] for r in REFERENCES[size] if sets[set_name(*r)]["classifier-FID"] == best_ref)
-    result["targets"].append(common.target(
-        "solver_at_10_calls_vs_best_reference",
-        f"best of dpmpp_2m / unipc at <= {TARGET_CALLS} calls, relative to the best reference "
-        f"(needs <= {TARGET_MARGIN:g}x, i.e. within 10 %)",
-        None if best is None else best / best_ref, TARGET_MARGIN, "<=",
-        detail=f"best reference cFID {best_ref:.2f} at {ref_calls} calls; best solver at <= {TARGET_CALLS} calls "
-               f"{best if best is None else round(best, 2)}"))
-    within = sorted((v["steps"], v["classifier-FID"], k) for k, v in sets.items()
-                    if v["classifier-FID"] <= TARGET_MARGIN * best_ref)
+    result["targets"].append(
+        common.target(
+            "solver_at_10_calls_vs_best_reference",
+            f"best of dpmpp_2m / unipc at <= {TARGET_CALLS} calls, relative to the best reference "
+            f"(needs <= {TARGET_MARGIN:g}x, i.e. within 10 %)",
+            None if best is None else best / best_ref,
+            TARGET_MARGIN,
+            "<=",
+            detail=f"best reference cFID {best_ref:.2f} at {ref_calls} calls; best solver at <= {TARGET_CALLS} calls "
+            f"{best if best is None else round(best, 2)}",
+        )
+    )
+    within = sorted(
+        (v["steps"], v["classifier-FID"], k) for k, v in sets.items() if v["classifier-FID"] <= TARGET_MARGIN * best_ref
+    )
     if within:
         steps, cfid, name = within[0]
         result["results"]["recommended"] = name
-        result["notes"].append(f"Fewest network calls within 10 % of the best reference: {name} "
-                               f"(cFID {cfid:.2f}, {steps} calls against {ref_calls}: {ref_calls / steps:.0f}x fewer).")
+        result["notes"].append(
+            f"Fewest network calls within 10 % of the best reference: {name} "
+            f"(cFID {cfid:.2f}, {steps} calls against {ref_calls}: {ref_calls / steps:.0f}x fewer)."
+        )
     else:
         result["notes"].append("No set came within 10 % of the best reference.")
 

@@ -8,6 +8,7 @@
 2. The NumPy sampling loop's overhead: a whole `pipeline.sampling.generate` run with the network calls
    timed inside it; overhead = (total - sum of network time) / total.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,12 @@ from benchmarks import artifacts, common
 
 PLAN = {
     "quick": {"cpu": [("tiny_cpu", [1, 8])], "cuda": [("tiny_cpu", [1, 8])]},
-    "full": {"cpu": [("tiny_cpu", [1, 4, 16, 64]), ("celebahq64", [1, 4])],
-             "cuda": [("tiny_cpu", [1, 16, 64]), ("celebahq64", [1, 16, 64]), ("celebahq256", [1, 4, 16])]},
+    "full": {
+        "cpu": [("tiny_cpu", [1, 4, 16, 64]), ("celebahq64", [1, 4])],
+        "cuda": [("tiny_cpu", [1, 16, 64]), ("celebahq64", [1, 16, 64]), ("celebahq256", [1, 4, 16])],
+    },
 }
-TARGET_BATCH = 16                       # the batch export.sample uses by default
+TARGET_BATCH = 16  # the batch export.sample uses by default
 LOOP = {"quick": ("tiny_cpu", 4, 10, 2), "full": ("tiny_cpu", 16, 50, 3)}  # config, batch, steps, runs
 SECONDS_PER_CASE = {"quick": 2.0, "full": 20.0}
 
@@ -47,19 +50,23 @@ time. It includes the initial noise, the per-step schedule arithmetic, and the u
 
 # --- backends ---------------------------------------------------------------------------------
 
+
 class TorchEager:
     """The U-Net in torch eager, called on device tensors (the baseline people would use)."""
 
     def __init__(self, ckpt: Path, device: str, half: bool, channels_last: bool = False):
         import torch
         from pipeline.checkpoint import load_unet
+
         self.torch, self.device = torch, device
         self.model = load_unet(ckpt, device=device)[0]
         self.dtype = torch.float16 if half else torch.float32
         self.format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(self.dtype, memory_format=self.format)
-        self.name = (f"torch {torch.__version__} eager {device}{' fp16' if half else ''}"
-                     f"{' channels_last' if channels_last else ''}")
+        self.name = (
+            f"torch {torch.__version__} eager {device}{' fp16' if half else ''}"
+            f"{' channels_last' if channels_last else ''}"
+        )
 
     def prepare(self, x: np.ndarray, t: np.ndarray):
         torch = self.torch
@@ -93,6 +100,7 @@ class StaticBatchOrt:
     def session(self, batch: int):
         import onnxruntime as ort
         from export.backends import default_threads
+
         if batch not in self.sessions:
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads or default_threads()
@@ -129,13 +137,16 @@ class TimedDenoiser:
 def backends_for(name: str, args) -> tuple[dict, list[str]]:
     """{label: backend} for one config, and notes on what could not run."""
     from export.backends import OrtDenoiser, TrtDenoiser
+
     cfg, notes = artifacts.config(name), []
     ckpt = artifacts.random_checkpoint(cfg)
     cuda = args.device.startswith("cuda")
     ort = OrtDenoiser(artifacts.onnx_model(cfg, fp16=cuda), provider="cuda" if cuda else "cpu", threads=args.threads)
-    found = {"torch": TorchEager(ckpt, args.device, half=cuda),
-             "torch+channels_last": TorchEager(ckpt, args.device, half=cuda, channels_last=True),
-             "ort": NumpyBackend(ort)}
+    found = {
+        "torch": TorchEager(ckpt, args.device, half=cuda),
+        "torch+channels_last": TorchEager(ckpt, args.device, half=cuda, channels_last=True),
+        "ort": NumpyBackend(ort),
+    }
     if not cuda:
         found["ort+static_batch"] = StaticBatchOrt(artifacts.onnx_model(cfg), args.threads)
     reason = artifacts.tensorrt_available() if cuda else "TensorRT needs a CUDA device (this run is on CPU)"
@@ -149,6 +160,7 @@ def backends_for(name: str, args) -> tuple[dict, list[str]]:
 
 
 # --- measurements -----------------------------------------------------------------------------
+
 
 def per_evaluation(name: str, batches: list[int], args, progress) -> tuple[list[dict], list[str]]:
     backends, notes = backends_for(name, args)
@@ -164,13 +176,19 @@ def per_evaluation(name: str, batches: list[int], args, progress) -> tuple[list[
         repeats = auto_repeats(sum(first.values()), SECONDS_PER_CASE["quick" if args.quick else "full"])
         progress.describe(f"sampler: {name} batch {b} ({repeats} rounds)")
         times = common.interleaved(calls, warmup=0, repeats=repeats, sync=sync)
-        row = {"config": name, "batch": b, "backends": {label: backends[label].name for label in backends},
-               "seconds": {label: common.summarize(v) for label, v in times.items()}}
+        row = {
+            "config": name,
+            "batch": b,
+            "backends": {label: backends[label].name for label in backends},
+            "seconds": {label: common.summarize(v) for label, v in times.items()},
+        }
         # The baseline is the faster of the two torch memory formats: it is never handicapped.
         row["torch_baseline"] = min(("torch", "torch+channels_last"), key=lambda label: row["seconds"][label]["median"])
         row["ort_speedup_vs_torch"] = common.paired_ratio(times[row["torch_baseline"]], times["ort"])
         if "ort+static_batch" in times:
-            row["ort_static_speedup_vs_torch"] = common.paired_ratio(times[row["torch_baseline"]], times["ort+static_batch"])
+            row["ort_static_speedup_vs_torch"] = common.paired_ratio(
+                times[row["torch_baseline"]], times["ort+static_batch"]
+            )
         if "tensorrt" in times:
             row["tensorrt_speedup_vs_torch"] = common.paired_ratio(times[row["torch_baseline"]], times["tensorrt"])
         rows.append(row)
@@ -187,11 +205,13 @@ def loop_overhead(args, progress) -> dict:
     from export.backends import OrtDenoiser
     from pipeline.sampling import DEFAULT_SAMPLER as sampler
     from pipeline.sampling import generate
+
     name, batch, steps, runs = LOOP["quick" if args.quick else "full"]
     cfg = artifacts.config(name)
     cuda = args.device.startswith("cuda")
-    denoiser = OrtDenoiser(artifacts.onnx_model(cfg, fp16=cuda), provider="cuda" if cuda else "cpu",
-                           threads=args.threads)
+    denoiser = OrtDenoiser(
+        artifacts.onnx_model(cfg, fp16=cuda), provider="cuda" if cuda else "cpu", threads=args.threads
+    )
     generate(denoiser, batch, batch=batch, sampler=sampler, steps=2, seed=0)  # warm-up
     progress.describe(f"sampler: loop overhead, {name} {sampler}-{steps} batch {batch}")
     totals, networks = [], []
@@ -203,19 +223,28 @@ def loop_overhead(args, progress) -> dict:
         networks.append(timed.seconds)
         progress.update()
     shares = [(total - net) / total for total, net in zip(totals, networks)]
-    return {"config": name, "batch": batch, "sampler": sampler, "steps": steps, "backend": denoiser.name,
-            "total_seconds": common.summarize(totals), "network_seconds": common.summarize(networks),
-            "overhead_share": common.summarize(shares),
-            "overhead_ms_per_step": common.summarize([1e3 * (t - n) / steps for t, n in zip(totals, networks)])}
+    return {
+        "config": name,
+        "batch": batch,
+        "sampler": sampler,
+        "steps": steps,
+        "backend": denoiser.name,
+        "total_seconds": common.summarize(totals),
+        "network_seconds": common.summarize(networks),
+        "overhead_share": common.summarize(shares),
+        "overhead_ms_per_step": common.summarize([1e3 * (t - n) / steps for t, n in zip(totals, networks)]),
+    }
 
 
 # --- profiles (where a target is missed, say what limits it) ------------------------------------
+
 
 def ort_profile(onnx_path: Path, batch: int, threads: int | None, calls: int = 5, top: int = 8) -> list[dict]:
     """Share of ORT node time by operator type, from onnxruntime's own profiler."""
     import onnxruntime as ort
     from export.backends import default_threads
     from export.sidecar import read_sidecar
+
     info = read_sidecar(onnx_path)
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
@@ -223,8 +252,9 @@ def ort_profile(onnx_path: Path, batch: int, threads: int | None, calls: int = 5
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        x = np.random.default_rng(0).standard_normal((batch, info.channels, info.image_size, info.image_size),
-                                                     dtype=np.float32)
+        x = np.random.default_rng(0).standard_normal(
+            (batch, info.channels, info.image_size, info.image_size), dtype=np.float32
+        )
         for _ in range(calls):
             session.run(None, {info.input_names[0]: x, info.input_names[1]: np.full(batch, 500.0, np.float32)})
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -234,8 +264,10 @@ def ort_profile(onnx_path: Path, batch: int, threads: int | None, calls: int = 5
             op = e.get("args", {}).get("op_name", "?")
             by_op[op] = by_op.get(op, 0.0) + e["dur"]
     total = sum(by_op.values()) or 1.0
-    return [{"op": op, "share": us / total, "ms_per_call": us / 1e3 / calls}
-            for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
+    return [
+        {"op": op, "share": us / total, "ms_per_call": us / 1e3 / calls}
+        for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+    ]
 
 
 def torch_profile(ckpt: Path, batch: int, calls: int = 5, top: int = 8) -> list[dict]:
@@ -243,6 +275,7 @@ def torch_profile(ckpt: Path, batch: int, calls: int = 5, top: int = 8) -> list[
     import torch
     from torch.profiler import ProfilerActivity, profile
     from pipeline.checkpoint import load_unet
+
     model, cfg, _ = load_unet(ckpt)
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     t = torch.full((batch,), 500.0)
@@ -253,11 +286,14 @@ def torch_profile(ckpt: Path, batch: int, calls: int = 5, top: int = 8) -> list[
                 model(x, t)
     stats = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
     total = sum(us for _, us in stats) or 1.0
-    return [{"op": op, "share": us / total, "ms_per_call": us / 1e3 / calls}
-            for op, us in sorted(stats, key=lambda kv: -kv[1])[:top]]
+    return [
+        {"op": op, "share": us / total, "ms_per_call": us / 1e3 / calls}
+        for op, us in sorted(stats, key=lambda kv: -kv[1])[:top]
+    ]
 
 
 # --- the benchmark ----------------------------------------------------------------------------
+
 
 def plan(args) -> list:
     return PLAN["quick" if args.quick else "full"]["cuda" if args.device.startswith("cuda") else "cpu"]
@@ -270,10 +306,18 @@ def steps(args) -> int:
 def run(args, progress=None) -> dict:
     progress = progress or common.no_progress()
     common.set_threads(args.threads)
-    result = common.new_result("sampler", quick=args.quick, device=args.device, method=METHOD, config={
-        "cases": [{"config": c, "batches": b} for c, b in plan(args)], "target_batch": TARGET_BATCH,
-        "loop": dict(zip(("config", "batch", "steps", "runs"), LOOP["quick" if args.quick else "full"])),
-        "threads": args.threads or common.usable_cores()})
+    result = common.new_result(
+        "sampler",
+        quick=args.quick,
+        device=args.device,
+        method=METHOD,
+        config={
+            "cases": [{"config": c, "batches": b} for c, b in plan(args)],
+            "target_batch": TARGET_BATCH,
+            "loop": dict(zip(("config", "batch", "steps", "runs"), LOOP["quick" if args.quick else "full"])),
+            "threads": args.threads or common.usable_cores(),
+        },
+    )
     evals = []
     for name, batches in plan(args):
         rows, notes = per_evaluation(name, batches, args, progress)
@@ -285,9 +329,12 @@ def run(args, progress=None) -> dict:
         name = "celebahq64" if any(c == "celebahq64" for c, _ in plan(args)) else plan(args)[0][0]
         batch = min(4, max(plan(args)[-1][1]))
         cfg = artifacts.config(name)
-        result["results"]["profiles"] = {"config": name, "batch": batch,
-                                         "ort": ort_profile(artifacts.onnx_model(cfg), batch, args.threads),
-                                         "torch": torch_profile(artifacts.random_checkpoint(cfg), batch)}
+        result["results"]["profiles"] = {
+            "config": name,
+            "batch": batch,
+            "ort": ort_profile(artifacts.onnx_model(cfg), batch, args.threads),
+            "torch": torch_profile(artifacts.random_checkpoint(cfg), batch),
+        }
     progress.update()
     report(result, Path(args.out))
     return result
@@ -298,8 +345,9 @@ def report(result: dict, out_dir: Path) -> None:
     labels = list(res["per_evaluation"][0]["seconds"])
     rows = []
     for r in res["per_evaluation"]:
-        row = [r["config"], r["batch"]] + [1e3 * r["seconds"][label]["median"] if label in r["seconds"] else None
-                                           for label in labels]
+        row = [r["config"], r["batch"]] + [
+            1e3 * r["seconds"][label]["median"] if label in r["seconds"] else None for label in labels
+        ]
         row += [r["torch_baseline"], _spread(r["ort_speedup_vs_torch"])]
         if "ort+static_batch" in labels:
             row.append(_spread(r["ort_static_speedup_vs_torch"]))
@@ -307,12 +355,17 @@ def report(result: dict, out_dir: Path) -> None:
             row.append(_spread(r["tensorrt_speedup_vs_torch"]) if "tensorrt_speedup_vs_torch" in r else None)
         rows.append(row)
     names = res["per_evaluation"][0]["backends"]
-    result["tables"].append(common.table(
-        "Per-evaluation time (ms, median)", ["config", "batch"] + [f"{names[label]} ms" for label in labels]
-        + ["torch baseline (the faster)", "ORT speed-up vs torch (median [IQR])"]
-        + (["batch-specialised ORT speed-up vs torch"] if "ort+static_batch" in labels else [])
-        + (["TensorRT speed-up vs torch"] if "tensorrt" in labels else []),
-        rows))
+    result["tables"].append(
+        common.table(
+            "Per-evaluation time (ms, median)",
+            ["config", "batch"]
+            + [f"{names[label]} ms" for label in labels]
+            + ["torch baseline (the faster)", "ORT speed-up vs torch (median [IQR])"]
+            + (["batch-specialised ORT speed-up vs torch"] if "ort+static_batch" in labels else [])
+            + (["TensorRT speed-up vs torch"] if "tensorrt" in labels else []),
+            rows,
+        )
+    )
     cuda = result["device"].startswith("cuda")
     for name in dict.fromkeys(r["config"] for r in res["per_evaluation"]):
         mine = [r for r in res["per_evaluation"] if r["config"] == name]
@@ -320,32 +373,66 @@ def report(result: dict, out_dir: Path) -> None:
         s = r["ort_speedup_vs_torch"]
         if not cuda:
             static = r.get("ort_static_speedup_vs_torch")
-            result["targets"].append(common.target(
-                f"ort_vs_torch_cpu[{name}]", f"ORT CPU >= 1.3x torch eager ({name}, batch {r['batch']})", s["median"],
-                1.3, ">=", detail=f"OrtDenoiser as shipped, per-round ratios {_spread(s)}; all batches: "
-                + ", ".join(f"b{x['batch']} {x['ort_speedup_vs_torch']['median']:.2f}x" for x in mine)
-                + (f"; with a batch-specialised session {static['median']:.2f}x" if static else "")))
+            result["targets"].append(
+                common.target(
+                    f"ort_vs_torch_cpu[{name}]",
+                    f"ORT CPU >= 1.3x torch eager ({name}, batch {r['batch']})",
+                    s["median"],
+                    1.3,
+                    ">=",
+                    detail=f"OrtDenoiser as shipped, per-round ratios {_spread(s)}; all batches: "
+                    + ", ".join(f"b{x['batch']} {x['ort_speedup_vs_torch']['median']:.2f}x" for x in mine)
+                    + (f"; with a batch-specialised session {static['median']:.2f}x" if static else ""),
+                )
+            )
         elif name == "celebahq256":
             trt = r.get("tensorrt_speedup_vs_torch")
-            result["targets"].append(common.target(
-                "tensorrt_fp16_vs_torch_fp16[celebahq256]", f"TensorRT fp16 >= 2.5x torch eager fp16 (256², batch {r['batch']})",
-                trt["median"] if trt else None, 2.5, ">=", detail="" if trt else "; ".join(result["notes"])))
+            result["targets"].append(
+                common.target(
+                    "tensorrt_fp16_vs_torch_fp16[celebahq256]",
+                    f"TensorRT fp16 >= 2.5x torch eager fp16 (256², batch {r['batch']})",
+                    trt["median"] if trt else None,
+                    2.5,
+                    ">=",
+                    detail="" if trt else "; ".join(result["notes"]),
+                )
+            )
     loop = res["loop"]
-    result["tables"].append(common.table(
-        f"NumPy loop overhead: {loop['sampler']}-{loop['steps']}, {loop['config']}, batch {loop['batch']}, {loop['backend']}",
-        ["total s", "in network s", "overhead share", "overhead ms/step"],
-        [[loop["total_seconds"]["median"], loop["network_seconds"]["median"], _spread(loop["overhead_share"], pct=True),
-          loop["overhead_ms_per_step"]["median"]]]))
-    result["targets"].append(common.target(
-        "loop_overhead", "NumPy loop overhead <= 3 % of a whole sampling run", loop["overhead_share"]["median"],
-        0.03, "<=", unit="share", detail=f"{loop['overhead_ms_per_step']['median']:.3f} ms per step outside the network"))
+    result["tables"].append(
+        common.table(
+            f"NumPy loop overhead: {loop['sampler']}-{loop['steps']}, {loop['config']}, batch {loop['batch']}, {loop['backend']}",
+            ["total s", "in network s", "overhead share", "overhead ms/step"],
+            [
+                [
+                    loop["total_seconds"]["median"],
+                    loop["network_seconds"]["median"],
+                    _spread(loop["overhead_share"], pct=True),
+                    loop["overhead_ms_per_step"]["median"],
+                ]
+            ],
+        )
+    )
+    result["targets"].append(
+        common.target(
+            "loop_overhead",
+            "NumPy loop overhead <= 3 % of a whole sampling run",
+            loop["overhead_share"]["median"],
+            0.03,
+            "<=",
+            unit="share",
+            detail=f"{loop['overhead_ms_per_step']['median']:.3f} ms per step outside the network",
+        )
+    )
     if "profiles" in res:
         prof = res["profiles"]
         for side in ("ort", "torch"):
-            result["tables"].append(common.table(
-                f"Profile: {side} ({prof['config']}, batch {prof['batch']}), top operators by time",
-                ["operator", "share", "ms per evaluation"], [[p["op"], f"{100 * p['share']:.1f} %", p["ms_per_call"]]
-                                                             for p in prof[side]]))
+            result["tables"].append(
+                common.table(
+                    f"Profile: {side} ({prof['config']}, batch {prof['batch']}), top operators by time",
+                    ["operator", "share", "ms per evaluation"],
+                    [[p["op"], f"{100 * p['share']:.1f} %", p["ms_per_call"]] for p in prof[side]],
+                )
+            )
     _plot(result, out_dir)
     result["notes"] += limits(result)
 
@@ -358,16 +445,24 @@ def limits(result: dict) -> list[str]:
         return []
     prof = res["profiles"]
     conv = {side: sum(p["share"] for p in prof[side] if "conv" in p["op"].lower()) for side in ("ort", "torch")}
-    by_batch = "; ".join(f"{name}: " + ", ".join(f"b{r['batch']} {r['ort_speedup_vs_torch']['median']:.2f}x"
-                                                 for r in res["per_evaluation"] if r["config"] == name)
-                         for name in dict.fromkeys(r["config"] for r in res["per_evaluation"]))
-    return [f"ORT vs torch on CPU: ORT's lead is in per-operator overhead, so it is largest at batch 1 and shrinks as the "
-            f"batch grows ({by_batch}). At {prof['config']} batch {prof['batch']} convolutions are "
-            f"{100 * conv['ort']:.0f} % of ORT's time and {100 * conv['torch']:.0f} % of torch's: both are bound by the "
-            f"same convolution arithmetic (MLAS vs oneDNN fp32 kernels). Tried on our side while building this benchmark: "
-            f"ORT_ENABLE_ALL (OrtDenoiser's setting) is the fastest optimisation level, EXTENDED and BASIC were 20-40 % "
-            f"slower (they drop the NCHWc layout); a batch-specialised session is measured in the table above. fp16 or "
-            f"int8 on CPU would change the numbers being computed, so they are not a fair answer to this target."]
+    by_batch = "; ".join(
+        f"{name}: "
+        + ", ".join(
+            f"b{r['batch']} {r['ort_speedup_vs_torch']['median']:.2f}x"
+            for r in res["per_evaluation"]
+            if r["config"] == name
+        )
+        for name in dict.fromkeys(r["config"] for r in res["per_evaluation"])
+    )
+    return [
+        f"ORT vs torch on CPU: ORT's lead is in per-operator overhead, so it is largest at batch 1 and shrinks as the "
+        f"batch grows ({by_batch}). At {prof['config']} batch {prof['batch']} convolutions are "
+        f"{100 * conv['ort']:.0f} % of ORT's time and {100 * conv['torch']:.0f} % of torch's: both are bound by the "
+        f"same convolution arithmetic (MLAS vs oneDNN fp32 kernels). Tried on our side while building this benchmark: "
+        f"ORT_ENABLE_ALL (OrtDenoiser's setting) is the fastest optimisation level, EXTENDED and BASIC were 20-40 % "
+        f"slower (they drop the NCHWc layout); a batch-specialised session is measured in the table above. fp16 or "
+        f"int8 on CPU would change the numbers being computed, so they are not a fair answer to this target."
+    ]
 
 
 def _plot(result: dict, out_dir: Path) -> None:
@@ -377,11 +472,20 @@ def _plot(result: dict, out_dir: Path) -> None:
         if len(mine) < 2:
             continue
         for label in mine[0]["seconds"]:
-            series[f"{label} {name}"] = ([r["batch"] for r in mine],
-                                         [r["batch"] / r["seconds"][label]["median"] for r in mine])
+            series[f"{label} {name}"] = (
+                [r["batch"] for r in mine],
+                [r["batch"] / r["seconds"][label]["median"] for r in mine],
+            )
     if series:
-        path = common.plot_curves(out_dir / "sampler_throughput.png", "Denoiser evaluations: images/s vs batch",
-                                  "batch size", "images per second (one evaluation)", series, logx=2, logy=True)
+        path = common.plot_curves(
+            out_dir / "sampler_throughput.png",
+            "Denoiser evaluations: images/s vs batch",
+            "batch size",
+            "images per second (one evaluation)",
+            series,
+            logx=2,
+            logy=True,
+        )
         result["plots"].append(path.name)
 
 
@@ -393,4 +497,5 @@ def _spread(s: dict, pct: bool = False) -> str:
 
 if __name__ == "__main__":
     from benchmarks.__main__ import main
+
     sys.exit(main(["sampler", *sys.argv[1:]]))

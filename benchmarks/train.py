@@ -8,6 +8,7 @@
 2. Our U-Net with and without gradient checkpointing: time ratio and peak activation memory ratio.
 3. ZeRO stage 0 / 2 / 3 per-rank bytes with 2 ranks of real DeepSpeed (benchmarks.zero_memory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 # (config, batch sizes for the throughput curve, batch for the checkpointing comparison)
 PLAN = {
     "quick": {"cpu": [("tiny_cpu", [8], 8)], "cuda": [("tiny_cpu", [8], 8)]},
-    "full": {"cpu": [("tiny_cpu", [8, 16, 32], 32), ("celebahq64", [2], 2)],
-             "cuda": [("tiny_cpu", [32, 128], 128), ("celebahq64", [16, 64], 64), ("celebahq256", [4, 16], 16)]},
+    "full": {
+        "cpu": [("tiny_cpu", [8, 16, 32], 32), ("celebahq64", [2], 2)],
+        "cuda": [("tiny_cpu", [32, 128], 128), ("celebahq64", [16, 64], 64), ("celebahq256", [4, 16], 16)],
+    },
 }
 ZERO_CONFIGS = {"quick": ["tiny_cpu"], "full": ["tiny_cpu", "celebahq64", "celebahq256"]}
 
@@ -73,17 +76,30 @@ per distinct storage. The ZeRO run feeds a small image (the state does not depen
 
 # --- the two models --------------------------------------------------------------------------
 
+
 def diffusers_twin(cfg: ModelConfig):
     """The same network expressed as a diffusers UNet2DModel (the model people would otherwise use)."""
     from diffusers import UNet2DModel
-    sizes = [cfg.image_size // 2 ** i for i in range(len(cfg.ch_mult))]
+
+    sizes = [cfg.image_size // 2**i for i in range(len(cfg.ch_mult))]
     down = tuple("AttnDownBlock2D" if s in cfg.attn_resolutions else "DownBlock2D" for s in sizes)
     up = tuple("AttnUpBlock2D" if s in cfg.attn_resolutions else "UpBlock2D" for s in reversed(sizes))
-    return UNet2DModel(sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-                       block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), down_block_types=down,
-                       up_block_types=up, layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.num_groups,
-                       norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-                       dropout=cfg.dropout, attention_head_dim=None)
+    return UNet2DModel(
+        sample_size=cfg.image_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=cfg.num_res_blocks,
+        norm_num_groups=cfg.num_groups,
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        dropout=cfg.dropout,
+        attention_head_dim=None,
+    )
 
 
 class SampleOutput(torch.nn.Module):
@@ -117,6 +133,7 @@ def build_pair(cfg: ModelConfig, device: str, seed: int = 0) -> tuple[torch.nn.M
 
 
 # --- one training step ------------------------------------------------------------------------
+
 
 def make_batch(cfg: ModelConfig, batch: int, device: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -152,10 +169,12 @@ def make_train_step(model, diffusion: GaussianDiffusion, batch, device: str, pre
             scaler.step(optimizer)
             scaler.update()
         return loss
+
     return step
 
 
 # --- activation memory ------------------------------------------------------------------------
+
 
 def step_memory(model, diffusion: GaussianDiffusion, batch, device: str, precision: str) -> dict:
     """Bytes a forward+backward adds on top of parameters and their (pre-allocated) gradients."""
@@ -189,6 +208,7 @@ def _cpu_profiled_memory(forward) -> tuple[int, int]:
     """(peak, held-after-forward) bytes above the start, from the CPU allocator's running total."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile, record_function
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         loss = forward()
         with record_function("benchmark::backward"):
@@ -214,6 +234,7 @@ def _cpu_profiled_memory(forward) -> tuple[int, int]:
 
 # --- the measurements -------------------------------------------------------------------------
 
+
 def compare_with_diffusers(cfg: Config, name: str, batches: list[int], args, progress) -> list[dict]:
     """images/s of ours vs diffusers at each batch size, each in both memory formats, interleaved."""
     device, precision = args.device, precision_for(cfg, args.device)
@@ -227,30 +248,49 @@ def compare_with_diffusers(cfg: Config, name: str, batches: list[int], args, pro
     for b in batches:
         batch = make_batch(cfg.model, b, device)
         cl_batch = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in batch)
-        steps = {label: make_train_step(m, diffusion, cl_batch if "channels_last" in label else batch, device, precision)
-                 for label, m in models.items()}
+        steps = {
+            label: make_train_step(m, diffusion, cl_batch if "channels_last" in label else batch, device, precision)
+            for label, m in models.items()
+        }
         progress.describe(f"train: {name} batch {b} ours vs diffusers")
-        times = common.interleaved(steps, warmup=args.warmup, repeats=args.repeats, sync=common.cuda_sync(device),
-                                   on_round=progress.update)
+        times = common.interleaved(
+            steps, warmup=args.warmup, repeats=args.repeats, sync=common.cuda_sync(device), on_round=progress.update
+        )
         seconds = {label: common.summarize(v) for label, v in times.items()}
-        best = {side: min((label for label in times if label.startswith(side)), key=lambda label: seconds[label]["median"])
-                for side in ("ours", "diffusers")}
-        profile = profile_steps({best[side]: steps[best[side]] for side in ("ours", "diffusers")}, device) \
-            if args.profile and b == batches[-1] else None
-        rows.append({"config": name, "batch": b, "precision": precision, "params": count_parameters(ours), "profile": profile,
-                     "max_output_difference": diff, "seconds": seconds,
-                     "images_per_second": {label: b / s["median"] for label, s in seconds.items()},
-                     "best_ours": best["ours"], "best_diffusers": best["diffusers"],
-                     "ours_images_per_second": b / seconds[best["ours"]]["median"],
-                     "diffusers_images_per_second": b / seconds[best["diffusers"]]["median"],
-                     "speedup": common.paired_ratio(times[best["diffusers"]], times[best["ours"]]),
-                     "speedup_both_contiguous": common.paired_ratio(times["diffusers"], times["ours"])})
+        best = {
+            side: min((label for label in times if label.startswith(side)), key=lambda label: seconds[label]["median"])
+            for side in ("ours", "diffusers")
+        }
+        profile = (
+            profile_steps({best[side]: steps[best[side]] for side in ("ours", "diffusers")}, device)
+            if args.profile and b == batches[-1]
+            else None
+        )
+        rows.append(
+            {
+                "config": name,
+                "batch": b,
+                "precision": precision,
+                "params": count_parameters(ours),
+                "profile": profile,
+                "max_output_difference": diff,
+                "seconds": seconds,
+                "images_per_second": {label: b / s["median"] for label, s in seconds.items()},
+                "best_ours": best["ours"],
+                "best_diffusers": best["diffusers"],
+                "ours_images_per_second": b / seconds[best["ours"]]["median"],
+                "diffusers_images_per_second": b / seconds[best["diffusers"]]["median"],
+                "speedup": common.paired_ratio(times[best["diffusers"]], times[best["ours"]]),
+                "speedup_both_contiguous": common.paired_ratio(times["diffusers"], times["ours"]),
+            }
+        )
     return rows
 
 
 def profile_steps(steps: dict, device: str, top: int = 8) -> dict:
     """Top operators by self time of one training step each (torch.profiler), and the convolution share."""
     from torch.profiler import ProfilerActivity, profile
+
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out = {}
@@ -261,9 +301,13 @@ def profile_steps(steps: dict, device: str, top: int = 8) -> dict:
         stats = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()]
         total = sum(us for _, us in stats) or 1.0
         conv = sum(us for op, us in stats if "conv" in op.lower() or "gemm" in op.lower())
-        out[label] = {"convolution_share": conv / total, "total_ms": total / 1e3,
-                      "top": [{"op": op, "share": us / total, "ms": us / 1e3}
-                              for op, us in sorted(stats, key=lambda kv: -kv[1])[:top]]}
+        out[label] = {
+            "convolution_share": conv / total,
+            "total_ms": total / 1e3,
+            "top": [
+                {"op": op, "share": us / total, "ms": us / 1e3} for op, us in sorted(stats, key=lambda kv: -kv[1])[:top]
+            ],
+        }
     return out
 
 
@@ -277,20 +321,31 @@ def compare_checkpointing(cfg: Config, name: str, b: int, args, progress) -> dic
     ckpt.grad_checkpointing = True
     batch = make_batch(cfg.model, b, device)
     progress.describe(f"train: {name} batch {b} activation memory")
-    memory = {"plain": step_memory(plain, diffusion, batch, device, precision),
-              "checkpointed": step_memory(ckpt, diffusion, batch, device, precision)}
+    memory = {
+        "plain": step_memory(plain, diffusion, batch, device, precision),
+        "checkpointed": step_memory(ckpt, diffusion, batch, device, precision),
+    }
     progress.update()
-    steps = {"plain": make_train_step(plain, diffusion, batch, device, precision),
-             "checkpointed": make_train_step(ckpt, diffusion, batch, device, precision)}
+    steps = {
+        "plain": make_train_step(plain, diffusion, batch, device, precision),
+        "checkpointed": make_train_step(ckpt, diffusion, batch, device, precision),
+    }
     progress.describe(f"train: {name} batch {b} checkpointing time")
-    times = common.interleaved(steps, warmup=args.warmup, repeats=args.repeats, sync=common.cuda_sync(device),
-                               on_round=progress.update)
-    return {"config": name, "batch": b, "precision": precision, "memory": memory,
-            "plain_seconds": common.summarize(times["plain"]), "checkpointed_seconds": common.summarize(times["checkpointed"]),
-            "time_ratio": common.paired_ratio(times["checkpointed"], times["plain"]),
-            "peak_memory_ratio": memory["checkpointed"]["peak_bytes"] / memory["plain"]["peak_bytes"],
-            "held_memory_ratio": memory["checkpointed"]["held_after_forward_bytes"]
-            / max(1, memory["plain"]["held_after_forward_bytes"])}
+    times = common.interleaved(
+        steps, warmup=args.warmup, repeats=args.repeats, sync=common.cuda_sync(device), on_round=progress.update
+    )
+    return {
+        "config": name,
+        "batch": b,
+        "precision": precision,
+        "memory": memory,
+        "plain_seconds": common.summarize(times["plain"]),
+        "checkpointed_seconds": common.summarize(times["checkpointed"]),
+        "time_ratio": common.paired_ratio(times["checkpointed"], times["plain"]),
+        "peak_memory_ratio": memory["checkpointed"]["peak_bytes"] / memory["plain"]["peak_bytes"],
+        "held_memory_ratio": memory["checkpointed"]["held_after_forward_bytes"]
+        / max(1, memory["plain"]["held_after_forward_bytes"]),
+    }
 
 
 def zero_memory(config_names: list[str], args, progress) -> list[dict]:
@@ -299,9 +354,25 @@ def zero_memory(config_names: list[str], args, progress) -> list[dict]:
     paths = {str(REPO / "configs" / f"{name}.yaml"): name for name in config_names}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "zero.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "benchmarks.zero_memory", "--config", ",".join(paths),
-               "--stages", "0,2,3", "--device", args.device, "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "benchmarks.zero_memory",
+            "--config",
+            ",".join(paths),
+            "--stages",
+            "0,2,3",
+            "--device",
+            args.device,
+            "--out",
+            str(out),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         if not args.device.startswith("cuda"):
             env["DS_ACCELERATOR"] = "cpu"
@@ -321,6 +392,7 @@ def precision_for(cfg: Config, device: str) -> str:
 
 # --- the benchmark ----------------------------------------------------------------------------
 
+
 def plan(args) -> tuple[list, list[str]]:
     kind = "quick" if args.quick else "full"
     return PLAN[kind]["cuda" if args.device.startswith("cuda") else "cpu"], ZERO_CONFIGS[kind]
@@ -336,10 +408,20 @@ def run(args, progress=None) -> dict:
     progress = progress or common.no_progress()
     common.set_threads(args.threads)
     cases, zero_configs = plan(args)
-    result = common.new_result("train", quick=args.quick, device=args.device, method=METHOD, config={
-        "cases": [{"config": c, "batches": b, "checkpointing_batch": cb} for c, b, cb in cases],
-        "zero_configs": zero_configs, "zero_ranks": 2, "warmup": args.warmup, "repeats": args.repeats,
-        "threads": torch.get_num_threads()})
+    result = common.new_result(
+        "train",
+        quick=args.quick,
+        device=args.device,
+        method=METHOD,
+        config={
+            "cases": [{"config": c, "batches": b, "checkpointing_batch": cb} for c, b, cb in cases],
+            "zero_configs": zero_configs,
+            "zero_ranks": 2,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+        },
+    )
     throughput, checkpointing = [], []
     for name, batches, ckpt_batch in cases:
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
@@ -366,4 +448,5 @@ def defaults(args) -> None:
 
 if __name__ == "__main__":
     from benchmarks.__main__ import main
+
     sys.exit(main(["train", *sys.argv[1:]]))

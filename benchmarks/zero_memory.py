@@ -6,6 +6,7 @@ Each rank builds the engine exactly as pipeline.train does, takes one training s
 state exists, and counts the bytes of the tensors the engine holds, by distinct storage. Rank 0
 writes one row per (stage, rank). Run by `python -m benchmarks train`; CPU runs use gloo.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,6 +90,7 @@ def count_bytes(engine) -> dict:
 def one_step(engine, cfg, micro_batch: int, size: int) -> dict:
     """Forward, backward (bytes counted here, gradients alive), step (bytes counted again)."""
     from pipeline.diffusion import GaussianDiffusion, schedule_from_config
+
     diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
     device = engine.device
     g = torch.Generator().manual_seed(dist.get_rank())
@@ -105,9 +107,14 @@ def one_step(engine, cfg, micro_batch: int, size: int) -> dict:
 
 def measure(config_path: str, stage: int, device: str, env, deepspeed) -> dict:
     from pipeline.train import build_engine
+
     precision = "fp32" if device == "cpu" else None
-    overrides = [f"zero.stage={stage}", f"train.batch_size={env.world_size}", "train.micro_batch_size=0",
-                 "train.grad_checkpointing=false"] + ([f"train.precision={precision}"] if precision else [])
+    overrides = [
+        f"zero.stage={stage}",
+        f"train.batch_size={env.world_size}",
+        "train.micro_batch_size=0",
+        "train.grad_checkpointing=false",
+    ] + ([f"train.precision={precision}"] if precision else [])
     cfg = load_config(config_path, overrides)
     ds_config = build_ds_config(cfg, env.world_size)
     engine = build_engine(cfg, ds_config, deepspeed)
@@ -115,8 +122,15 @@ def measure(config_path: str, stage: int, device: str, env, deepspeed) -> dict:
     size = max(8, 2 ** (len(cfg.model.ch_mult) - 1))
     counts = one_step(engine, cfg, micro_batch=1, size=size)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    row = {"stage": stage, "rank": env.rank, "world_size": env.world_size, "precision": cfg.train.precision,
-           "model_parameters": n_params, "ds_config": ds_config, **counts}
+    row = {
+        "stage": stage,
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "precision": cfg.train.precision,
+        "model_parameters": n_params,
+        "ds_config": ds_config,
+        **counts,
+    }
     del engine
     return row
 
@@ -139,8 +153,13 @@ def main(argv=None) -> int:
     gathered = [None] * env.world_size
     dist.gather_object(rows, gathered if env.rank == 0 else None, dst=0)
     if env.rank == 0:
-        atomic_write_json(args.out, sorted((r for rank_rows in gathered for r in rank_rows),
-                                           key=lambda r: (r["model_parameters"], r["stage"], r["rank"])))
+        atomic_write_json(
+            args.out,
+            sorted(
+                (r for rank_rows in gathered for r in rank_rows),
+                key=lambda r: (r["model_parameters"], r["stage"], r["rank"]),
+            ),
+        )
     distributed.shutdown()
     return 0
 

@@ -1,9 +1,9 @@
 """python -m data_prep: images (folder or zip) or procedural faces -> verified WebDataset shards.
 
-  python -m data_prep --src data1024x1024/ --out shards/ --size 256 --workers 8
-  python -m data_prep --synthetic 2000 --out shards/ --size 32
-  python -m data_prep --synthetic 2000 --grayscale --out shards_gray/ --size 32
-  python -m data_prep --verify shards/
+python -m data_prep --src data1024x1024/ --out shards/ --size 256 --workers 8
+python -m data_prep --synthetic 2000 --out shards/ --size 32
+python -m data_prep --synthetic 2000 --grayscale --out shards_gray/ --size 32
+python -m data_prep --verify shards/
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grayscale", action="store_true", help="with --synthetic: three equal channels (R = G = B)")
     p.add_argument("--out", type=Path, help="output directory for shards and manifest.json")
     p.add_argument("--size", type=int, default=256, help="output resolution in pixels (square)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes (output is identical for any value)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="decode processes (output is identical for any value)"
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of inputs held out as val")
     p.add_argument("--format", dest="image_format", choices=sorted(images.FORMATS), default="png")
@@ -46,12 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--grayscale: only with --synthetic")
     if args.verify is None and args.out is None:
         p.error("--out is required")
-    checks = [(args.size >= 8, f"--size {args.size}: must be at least 8"),
-              (args.workers >= 1, f"--workers {args.workers}: must be at least 1"),
-              (args.shard_size >= 1, f"--shard-size {args.shard_size}: must be at least 1"),
-              (0.0 <= args.val_fraction < 1.0, f"--val-fraction {args.val_fraction}: must be in [0, 1)"),
-              (1 <= args.quality <= 100, f"--quality {args.quality}: must be in 1..100"),
-              (args.synthetic is None or args.synthetic >= 1, f"--synthetic {args.synthetic}: must be at least 1")]
+    checks = [
+        (args.size >= 8, f"--size {args.size}: must be at least 8"),
+        (args.workers >= 1, f"--workers {args.workers}: must be at least 1"),
+        (args.shard_size >= 1, f"--shard-size {args.shard_size}: must be at least 1"),
+        (0.0 <= args.val_fraction < 1.0, f"--val-fraction {args.val_fraction}: must be in [0, 1)"),
+        (1 <= args.quality <= 100, f"--quality {args.quality}: must be in 1..100"),
+        (args.synthetic is None or args.synthetic >= 1, f"--synthetic {args.synthetic}: must be at least 1"),
+    ]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -73,9 +77,16 @@ def main(argv=None) -> int:
     try:
         if args.verify is not None:
             return verify_main(args.verify)
-        opts = build.Options(out=args.out, size=args.size, image_format=args.image_format, quality=args.quality,
-                             seed=args.seed, val_fraction=args.val_fraction, shard_size=args.shard_size,
-                             workers=args.workers)
+        opts = build.Options(
+            out=args.out,
+            size=args.size,
+            image_format=args.image_format,
+            quality=args.quality,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            shard_size=args.shard_size,
+            workers=args.workers,
+        )
         cfg = {"size": args.size, "format": args.image_format, "quality": args.quality, "seed": args.seed}
         if args.synthetic is not None:
             names = [f"synthetic/{i:08d}" for i in range(args.synthetic)]
@@ -86,10 +97,17 @@ def main(argv=None) -> int:
         else:
             src = sources.open_source(args.src, args.match)
             if not src.names:
-                raise build.PrepError(f"--src {args.src}: no image files found (extensions {', '.join(sorted(sources.IMAGE_EXTENSIONS))})")
+                raise build.PrepError(
+                    f"--src {args.src}: no image files found (extensions {', '.join(sorted(sources.IMAGE_EXTENSIONS))})"
+                )
             names = list(src.names)
-            source = {"kind": src.kind, "path": str(src.path), "match": args.match,
-                      "num_inputs": len(names), "fingerprint": src.fingerprint}
+            source = {
+                "kind": src.kind,
+                "path": str(src.path),
+                "match": args.match,
+                "num_inputs": len(names),
+                "fingerprint": src.fingerprint,
+            }
             cfg.update(kind=src.kind, root=str(src.path))
         build.build(opts, source, names, cfg)
         return 0

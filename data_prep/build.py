@@ -40,6 +40,7 @@ class Options:
 
 # ---------------------------------------------------------------- tasks
 
+
 def split_of(name: str, seed: int, val_fraction: float) -> tuple[str, float]:
     """Split and sort position of one input, from its name alone: adding inputs moves no other."""
     u = int(hashlib.sha256(f"{seed}/{name}".encode()).hexdigest()[:16], 16) / 2.0**64
@@ -83,6 +84,7 @@ def _process(task):
 
 # ---------------------------------------------------------------- journal (resume)
 
+
 def _load_journal(out: Path, config: dict) -> list[dict]:
     """Committed entries whose shards are still whole; raises PrepError on a foreign journal."""
     path = out / JOURNAL_NAME
@@ -96,8 +98,10 @@ def _load_journal(out: Path, config: dict) -> list[dict]:
     if not entries:
         return []
     if entries[0].get("config") != config:
-        raise PrepError(f"{out} holds a partial run with different settings "
-                        f"({_config_diff(entries[0].get('config', {}), config)}); use a new --out or remove it")
+        raise PrepError(
+            f"{out} holds a partial run with different settings "
+            f"({_config_diff(entries[0].get('config', {}), config)}); use a new --out or remove it"
+        )
     good = []
     for entry in entries[1:]:
         if entry["shard"] and shards.check_shard(out, entry["shard"]) is not None:
@@ -130,6 +134,7 @@ def _start_journal(out: Path, config: dict, entries: list[dict]) -> None:
 
 # ---------------------------------------------------------------- progress
 
+
 class Progress:
     """tqdm on a terminal, otherwise a log line every `interval` seconds."""
 
@@ -140,6 +145,7 @@ class Progress:
         if sys.stderr.isatty():
             try:
                 from tqdm import tqdm
+
                 self.bar = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True)
             except ImportError:
                 pass
@@ -164,14 +170,22 @@ class Progress:
 
 # ---------------------------------------------------------------- the run
 
+
 def build(opts: Options, source: dict, names: list[str], worker_cfg: dict) -> dict:
     """Write all shards and the manifest for `names`; returns the manifest."""
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     shards.remove_stale_tmp(out)
-    config = {"format_version": shards.FORMAT_VERSION, "resolution": opts.size, "image_format": opts.image_format,
-              "quality": opts.quality, "seed": opts.seed, "val_fraction": opts.val_fraction,
-              "shard_size": opts.shard_size, "source": source}
+    config = {
+        "format_version": shards.FORMAT_VERSION,
+        "resolution": opts.size,
+        "image_format": opts.image_format,
+        "quality": opts.quality,
+        "seed": opts.seed,
+        "val_fraction": opts.val_fraction,
+        "shard_size": opts.shard_size,
+        "source": source,
+    }
     done = _check_existing(out, config)
     if done is not None:
         return done
@@ -188,11 +202,13 @@ def build(opts: Options, source: dict, names: list[str], worker_cfg: dict) -> di
     shards.atomic_write_json(out / shards.MANIFEST_NAME, manifest)
     (out / JOURNAL_NAME).unlink()
     t = manifest["totals"]
-    print(f"data_prep: wrote {manifest['splits']['train']['num_samples']} train + "
-          f"{manifest['splits']['val']['num_samples']} val images in {t['num_shards']} shards "
-          f"({t['bytes'] / 1e6:.1f} MB), skipped {t['num_skipped']}, {elapsed:.1f} s "
-          f"({(len(tasks) - start) / max(elapsed, 1e-9):.0f} images/s) -> {out / shards.MANIFEST_NAME}",
-          file=sys.stderr)
+    print(
+        f"data_prep: wrote {manifest['splits']['train']['num_samples']} train + "
+        f"{manifest['splits']['val']['num_samples']} val images in {t['num_shards']} shards "
+        f"({t['bytes'] / 1e6:.1f} MB), skipped {t['num_skipped']}, {elapsed:.1f} s "
+        f"({(len(tasks) - start) / max(elapsed, 1e-9):.0f} images/s) -> {out / shards.MANIFEST_NAME}",
+        file=sys.stderr,
+    )
     return manifest
 
 
@@ -208,8 +224,10 @@ def _check_existing(out: Path, config: dict) -> dict | None:
     except (OSError, json.JSONDecodeError) as e:
         raise PrepError(f"{path}: unreadable manifest ({e}); remove it to rebuild") from e
     if manifest.get("config") != config:
-        raise PrepError(f"{out} already holds shards made with different settings "
-                        f"({_config_diff(manifest.get('config', {}), config)}); use a new --out or remove it")
+        raise PrepError(
+            f"{out} already holds shards made with different settings "
+            f"({_config_diff(manifest.get('config', {}), config)}); use a new --out or remove it"
+        )
     problems = [p for s in manifest["splits"].values() for i in s["shards"] if (p := shards.check_shard(out, i))]
     if not problems:
         print(f"data_prep: {path} is complete and verified; nothing to do", file=sys.stderr)
@@ -287,8 +305,12 @@ def _manifest(config: dict, entries: list[dict]) -> dict:
         "source": config["source"],
         "seed": config["seed"],
         "splits": splits,
-        "totals": {"num_samples": sum(s["num_samples"] for s in splits.values()), "num_shards": len(all_shards),
-                   "bytes": sum(x["bytes"] for x in all_shards), "num_skipped": len(skipped)},
+        "totals": {
+            "num_samples": sum(s["num_samples"] for s in splits.values()),
+            "num_shards": len(all_shards),
+            "bytes": sum(x["bytes"] for x in all_shards),
+            "num_skipped": len(skipped),
+        },
         "skipped": sorted(skipped, key=lambda k: k["file"]),
         "config": config,
     }

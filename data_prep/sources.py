@@ -63,8 +63,11 @@ def open_source(path: str | Path, match: str | None = None) -> Source:
     elif zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
-                entries = [(i.filename, f"{i.file_size}:{i.CRC}") for i in zf.infolist()
-                           if not i.is_dir() and _wanted(i.filename, match)]
+                entries = [
+                    (i.filename, f"{i.file_size}:{i.CRC}")
+                    for i in zf.infolist()
+                    if not i.is_dir() and _wanted(i.filename, match)
+                ]
         except (OSError, zipfile.BadZipFile) as e:
             raise SourceError(f"--src {path}: cannot read zip ({e})") from e
         kind = "zip"

@@ -12,15 +12,21 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-
 def supersample(size: int) -> int:
     """Drawing scale: 4x for small faces, less for large ones where pixels are already fine."""
     return max(1, min(4, 512 // size))
 
 
 SKIN_TONES = [(255, 226, 200), (241, 200, 166), (224, 172, 135), (190, 134, 98), (141, 92, 62), (95, 62, 44)]
-HAIR_COLOURS = [(25, 20, 18), (55, 38, 28), (96, 62, 38), (150, 105, 60), (214, 178, 112),
-                (160, 70, 35), (170, 165, 160)]
+HAIR_COLOURS = [
+    (25, 20, 18),
+    (55, 38, 28),
+    (96, 62, 38),
+    (150, 105, 60),
+    (214, 178, 112),
+    (160, 70, 35),
+    (170, 165, 160),
+]
 IRIS_COLOURS = [(70, 45, 25), (110, 75, 40), (60, 110, 160), (70, 120, 80), (40, 30, 25)]
 HAIR_STYLES = ("short", "long", "bob", "bald", "curly", "bangs")
 HAIR_STYLE_WEIGHTS = (0.24, 0.22, 0.16, 0.08, 0.12, 0.18)
@@ -73,16 +79,18 @@ class _Pen:
         self.draw.polygon([(x * self.s, y * self.s) for x, y in points], fill=fill)
 
     def line(self, points, fill, width):
-        self.draw.line([(x * self.s, y * self.s) for x, y in points], fill=fill,
-                       width=max(1, int(width * self.s)), joint="curve")
+        self.draw.line(
+            [(x * self.s, y * self.s) for x, y in points], fill=fill, width=max(1, int(width * self.s)), joint="curve"
+        )
 
 
 def _hair_back(pen, rng, style, hair, cx, cy, rx, ry):
     """Hair that sits behind the head and shoulders (long hair, bob)."""
     if style == "long":
         pen.ellipse(cx, cy + 0.12, rx * 1.22, ry * 1.15, hair)
-        pen.polygon([(cx - rx * 1.2, cy + 0.1), (cx + rx * 1.2, cy + 0.1),
-                     (cx + rx * 1.1, 0.98), (cx - rx * 1.1, 0.98)], hair)
+        pen.polygon(
+            [(cx - rx * 1.2, cy + 0.1), (cx + rx * 1.2, cy + 0.1), (cx + rx * 1.1, 0.98), (cx - rx * 1.1, 0.98)], hair
+        )
     elif style == "bob":
         pen.ellipse(cx, cy + 0.04, rx * 1.2, ry * 1.08, hair)
 
@@ -130,8 +138,16 @@ def _features(pen, rng, cx, cy, rx, ry, skin, hair):
         _eye(pen, fx + side * eye_dx, eye_y, eye_w, iris, shade, look)
         brow_y = eye_y - eye_w * rng.uniform(1.0, 1.3)
         brow = _lerp(hair, (20, 15, 12), 0.3)
-        pen.arc(fx + side * eye_dx, brow_y + eye_w * 0.5, eye_w * 1.25, eye_w * 0.6, 200, 340, brow,
-                0.012 + rng.uniform(0, 0.012))
+        pen.arc(
+            fx + side * eye_dx,
+            brow_y + eye_w * 0.5,
+            eye_w * 1.25,
+            eye_w * 0.6,
+            200,
+            340,
+            brow,
+            0.012 + rng.uniform(0, 0.012),
+        )
     nose_y = cy + ry * rng.uniform(0.22, 0.3)
     nose_w = rx * rng.uniform(0.12, 0.18)
     pen.line([(fx + yaw * 0.5, eye_y + eye_w * 0.6), (fx - nose_w * 0.3 + yaw, nose_y)], shade, 0.008)
@@ -175,8 +191,15 @@ def draw_face(seed: int, index: int, size: int, grayscale: bool = False) -> Imag
     _Pen(img).ellipse(0.5, 1.08, rng.uniform(0.38, 0.46), 0.26, shirt)
     _hair_back(pen, rng, style, hair, cx, cy, rx, ry)
     neck = _lerp(skin, (0, 0, 0), 0.12)
-    pen.polygon([(cx - rx * 0.45, cy + ry * 0.6), (cx + rx * 0.45, cy + ry * 0.6),
-                 (cx + rx * 0.5, 0.88), (cx - rx * 0.5, 0.88)], neck)
+    pen.polygon(
+        [
+            (cx - rx * 0.45, cy + ry * 0.6),
+            (cx + rx * 0.45, cy + ry * 0.6),
+            (cx + rx * 0.5, 0.88),
+            (cx - rx * 0.5, 0.88),
+        ],
+        neck,
+    )
     for side_ in (-1, 1):  # ears
         pen.ellipse(cx + side_ * rx * 0.98, cy + ry * 0.02, rx * 0.16, ry * 0.17, neck)
     pen.ellipse(cx, cy, rx, ry, skin)

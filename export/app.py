@@ -8,6 +8,7 @@ Uploads are checked, converted to the model's channels, center-cropped and resiz
 size; anything the page cannot use is reported in the page, never as a traceback. Gradio's
 analytics and version check are off, no share link is made: nothing leaves the host.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from export.backends import BackendUnavailable, ModelError, SidecarError, load_denoiser
 from export.editing import X0Trajectory, inpaint, sdedit
-from pipeline.sampling import (DEFAULT_SAMPLER, SAMPLERS, STOCHASTIC_SAMPLERS, default_steps, generate,
-                               sampler_timesteps, to_uint8)
+from pipeline.sampling import (
+    DEFAULT_SAMPLER,
+    SAMPLERS,
+    STOCHASTIC_SAMPLERS,
+    default_steps,
+    generate,
+    sampler_timesteps,
+    to_uint8,
+)
 
 # Set before gradio is imported: it reads them at import and Blocks() time (telemetry, version check).
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -33,18 +41,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
-MAX_UPLOAD_BYTES = 20 * 2 ** 20
-MAX_SIDE = 4096            # px; bigger uploads are refused before they are decoded
-DEFAULT_MAX_BATCH = 16     # engines without a batch maximum (ONNX) still get bounded batches
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_SIDE = 4096  # px; bigger uploads are refused before they are decoded
+DEFAULT_MAX_BATCH = 16  # engines without a batch maximum (ONNX) still get bounded batches
 TRAJECTORY_FRAMES = 8
 TRAJECTORY_ROWS = 4
-IMAGE_HEIGHT = 256        # px on the page for single results
-MAX_SEED = 2 ** 32 - 1
+IMAGE_HEIGHT = 256  # px on the page for single results
+MAX_SEED = 2**32 - 1
 SAMPLER_LABELS = {"unipc": "UniPC", "dpmpp_2m": "DPM-Solver++(2M)", "ddim": "DDIM", "ddpm": "DDPM"}
 SAMPLER_NAMES = {label: name for name, label in SAMPLER_LABELS.items()}
-DEFAULT_WHY = ("Opens on UniPC with 10 network calls per image: in `python -m benchmarks quality` on the demo "
-               "model it scored classifier-FID 81.6, level with DDPM-250 (82.4, 25x the calls) and ahead of "
-               "DDIM-50 with eta 1 (113, 5x the calls); 5 calls blur the faces.")
+DEFAULT_WHY = (
+    "Opens on UniPC with 10 network calls per image: in `python -m benchmarks quality` on the demo "
+    "model it scored classifier-FID 81.6, level with DDPM-250 (82.4, 25x the calls) and ahead of "
+    "DDIM-50 with eta 1 (113, 5x the calls); 5 calls blur the faces."
+)
 
 
 class UserInputError(ValueError):
@@ -52,6 +62,7 @@ class UserInputError(ValueError):
 
 
 # --- images in and out ---------------------------------------------------------------------
+
 
 def open_upload(source) -> Image.Image:
     """A PIL image from an upload (path or PIL image), checked for size before decoding."""
@@ -62,8 +73,9 @@ def open_upload(source) -> Image.Image:
     else:
         path = Path(source["path"] if isinstance(source, dict) else source)  # dict: gradio's FileData
         if path.stat().st_size > MAX_UPLOAD_BYTES:
-            raise UserInputError(f"The file is {path.stat().st_size / 2 ** 20:.1f} MB; the limit is "
-                                 f"{MAX_UPLOAD_BYTES // 2 ** 20} MB.")
+            raise UserInputError(
+                f"The file is {path.stat().st_size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB."
+            )
         try:
             image = Image.open(path)  # reads the header only
         except (UnidentifiedImageError, OSError):
@@ -129,8 +141,10 @@ def trajectory_strip(frames, rows: int, min_tile: int = 64) -> Image.Image:
     Small models' tiles are enlarged by an integer factor (nearest) so the strip is legible."""
     tiles = [model_to_pil(x0[:rows]) for _, x0 in frames]
     factor = max(1, -(-min_tile // tiles[0][0].size[0]))
-    tiles = [[t.resize((t.size[0] * factor, t.size[1] * factor), Image.Resampling.NEAREST) for t in column]
-             for column in tiles]
+    tiles = [
+        [t.resize((t.size[0] * factor, t.size[1] * factor), Image.Resampling.NEAREST) for t in column]
+        for column in tiles
+    ]
     w, h = tiles[0][0].size
     strip = Image.new(tiles[0][0].mode, (w * len(tiles), h * len(tiles[0])))
     for col, column in enumerate(tiles):
@@ -163,9 +177,11 @@ def timing(n: int, seconds: float, what: str) -> str:
 
 # --- the handlers --------------------------------------------------------------------------
 
+
 def shown_to_user(fn):
     """Handler wrapper: a failed request leaves the page as it was, shows a warning toast and puts the
     one-line reason into the status box (the last output). Unexpected errors also log a traceback."""
+
     @functools.wraps(fn)  # keeps the signature, so gradio still sees the gr.Progress default
     def wrapped(*args, **kwargs):
         try:
@@ -177,6 +193,7 @@ def shown_to_user(fn):
             message = f"Sampling failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         gr.Warning(html.escape(message))
         return (gr.skip(), gr.skip(), f"⚠ {message}")
+
     return wrapped
 
 
@@ -192,7 +209,9 @@ class Demo:
     def _sampler(self, sampler, steps, seed, choices=SAMPLERS) -> tuple[str, int, int]:
         name = SAMPLER_NAMES.get(str(sampler), str(sampler).lower())
         if name not in choices:
-            raise UserInputError(f"Unknown sampler {sampler!r}; choose {', '.join(SAMPLER_LABELS[c] for c in choices)}.")
+            raise UserInputError(
+                f"Unknown sampler {sampler!r}; choose {', '.join(SAMPLER_LABELS[c] for c in choices)}."
+            )
         return name, int(check_range("Steps", steps, 1, self.info.num_timesteps)), check_seed(seed)
 
     @staticmethod
@@ -205,6 +224,7 @@ class Demo:
         def step(*_):
             done[0] += 1
             progress((done[0], total), desc=desc)
+
         progress((0, total), desc=desc)
         return step
 
@@ -217,8 +237,9 @@ class Demo:
         on_step = self._progress(progress, chunks * steps, f"{SAMPLER_LABELS[sampler]}, {steps} steps")
         recorder = X0Trajectory(steps, max(1, steps // (TRAJECTORY_FRAMES - 1)), on_step)
         start = time.perf_counter()
-        x = generate(self.denoiser, num, batch=self.batch, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                     callback=recorder)
+        x = generate(
+            self.denoiser, num, batch=self.batch, sampler=sampler, steps=steps, eta=eta, seed=seed, callback=recorder
+        )
         seconds = time.perf_counter() - start
         gallery = [(im, f"seed {seed} #{i}") for i, im in enumerate(model_to_pil(x))]
         what = f"{SAMPLER_LABELS[sampler]} {steps} steps{f', eta {eta:g}' if sampler == 'ddim' else ''} · {self.denoiser.name}"
@@ -247,11 +268,13 @@ class Demo:
         x = image_to_model(image, self.info.image_size, self.info.channels)
         on_step = self._progress(progress, steps, f"Inpainting, {steps} steps x {resample}")
         start = time.perf_counter()
-        out = inpaint(self.denoiser, x, keep, sampler=sampler, steps=steps, seed=seed, resample=resample,
-                      callback=on_step)
+        out = inpaint(
+            self.denoiser, x, keep, sampler=sampler, steps=steps, seed=seed, resample=resample, callback=on_step
+        )
         seconds = time.perf_counter() - start
-        status = timing(1, seconds, f"{steps * resample} denoiser calls ({steps} {SAMPLER_LABELS[sampler]} steps "
-                                    f"x {resample})")
+        status = timing(
+            1, seconds, f"{steps * resample} denoiser calls ({steps} {SAMPLER_LABELS[sampler]} steps x {resample})"
+        )
         return model_to_pil(np.where(keep > 0, x, 0.0))[0], model_to_pil(out)[0], status
 
 
@@ -265,8 +288,9 @@ CSS = """
 
 def result_image(label: str, elem_id: str) -> gr.Image:
     """An output image at the model's size, shown enlarged (PNG: no compression artefacts)."""
-    return gr.Image(label=label, format="png", interactive=False, elem_id=elem_id, elem_classes="pixelated",
-                    height=IMAGE_HEIGHT)
+    return gr.Image(
+        label=label, format="png", interactive=False, elem_id=elem_id, elem_classes="pixelated", height=IMAGE_HEIGHT
+    )
 
 
 def build_ui(demo: Demo) -> gr.Blocks:
@@ -290,8 +314,10 @@ def build_ui(demo: Demo) -> gr.Blocks:
 
     # delete_cache: uploads and results older than an hour are removed hourly (a long-running demo).
     with gr.Blocks(title="DDPM faces", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
-        gr.Markdown(f"## DDPM faces\n{info.image_size} px · {info.prediction_type} model · "
-                    f"{info.num_timesteps} training steps · running on {demo.denoiser.name}\n\n{DEFAULT_WHY}")
+        gr.Markdown(
+            f"## DDPM faces\n{info.image_size} px · {info.prediction_type} model · "
+            f"{info.num_timesteps} training steps · running on {demo.denoiser.name}\n\n{DEFAULT_WHY}"
+        )
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -299,27 +325,51 @@ def build_ui(demo: Demo) -> gr.Blocks:
                     sampler = gr.Radio(samplers, value=first, label="Sampler", elem_id="generate-sampler")
                     steps = gr.Slider(1, max_steps, value=first_steps, step=1, label="Steps (network calls per image)")
                     eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (DDIM only; 0 = deterministic)")
-                    num = gr.Slider(1, demo.max_images, value=min(8, demo.max_images), step=1,
-                                    label=f"Number of images (batches of up to {demo.batch})")
+                    num = gr.Slider(
+                        1,
+                        demo.max_images,
+                        value=min(8, demo.max_images),
+                        step=1,
+                        label=f"Number of images (batches of up to {demo.batch})",
+                    )
                     run = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 with gr.Column(scale=2):
-                    gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="gallery",
-                                         elem_classes="pixelated", object_fit="contain", height="auto")
-                    trajectory = gr.Image(label="Denoising trajectory: x0 prediction, left to right as t falls "
-                                          f"(first {TRAJECTORY_ROWS} images)", format="png", interactive=False,
-                                          elem_id="trajectory", elem_classes="pixelated")
+                    gallery = gr.Gallery(
+                        label="Samples",
+                        columns=4,
+                        format="png",
+                        elem_id="gallery",
+                        elem_classes="pixelated",
+                        object_fit="contain",
+                        height="auto",
+                    )
+                    trajectory = gr.Image(
+                        label="Denoising trajectory: x0 prediction, left to right as t falls "
+                        f"(first {TRAJECTORY_ROWS} images)",
+                        format="png",
+                        interactive=False,
+                        elem_id="trajectory",
+                        elem_classes="pixelated",
+                    )
                     status = gr.Textbox(label="Time", interactive=False, elem_id="generate-status")
             run.click(on_generate, [seed, sampler, steps, eta, num], [gallery, trajectory, status])
         with gr.Tab("Edit", id="edit"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    upload = gr.Image(type="filepath", label="Image to edit", sources=["upload", "clipboard"],
-                                      elem_id="edit-input")
-                    strength = gr.Slider(0.0, 1.0, value=0.5, step=0.05,
-                                         label="Strength (0 = keep the image, 1 = a new face)")
+                    upload = gr.Image(
+                        type="filepath", label="Image to edit", sources=["upload", "clipboard"], elem_id="edit-input"
+                    )
+                    strength = gr.Slider(
+                        0.0, 1.0, value=0.5, step=0.05, label="Strength (0 = keep the image, 1 = a new face)"
+                    )
                     edit_sampler = gr.Radio(samplers, value=first, label="Sampler")
-                    edit_steps = gr.Slider(1, max_steps, value=first_steps, step=1,
-                                           label="Steps (of the whole chain; strength x steps are run)")
+                    edit_steps = gr.Slider(
+                        1,
+                        max_steps,
+                        value=first_steps,
+                        step=1,
+                        label="Steps (of the whole chain; strength x steps are run)",
+                    )
                     edit_seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                     edit_run = gr.Button("Edit", variant="primary", elem_id="edit-button")
                 with gr.Column(scale=1):
@@ -328,30 +378,51 @@ def build_ui(demo: Demo) -> gr.Blocks:
                     edit_status = gr.Textbox(label="Time", interactive=False, elem_id="edit-status")
             # preprocess=False: the handler gets the upload's (validated) path, not gradio's decode of it,
             # so a file that is not an image is reported by open_upload like any other bad input.
-            edit_run.click(on_edit, [upload, strength, edit_sampler, edit_steps, edit_seed],
-                           [edit_before, edit_after, edit_status], preprocess=False)
+            edit_run.click(
+                on_edit,
+                [upload, strength, edit_sampler, edit_steps, edit_seed],
+                [edit_before, edit_after, edit_status],
+                preprocess=False,
+            )
         with gr.Tab("Inpaint", id="inpaint"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    editor = gr.ImageMask(type="pil", label="Upload, then paint the region to regenerate",
-                                          sources=["upload", "clipboard"], format="png", transforms=(),
-                                          layers=False, elem_id="inpaint-input")
-                    gr.Markdown("Inpainting pastes the kept region back after every step, so it runs a "
-                                "step-by-step sampler (DDPM, or DDIM), not the multistep solvers, whose "
-                                "history would not know about the paste. DDPM's fresh noise blends the seam.")
-                    paint_sampler = gr.Radio([SAMPLER_LABELS[s] for s in STOCHASTIC_SAMPLERS],
-                                             value=SAMPLER_LABELS["ddpm"], label="Sampler")
+                    editor = gr.ImageMask(
+                        type="pil",
+                        label="Upload, then paint the region to regenerate",
+                        sources=["upload", "clipboard"],
+                        format="png",
+                        transforms=(),
+                        layers=False,
+                        elem_id="inpaint-input",
+                    )
+                    gr.Markdown(
+                        "Inpainting pastes the kept region back after every step, so it runs a "
+                        "step-by-step sampler (DDPM, or DDIM), not the multistep solvers, whose "
+                        "history would not know about the paste. DDPM's fresh noise blends the seam."
+                    )
+                    paint_sampler = gr.Radio(
+                        [SAMPLER_LABELS[s] for s in STOCHASTIC_SAMPLERS], value=SAMPLER_LABELS["ddpm"], label="Sampler"
+                    )
                     paint_steps = gr.Slider(1, max_steps, value=min(50, max_steps), step=1, label="Steps")
-                    resample = gr.Slider(1, 10, value=2, step=1, label="Resampling per step (RePaint; more "
-                                         "blends the seam better, costs linearly)")
+                    resample = gr.Slider(
+                        1,
+                        10,
+                        value=2,
+                        step=1,
+                        label="Resampling per step (RePaint; more blends the seam better, costs linearly)",
+                    )
                     paint_seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                     paint_run = gr.Button("Inpaint", variant="primary", elem_id="inpaint-button")
                 with gr.Column(scale=1):
                     paint_before = result_image("Kept region", "inpaint-before")
                     paint_after = result_image("Result", "inpaint-result")
                     paint_status = gr.Textbox(label="Time", interactive=False, elem_id="inpaint-status")
-            paint_run.click(on_inpaint, [editor, paint_sampler, paint_steps, resample, paint_seed],
-                            [paint_before, paint_after, paint_status])
+            paint_run.click(
+                on_inpaint,
+                [editor, paint_sampler, paint_steps, resample, paint_seed],
+                [paint_before, paint_after, paint_status],
+            )
     # One request at a time: the engine runs one batch at once; a bounded queue refuses the rest.
     return page.queue(default_concurrency_limit=1, max_size=32)
 
@@ -374,10 +445,21 @@ def main(argv=None) -> None:
     demo = Demo(denoiser, max_images=args.max_images)
     print(f"export.app: {denoiser.name}, {demo.info.image_size} px, batches of up to {demo.batch}", flush=True)
     try:
-        build_ui(demo).launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
-                              show_error=True, max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, mcp_server=False,
-                              pwa=False, enable_monitoring=False, run_history=False, footer_links=["settings"],
-                              css=CSS)
+        build_ui(demo).launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            inbrowser=False,
+            show_error=True,
+            max_file_size=MAX_UPLOAD_BYTES,
+            ssr_mode=False,
+            mcp_server=False,
+            pwa=False,
+            enable_monitoring=False,
+            run_history=False,
+            footer_links=["settings"],
+            css=CSS,
+        )
     except OSError as e:  # port taken, address not on this host
         raise SystemExit(f"export.app: cannot serve on {args.host}:{args.port} ({e})") from None
 

@@ -7,6 +7,7 @@
 Each exposes `info` (an `export.sidecar.Sidecar`) and `name` (what actually ran). Heavy modules
 are imported inside the class that needs them, so the ORT and TensorRT paths never import torch.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -30,16 +31,16 @@ class BackendUnavailable(RuntimeError):
 MODEL_SUFFIXES = SUFFIX_FORMATS  # .onnx -> ORT, .plan / .engine -> TensorRT
 
 
-def load_denoiser(path: str | Path, *, provider: str = "auto", threads: int | None = None,
-                  device: str = "cpu"):
+def load_denoiser(path: str | Path, *, provider: str = "auto", threads: int | None = None, device: str = "cpu"):
     """The backend for `path`: .onnx -> ORT, .plan/.engine -> TensorRT, a directory -> torch."""
     path = Path(path)
     if path.is_dir():
         return TorchDenoiser(path, device=device, threads=threads)
     kind = MODEL_SUFFIXES.get(path.suffix)
     if kind is None:
-        raise ModelError(f"{path}: unknown model type {path.suffix!r}; expected .onnx, .plan, .engine "
-                         f"or a checkpoint directory")
+        raise ModelError(
+            f"{path}: unknown model type {path.suffix!r}; expected .onnx, .plan, .engine or a checkpoint directory"
+        )
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
     if kind == "onnx":
@@ -56,6 +57,7 @@ def default_threads() -> int:
 
 
 # --- ONNX Runtime ------------------------------------------------------------------------
+
 
 def _cuda_driver_present() -> bool:
     """libcuda loads: asking ORT for CUDA is worth trying (and will not spray load errors)."""
@@ -116,16 +118,19 @@ class OrtDenoiser:
 
     def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None):
         import onnxruntime as ort
+
         self.path = Path(path)
         self.info = read_sidecar(self.path)
         if provider not in ("auto", "cuda", "cpu"):
             raise ModelError(f"provider {provider!r}: expected auto, cuda or cpu")
         driver = _cuda_driver_present()
         if provider == "cuda" and not driver:
-            raise BackendUnavailable("--provider cuda: no NVIDIA driver on this machine (libcuda.so.1 not found); "
-                                     "use --provider cpu")
-        want_cuda = provider == "cuda" or (provider == "auto" and driver
-                                           and "CUDAExecutionProvider" in ort.get_available_providers())
+            raise BackendUnavailable(
+                "--provider cuda: no NVIDIA driver on this machine (libcuda.so.1 not found); use --provider cpu"
+            )
+        want_cuda = provider == "cuda" or (
+            provider == "auto" and driver and "CUDAExecutionProvider" in ort.get_available_providers()
+        )
         self.session, self.note = self._open(ort, threads, want_cuda, provider)
         # ORT drops a provider it cannot create with only a log line; check what we really got.
         self.provider = self.session.get_providers()[0]
@@ -137,9 +142,11 @@ class OrtDenoiser:
         if want_cuda and self.provider != "CUDAExecutionProvider" and not self.note:
             self.note = "CUDA provider did not start; running on the CPU"  # auto: said, not silent
         if provider == "cuda" and self.provider != "CUDAExecutionProvider":
-            raise BackendUnavailable(f"--provider cuda: onnxruntime could not start CUDAExecutionProvider here "
-                                     f"(available: {ort.get_available_providers()}; needs an NVIDIA GPU with "
-                                     f"CUDA and cuDNN); use --provider cpu")
+            raise BackendUnavailable(
+                f"--provider cuda: onnxruntime could not start CUDAExecutionProvider here "
+                f"(available: {ort.get_available_providers()}; needs an NVIDIA GPU with "
+                f"CUDA and cuDNN); use --provider cpu"
+            )
         self.name = f"onnxruntime {ort.__version__} {self.provider}" + (f" ({self.note})" if self.note else "")
         self._check_io()
         self._dtype = np.float16 if self.info.dtype == "float16" else np.float32
@@ -160,8 +167,10 @@ class OrtDenoiser:
             cuda_error = str(e).splitlines()[0]
         session = self._load(ort, _session_options(ort, threads), cpu)  # ModelError if the model is at fault
         if provider == "cuda":
-            raise BackendUnavailable(f"--provider cuda: onnxruntime's CUDA provider failed on {self.path.name} "
-                                     f"({cuda_error}); use --provider cpu")
+            raise BackendUnavailable(
+                f"--provider cuda: onnxruntime's CUDA provider failed on {self.path.name} "
+                f"({cuda_error}); use --provider cpu"
+            )
         return session, f"CUDA provider failed ({cuda_error}); running on the CPU"
 
     def _load(self, ort, options, providers):
@@ -182,8 +191,10 @@ class OrtDenoiser:
             raise ModelError(f"{where}: input {sample.name} is {sample.type}, sidecar says {info.dtype}")
         expected = [info.channels, info.image_size, info.image_size]
         if list(sample.shape[1:]) != expected:
-            raise ModelError(f"{where}: input {sample.name} has shape {sample.shape}, sidecar says "
-                             f"(batch, {', '.join(map(str, expected))}): wrong image size or channels")
+            raise ModelError(
+                f"{where}: input {sample.name} has shape {sample.shape}, sidecar says "
+                f"(batch, {', '.join(map(str, expected))}): wrong image size or channels"
+            )
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         feeds = {self._in_sample: x.astype(self._dtype, copy=False), self._in_t: t.astype(np.float32, copy=False)}
@@ -192,6 +203,7 @@ class OrtDenoiser:
 
 
 # --- TensorRT ----------------------------------------------------------------------------
+
 
 def require_cuda_runtime(user: str = "the CUDA runtime"):
     """cuda.bindings.runtime with at least one device, or BackendUnavailable saying what is missing.
@@ -203,17 +215,21 @@ def require_cuda_runtime(user: str = "the CUDA runtime"):
     try:
         from cuda.bindings import runtime as cudart
     except ImportError as e:
-        raise BackendUnavailable(f"the CUDA Python bindings are missing or older than 12.6.1 ({e}); run "
-                                 f"`pip install 'cuda-python>=12.6.1'`") from None
+        raise BackendUnavailable(
+            f"the CUDA Python bindings are missing or older than 12.6.1 ({e}); run `pip install 'cuda-python>=12.6.1'`"
+        ) from None
     try:
         err, count = cudart.cudaGetDeviceCount()
     except (RuntimeError, OSError) as e:
-        raise BackendUnavailable(f"{user} is installed but there is no CUDA device ({str(e).splitlines()[0]}); "
-                                 f"run on a machine with an NVIDIA GPU") from None
+        raise BackendUnavailable(
+            f"{user} is installed but there is no CUDA device ({str(e).splitlines()[0]}); "
+            f"run on a machine with an NVIDIA GPU"
+        ) from None
     if err != cudart.cudaError_t.cudaSuccess or count == 0:
         reason = cudart.cudaGetErrorString(err)[1].decode() if err != cudart.cudaError_t.cudaSuccess else "0 devices"
-        raise BackendUnavailable(f"{user} is installed but there is no CUDA device ({reason}); "
-                                 f"run on a machine with an NVIDIA GPU")
+        raise BackendUnavailable(
+            f"{user} is installed but there is no CUDA device ({reason}); run on a machine with an NVIDIA GPU"
+        )
     return cudart
 
 
@@ -222,8 +238,10 @@ def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise BackendUnavailable(f"TensorRT is not installed ({e}); on a machine with an NVIDIA GPU run `pip "
-                                 f"install tensorrt 'cuda-python>=12.6.1'` (or `pip install -e .[tensorrt]`)") from None
+        raise BackendUnavailable(
+            f"TensorRT is not installed ({e}); on a machine with an NVIDIA GPU run `pip "
+            f"install tensorrt 'cuda-python>=12.6.1'` (or `pip install -e .[tensorrt]`)"
+        ) from None
     return trt, require_cuda_runtime(f"TensorRT {trt.__version__}")
 
 
@@ -240,14 +258,17 @@ def native_handle(obj) -> int:
 def check_batch(info, batch: int, path) -> None:
     """A batch outside the engine's optimization profile is the user's error, named with the range."""
     if not info.accepts_batch(batch):
-        raise ModelError(f"{path}: batch {batch} is outside the engine's batch range {info.batch_range()} "
-                         f"(rebuild it with `python -m export.trt --batch MIN,OPT,MAX`, or sample with a batch "
-                         f"in that range)")
+        raise ModelError(
+            f"{path}: batch {batch} is outside the engine's batch range {info.batch_range()} "
+            f"(rebuild it with `python -m export.trt --batch MIN,OPT,MAX`, or sample with a batch "
+            f"in that range)"
+        )
 
 
 def _cuda(result):
     """Unpack a cuda.bindings call `(err, *values)`, raising on error."""
     from cuda.bindings import runtime as cudart
+
     err, *values = result
     if err != cudart.cudaError_t.cudaSuccess:
         raise RuntimeError(f"CUDA error: {cudart.cudaGetErrorString(err)[1].decode()}")
@@ -276,8 +297,10 @@ class TrtDenoiser:
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise ModelError(f"{self.path}: TensorRT {trt.__version__} cannot deserialize this engine (built with "
-                             f"TensorRT {self.info.producer.get('tensorrt', '?')} or for another GPU; rebuild it)")
+            raise ModelError(
+                f"{self.path}: TensorRT {trt.__version__} cannot deserialize this engine (built with "
+                f"TensorRT {self.info.producer.get('tensorrt', '?')} or for another GPU; rebuild it)"
+            )
         self.context = self.engine.create_execution_context()
         gpu = _cuda(cudart.cudaGetDeviceProperties(device)).name
         gpu = (gpu.decode() if isinstance(gpu, bytes) else str(gpu)).rstrip("\x00")
@@ -293,8 +316,10 @@ class TrtDenoiser:
         lo, _, hi = (tuple(d) for d in engine.get_tensor_profile_shape(info.input_names[0], 0))
         expected = (info.channels, info.image_size, info.image_size)
         if hi[1:] != expected or (lo[0], hi[0]) != (info.batch_min, info.batch_max):
-            raise ModelError(f"{self.path}: engine profile {lo}..{hi} disagrees with its sidecar "
-                             f"(batch {info.batch_range()}, image {expected})")
+            raise ModelError(
+                f"{self.path}: engine profile {lo}..{hi} disagrees with its sidecar "
+                f"(batch {info.batch_range()}, image {expected})"
+            )
         for name in names:
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             row = (1,) + (expected if name != info.input_names[1] else ())
@@ -315,19 +340,31 @@ class TrtDenoiser:
         if b != self._batch:
             check_batch(info, b, self.path)
             self._batch = None  # until both shapes are accepted
-            if not (self.context.set_input_shape(sample, (b, info.channels, info.image_size, info.image_size))
-                    and self.context.set_input_shape(timestep, (b,))):
-                raise ModelError(f"{self.path}: TensorRT refused input shapes for batch {b} "
-                                 f"(engine batch range {info.batch_range()})")
+            if not (
+                self.context.set_input_shape(sample, (b, info.channels, info.image_size, info.image_size))
+                and self.context.set_input_shape(timestep, (b,))
+            ):
+                raise ModelError(
+                    f"{self.path}: TensorRT refused input shapes for batch {b} "
+                    f"(engine batch range {info.batch_range()})"
+                )
             self._batch = b
         np.copyto(self._host[sample][1][:b], x, casting="same_kind")
         np.copyto(self._host[timestep][1][:b], t, casting="same_kind")
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name in (sample, timestep):
-            _cuda(cudart.cudaMemcpyAsync(self._device[name], self._host[name][0], b * self._row_bytes[name], h2d, self._stream))
+            _cuda(
+                cudart.cudaMemcpyAsync(
+                    self._device[name], self._host[name][0], b * self._row_bytes[name], h2d, self._stream
+                )
+            )
         if not self.context.execute_async_v3(native_handle(self._stream)):
             raise RuntimeError(f"{self.path}: TensorRT execute_async_v3 failed (batch {b})")
-        _cuda(cudart.cudaMemcpyAsync(self._host[output][0], self._device[output], b * self._row_bytes[output], d2h, self._stream))
+        _cuda(
+            cudart.cudaMemcpyAsync(
+                self._host[output][0], self._device[output], b * self._row_bytes[output], d2h, self._stream
+            )
+        )
         _cuda(cudart.cudaStreamSynchronize(self._stream))
         return self._host[output][1][:b].astype(np.float32)  # a copy: the pinned buffer is reused
 
@@ -354,6 +391,7 @@ class TrtDenoiser:
 
 # --- PyTorch (reference) -----------------------------------------------------------------
 
+
 class TorchDenoiser:
     """The EMA U-Net of a checkpoint (or run) directory, in PyTorch eager mode."""
 
@@ -361,6 +399,7 @@ class TorchDenoiser:
         import torch
         from pipeline.checkpoint import CheckpointError, read_checkpoint
         from pipeline.schedule import schedule_from_config
+
         if threads:
             torch.set_num_threads(threads)
         try:
@@ -373,10 +412,15 @@ class TorchDenoiser:
             self.model.half()
         self._torch, self._device = torch, torch.device(device)
         self._dtype = torch.float16 if half else torch.float32
-        self.info = sidecar_from_config(checkpoint.model, checkpoint.diffusion,
-                                        schedule_from_config(checkpoint.diffusion).betas,
-                                        fmt="torch", dtype="float16" if half else "float32",
-                                        source=str(checkpoint.dir), step=checkpoint.step)
+        self.info = sidecar_from_config(
+            checkpoint.model,
+            checkpoint.diffusion,
+            schedule_from_config(checkpoint.diffusion).betas,
+            fmt="torch",
+            dtype="float16" if half else "float32",
+            source=str(checkpoint.dir),
+            step=checkpoint.step,
+        )
         self.name = f"torch {torch.__version__} eager {device}{' fp16' if half else ''}"
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -387,5 +431,16 @@ class TorchDenoiser:
             return self.model(xs, ts).float().cpu().numpy()
 
 
-__all__ = ["BackendUnavailable", "ModelError", "OrtDenoiser", "SidecarError", "TorchDenoiser", "TrtDenoiser",
-           "check_batch", "load_denoiser", "native_handle", "require_cuda_runtime", "require_tensorrt"]
+__all__ = [
+    "BackendUnavailable",
+    "ModelError",
+    "OrtDenoiser",
+    "SidecarError",
+    "TorchDenoiser",
+    "TrtDenoiser",
+    "check_batch",
+    "load_denoiser",
+    "native_handle",
+    "require_cuda_runtime",
+    "require_tensorrt",
+]

@@ -11,14 +11,23 @@ sampler it imports numpy and `pipeline`'s torch-free core only: no torch, no onn
              Step-by-step samplers only (DDPM, DDIM): the paste changes x between steps, which
              a multistep solver's history of earlier predictions would not know about.
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
 import numpy as np
 
-from pipeline.sampling import (DEFAULT_SAMPLER, DEFAULT_SPACING, STOCHASTIC_SAMPLERS, Step, image_rngs,
-                               initial_noise, sample_loop, sampler_timesteps)
+from pipeline.sampling import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    STOCHASTIC_SAMPLERS,
+    Step,
+    image_rngs,
+    initial_noise,
+    sample_loop,
+    sampler_timesteps,
+)
 
 # callback(i, step, x, x0) after step i, as in `sample_loop`; x0 is that step's prediction.
 Callback = Callable[[int, Step, np.ndarray, np.ndarray], None]
@@ -32,9 +41,19 @@ def _check_images(images: np.ndarray, info) -> np.ndarray:
     return images
 
 
-def sdedit(denoiser, images: np.ndarray, strength: float, *, sampler: str = DEFAULT_SAMPLER,
-           steps: int | None = None, eta: float = 0.0, spacing: str = DEFAULT_SPACING, seed: int = 0, first: int = 0,
-           callback: Callback | None = None) -> np.ndarray:
+def sdedit(
+    denoiser,
+    images: np.ndarray,
+    strength: float,
+    *,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int | None = None,
+    eta: float = 0.0,
+    spacing: str = DEFAULT_SPACING,
+    seed: int = 0,
+    first: int = 0,
+    callback: Callback | None = None,
+) -> np.ndarray:
     """Re-imagine images (B,C,H,W) in [-1,1]; strength in [0,1] is the fraction of the chain re-run.
 
     strength 0 returns the input; strength 1 is plain generation from the same seed (the image
@@ -50,7 +69,7 @@ def sdedit(denoiser, images: np.ndarray, strength: float, *, sampler: str = DEFA
         return images.copy()
     rngs = image_rngs(seed, first, len(images))
     noise = initial_noise(rngs, images.shape[1:])  # the first draw of each stream, as in `generate`
-    ts = timesteps[len(timesteps) - n_run:]
+    ts = timesteps[len(timesteps) - n_run :]
     x_t = noise if n_run == len(timesteps) else schedule.q_sample(images, int(ts[0]), noise).astype(np.float32)
     return sample_loop(denoiser, schedule, x_t, ts, sampler=sampler, eta=eta, rngs=rngs, callback=callback)
 
@@ -60,23 +79,39 @@ def _keep_mask(mask: np.ndarray, images: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim == 3:
         mask = mask[:, None]
-    if mask.ndim != 4 or mask.shape[0] != images.shape[0] or mask.shape[1] not in (1, images.shape[1]) \
-            or mask.shape[2:] != images.shape[2:]:
+    if (
+        mask.ndim != 4
+        or mask.shape[0] != images.shape[0]
+        or mask.shape[1] not in (1, images.shape[1])
+        or mask.shape[2:] != images.shape[2:]
+    ):
         raise ValueError(f"mask has shape {mask.shape}; expected (B, 1, H, W) matching images {images.shape}")
     return mask > 0.5
 
 
-def inpaint(denoiser, images: np.ndarray, mask: np.ndarray, *, sampler: str = "ddpm", steps: int | None = None,
-            eta: float = 0.0, spacing: str = DEFAULT_SPACING, seed: int = 0, first: int = 0, resample: int = 1,
-            callback: Callback | None = None) -> np.ndarray:
+def inpaint(
+    denoiser,
+    images: np.ndarray,
+    mask: np.ndarray,
+    *,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    spacing: str = DEFAULT_SPACING,
+    seed: int = 0,
+    first: int = 0,
+    resample: int = 1,
+    callback: Callback | None = None,
+) -> np.ndarray:
     """Regenerate where mask == 0 and keep the rest: (B,C,H,W) float32, kept pixels equal to `images`.
 
     sampler: ddpm or ddim (see the module docstring). resample: how often each step is done
     (RePaint's jumps of length 1); 1 = plain paste-in.
     """
     if sampler not in STOCHASTIC_SAMPLERS:
-        raise ValueError(f"inpainting pastes the known region between steps: use {' or '.join(STOCHASTIC_SAMPLERS)}, "
-                         f"not {sampler!r}")
+        raise ValueError(
+            f"inpainting pastes the known region between steps: use {' or '.join(STOCHASTIC_SAMPLERS)}, not {sampler!r}"
+        )
     if resample < 1:
         raise ValueError(f"resample={resample} must be >= 1")
     images = _check_images(images, denoiser.info)
@@ -99,8 +134,17 @@ def inpaint(denoiser, images: np.ndarray, mask: np.ndarray, *, sampler: str = "d
 
     for i, (t, t_prev) in enumerate(zip(timesteps, timesteps[1:] + [-1])):
         for r in range(resample):
-            x = sample_loop(denoiser, schedule, x, [t], sampler=sampler, eta=eta, rngs=rngs, t_end=t_prev,
-                            callback=keep_x0 if callback is not None else None)
+            x = sample_loop(
+                denoiser,
+                schedule,
+                x,
+                [t],
+                sampler=sampler,
+                eta=eta,
+                rngs=rngs,
+                t_end=t_prev,
+                callback=keep_x0 if callback is not None else None,
+            )
             known = images if t_prev < 0 else schedule.q_sample(images, t_prev, draw_noise())
             np.copyto(x, known.astype(np.float32), where=keep)
             if r < resample - 1:  # RePaint: diffuse back to t and redo the step, to harmonise the seam

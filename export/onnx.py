@@ -12,6 +12,7 @@ The graph goes through onnx.checker and onnxruntime before anything is written.
 Exit status: 0 written, 2 bad input (a missing or damaged checkpoint file: one line naming it),
 1 the graph failed a check or the disk is full (nothing left behind).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from pipeline.fileio import NoSpaceError, atomic_write_bytes
 # Max |ORT - torch fp32| on a random batch; a trained epsilon-model's outputs are ~N(0, 1).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 MIN_OPSET = 18
-PROTOBUF_LIMIT = 2 ** 31 - 1
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 class ExportError(RuntimeError):
@@ -38,6 +39,7 @@ class ExportError(RuntimeError):
 def to_onnx_bytes(model, fp16: bool, opset: int) -> bytes:
     """Serialized ONNX graph of `model` (an fp32 UNet in eval mode) with a dynamic batch."""
     import torch
+
     cfg = model.cfg
     net = copy.deepcopy(model).half() if fp16 else model
     x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size, dtype=torch.float16 if fp16 else torch.float32)
@@ -46,9 +48,16 @@ def to_onnx_bytes(model, fp16: bool, opset: int) -> bytes:
     with warnings.catch_warnings():
         # Both inputs share one batch Dim; the exporter notes it keeps only one name for it.
         warnings.filterwarnings("ignore", message=".*axis name.*")
-        program = torch.onnx.export(net, (x, t), dynamo=True, opset_version=opset, verbose=False,
-                                    input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                                    dynamic_shapes={"x": {0: batch}, "timesteps": {0: batch}})
+        program = torch.onnx.export(
+            net,
+            (x, t),
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={"x": {0: batch}, "timesteps": {0: batch}},
+        )
     proto = program.model_proto
     if proto.ByteSize() > PROTOBUF_LIMIT:
         raise ExportError(f"the graph is {proto.ByteSize() / 2**30:.1f} GiB, above protobuf's 2 GiB limit")
@@ -59,6 +68,7 @@ def max_error_vs_torch(onnx_bytes: bytes, model, info: Sidecar, batch: int = 2, 
     """max |ORT(CPU) - torch fp32| over a random batch at random (fractional) timesteps."""
     import onnxruntime as ort
     import torch
+
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, info.channels, info.image_size, info.image_size)).astype(np.float32)
     t = (rng.random(batch) * (info.num_timesteps - 1)).astype(np.float32)
@@ -70,13 +80,15 @@ def max_error_vs_torch(onnx_bytes: bytes, model, info: Sidecar, batch: int = 2, 
     return float(np.abs(got - want).max())
 
 
-def export_onnx(ckpt: str | Path, out: str | Path | None = None, fp16: bool = False,
-                opset: int = MIN_OPSET, weights: str = "ema") -> tuple[Path, Sidecar, float]:
+def export_onnx(
+    ckpt: str | Path, out: str | Path | None = None, fp16: bool = False, opset: int = MIN_OPSET, weights: str = "ema"
+) -> tuple[Path, Sidecar, float]:
     """Export, check, verify, write. Returns (onnx path, sidecar, max error vs torch)."""
     import onnx
     import torch
     from pipeline.checkpoint import read_checkpoint
     from pipeline.schedule import schedule_from_config
+
     if opset < MIN_OPSET:
         raise ValueError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")
     checkpoint = read_checkpoint(ckpt)
@@ -86,11 +98,23 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, fp16: bool = Fa
     if out.suffix != ".onnx":
         raise ValueError(f"--out {out}: expected a .onnx file name")
     dtype = "float16" if fp16 else "float32"
-    info = sidecar_from_config(checkpoint.model, checkpoint.diffusion, schedule_from_config(checkpoint.diffusion).betas,
-                               fmt="onnx", dtype=dtype, source=str(checkpoint.dir.resolve()), step=checkpoint.step,
-                               batch=(1, 1, None), weights=weights)
-    info.producer = {"torch": torch.__version__, "onnx": onnx.__version__, "opset": opset,
-                     "exporter": "torch.onnx.export(dynamo=True)"}
+    info = sidecar_from_config(
+        checkpoint.model,
+        checkpoint.diffusion,
+        schedule_from_config(checkpoint.diffusion).betas,
+        fmt="onnx",
+        dtype=dtype,
+        source=str(checkpoint.dir.resolve()),
+        step=checkpoint.step,
+        batch=(1, 1, None),
+        weights=weights,
+    )
+    info.producer = {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "opset": opset,
+        "exporter": "torch.onnx.export(dynamo=True)",
+    }
 
     data = to_onnx_bytes(model, fp16, opset)
     try:
@@ -99,8 +123,10 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, fp16: bool = Fa
         raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from None
     error = max_error_vs_torch(data, model, info)
     if not error <= TOLERANCE[dtype]:
-        raise ExportError(f"onnxruntime output differs from torch by {error:.3g} (> {TOLERANCE[dtype]:g} for {dtype}); "
-                          f"nothing written")
+        raise ExportError(
+            f"onnxruntime output differs from torch by {error:.3g} (> {TOLERANCE[dtype]:g} for {dtype}); "
+            f"nothing written"
+        )
     atomic_write_bytes(out, data)
     write_sidecar(out, info)  # after the model: a sidecar never describes a half-written graph
     return out, info, error
@@ -112,10 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output .onnx (default: <checkpoint>/denoiser[_model][_fp16].onnx)")
     parser.add_argument("--fp16", action="store_true", help="half-precision graph (fp32 timestep and norms)")
     parser.add_argument("--opset", type=int, default=MIN_OPSET)
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
-                        help="ema (default) or model: the online weights, for the non-EMA comparison")
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "model"),
+        default="ema",
+        help="ema (default) or model: the online weights, for the non-EMA comparison",
+    )
     args = parser.parse_args(argv)
     from pipeline.checkpoint import CheckpointError
+
     try:
         out, info, error = export_onnx(args.ckpt, args.out, args.fp16, args.opset, args.weights)
     except (CheckpointError, ValueError) as e:
@@ -124,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, NoSpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.weights} weights, {info.dtype}, "
-          f"{info.image_size}px, opset {args.opset}) "
-          f"and {sidecar_path(out).name}; max |onnxruntime - torch| = {error:.2e} "
-          f"(tolerance {TOLERANCE[info.dtype]:g})")
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.weights} weights, {info.dtype}, "
+        f"{info.image_size}px, opset {args.opset}) "
+        f"and {sidecar_path(out).name}; max |onnxruntime - torch| = {error:.2e} "
+        f"(tolerance {TOLERANCE[info.dtype]:g})"
+    )
     return 0
 
 

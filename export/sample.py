@@ -8,6 +8,7 @@
 Image i depends only on (seed, i), not on --batch. With an .onnx or .plan model this imports neither torch nor onnx.
 Exit status: 0 done, 2 bad input (one line on stderr), 1 a runtime is missing or the disk is full.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,17 @@ from export.sidecar import SidecarError
 from pipeline.fileio import NoSpaceError, atomic_write_bytes
 from pipeline.grid import image_grid
 from pipeline.progress import Progress
-from pipeline.sampling import (DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SamplerError,
-                               check_sampler, default_steps, generate, to_uint8)
+from pipeline.sampling import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    SAMPLERS,
+    SamplerError,
+    check_sampler,
+    default_steps,
+    generate,
+    to_uint8,
+)
 from pipeline.schedule import SPACINGS
 
 OUT_SUFFIXES = (".png", ".npz")
@@ -43,6 +53,7 @@ def save_images(images: np.ndarray, out: Path) -> None:
         np.savez(buffer, images=images)
     else:
         from PIL import Image
+
         grid = image_grid(images)
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())
@@ -50,12 +61,23 @@ def save_images(images: np.ndarray, out: Path) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m export.sample", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help=".onnx, .plan/.engine (each with its .json sidecar) or a checkpoint dir")
+    p.add_argument(
+        "--model", required=True, help=".onnx, .plan/.engine (each with its .json sidecar) or a checkpoint dir"
+    )
     # Checked by check_args (one line naming the flag), not by argparse's choices.
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="|".join(SAMPLERS),
-                   help=f"default {DEFAULT_SAMPLER}: the best score per network call (benchmarks quality)")
-    p.add_argument("--steps", type=int, help="network evaluations per image (default: " + ", ".join(
-        f"{k} {v or 'all T'}" for k, v in DEFAULT_STEPS.items()) + ")")
+    p.add_argument(
+        "--sampler",
+        default=DEFAULT_SAMPLER,
+        metavar="|".join(SAMPLERS),
+        help=f"default {DEFAULT_SAMPLER}: the best score per network call (benchmarks quality)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="network evaluations per image (default: "
+        + ", ".join(f"{k} {v or 'all T'}" for k, v in DEFAULT_STEPS.items())
+        + ")",
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
     p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SPACING, help="how respaced steps are chosen")
     p.add_argument("--num", type=int, default=64, help="number of images")
@@ -79,8 +101,10 @@ def check_args(args, info) -> int:
     if args.batch is None:
         batch = max(min(16, info.batch_max or 16), info.batch_min)
     elif not info.accepts_batch(args.batch):
-        raise UsageError(f"--batch {args.batch}: outside the engine's batch range {info.batch_range()} "
-                         f"(rebuild the engine with --batch MIN,OPT,MAX to change it)")
+        raise UsageError(
+            f"--batch {args.batch}: outside the engine's batch range {info.batch_range()} "
+            f"(rebuild the engine with --batch MIN,OPT,MAX to change it)"
+        )
     else:
         batch = args.batch
     return batch
@@ -93,8 +117,9 @@ def check_output(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
         try:
             import PIL.Image  # noqa: F401
         except ImportError:
-            raise UsageError(f"{flag} {path}: writing a PNG grid needs pillow (pip install pillow); "
-                             f"or write .npz") from None
+            raise UsageError(
+                f"{flag} {path}: writing a PNG grid needs pillow (pip install pillow); or write .npz"
+            ) from None
     if not path.parent.is_dir():
         raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
 
@@ -116,12 +141,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     info = denoiser.info
     steps = args.steps or default_steps(info.schedule(), args.sampler)
-    print(f"{args.model}: {info.image_size}px {info.dtype}, batch {info.batch_range()}; running on {denoiser.name}",
-          file=sys.stderr)
+    print(
+        f"{args.model}: {info.image_size}px {info.dtype}, batch {info.batch_range()}; running on {denoiser.name}",
+        file=sys.stderr,
+    )
     progress = Progress(math.ceil(args.num / batch) * steps, lambda p: f"  step {p.done}/{p.total} ({p.elapsed:.1f}s)")
     start = time.perf_counter()
-    images = to_uint8(generate(denoiser, args.num, batch=batch, sampler=args.sampler, steps=steps, eta=args.eta,
-                               spacing=args.spacing, seed=args.seed, callback=lambda *_: progress()))
+    images = to_uint8(
+        generate(
+            denoiser,
+            args.num,
+            batch=batch,
+            sampler=args.sampler,
+            steps=steps,
+            eta=args.eta,
+            spacing=args.spacing,
+            seed=args.seed,
+            callback=lambda *_: progress(),
+        )
+    )
     seconds = time.perf_counter() - start
     progress.close()
     try:
@@ -131,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     except NoSpaceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out}: {args.num} images, {args.sampler} {steps} steps, batch {batch}, {seconds:.2f}s, "
-          f"{args.num / seconds:.2f} images/s on {denoiser.name}" + (f"; grid {args.grid}" if args.grid else ""))
+    print(
+        f"wrote {out}: {args.num} images, {args.sampler} {steps} steps, batch {batch}, {seconds:.2f}s, "
+        f"{args.num / seconds:.2f} images/s on {denoiser.name}" + (f"; grid {args.grid}" if args.grid else "")
+    )
     return 0
 
 

@@ -10,6 +10,7 @@ the format it was asked for. Imports no torch and no onnx: the standalone sample
      "timestep_dtype": "float32", "batch": {"min": 1, "opt": 16, "max": null},
      "betas": [...], "num_timesteps": 1000, "prediction_type": "epsilon", ...}
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,14 +35,14 @@ class SidecarError(ValueError):
 
 @dataclass
 class Sidecar:
-    format: str                     # onnx | tensorrt | torch
+    format: str  # onnx | tensorrt | torch
     image_size: int
     channels: int
-    dtype: str                      # of `sample` and `model_output`
-    timestep_dtype: str             # always float32: respaced / fractional steps need no rounding
+    dtype: str  # of `sample` and `model_output`
+    timestep_dtype: str  # always float32: respaced / fractional steps need no rounding
     batch_min: int
     batch_opt: int
-    batch_max: int | None           # None: unbounded (ONNX)
+    batch_max: int | None  # None: unbounded (ONNX)
     betas: list[float]
     num_timesteps: int
     prediction_type: str
@@ -51,16 +52,20 @@ class Sidecar:
     output_names: list[str] = field(default_factory=lambda: list(OUTPUT_NAMES))
     source_checkpoint: str = ""
     step: int = 0
-    weights: str = "ema"            # which weights of the checkpoint: ema | model (online, for comparison)
-    model_file: str = ""            # basename of the model this sidecar describes
+    weights: str = "ema"  # which weights of the checkpoint: ema | model (online, for comparison)
+    model_file: str = ""  # basename of the model this sidecar describes
     model_bytes: int | None = None  # its size: a cheap check that the pair belongs together
     model_sha256: str = ""
     model_config: dict = field(default_factory=dict)
     producer: dict = field(default_factory=dict)  # torch / onnx / tensorrt versions, opset
 
     def schedule(self) -> DiffusionSchedule:
-        return DiffusionSchedule(self.betas, prediction_type=self.prediction_type,
-                                 variance_type=self.variance_type, clip_sample=self.clip_sample)
+        return DiffusionSchedule(
+            self.betas,
+            prediction_type=self.prediction_type,
+            variance_type=self.variance_type,
+            clip_sample=self.clip_sample,
+        )
 
     def batch_range(self) -> str:
         return f"{self.batch_min}..{self.batch_max if self.batch_max is not None else 'any'}"
@@ -125,10 +130,17 @@ def validate(s: Sidecar, where: Path) -> None:
         (s.accepts_batch(s.batch_opt), "batch.opt", f"{s.batch_opt} outside {s.batch_range()}"),
         (len(s.betas) == s.num_timesteps, "betas", f"{len(s.betas)} values for num_timesteps={s.num_timesteps}"),
         (all(0.0 < b < 1.0 for b in s.betas), "betas", "values must lie in (0, 1)"),
-        (s.prediction_type in PREDICTION_TYPES, "prediction_type", f"{s.prediction_type!r} not one of {PREDICTION_TYPES}"),
+        (
+            s.prediction_type in PREDICTION_TYPES,
+            "prediction_type",
+            f"{s.prediction_type!r} not one of {PREDICTION_TYPES}",
+        ),
         (s.variance_type in VARIANCE_TYPES, "variance_type", f"{s.variance_type!r} not one of {VARIANCE_TYPES}"),
-        (len(s.input_names) == 2 and len(s.output_names) == 1, "input_names",
-         f"expected 2 inputs and 1 output, got {s.input_names} -> {s.output_names}"),
+        (
+            len(s.input_names) == 2 and len(s.output_names) == 1,
+            "input_names",
+            f"expected 2 inputs and 1 output, got {s.input_names} -> {s.output_names}",
+        ),
     ]
     for ok, key, message in checks:
         if not ok:
@@ -139,8 +151,10 @@ def _check_format(s: Sidecar, model_path: Path, where: Path) -> None:
     """A .onnx needs an onnx sidecar, a .plan / .engine a tensorrt one (other names: not checked)."""
     want = SUFFIX_FORMATS.get(model_path.suffix)
     if want is not None and s.format != want:
-        raise SidecarError(f"{where}: format {s.format!r} describes a {s.format} model, but {model_path.name} "
-                           f"is {want} (a sidecar of another file; re-export {model_path.name})")
+        raise SidecarError(
+            f"{where}: format {s.format!r} describes a {s.format} model, but {model_path.name} "
+            f"is {want} (a sidecar of another file; re-export {model_path.name})"
+        )
 
 
 def _load_json(model_path: Path) -> tuple[dict, Path]:
@@ -159,8 +173,10 @@ def _load_json(model_path: Path) -> tuple[dict, Path]:
             raise SidecarError(f"{path}: expected a JSON object")
         if path == where or data.get("model_file") == model_path.name:
             return data, path
-    raise SidecarError(f"{where}: missing sidecar for {model_path.name} (re-export the model; "
-                       f"the sampler needs its schedule and shapes)")
+    raise SidecarError(
+        f"{where}: missing sidecar for {model_path.name} (re-export the model; "
+        f"the sampler needs its schedule and shapes)"
+    )
 
 
 def read_sidecar(model_path: str | Path) -> Sidecar:
@@ -202,17 +218,42 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
     validate(s, where)
     _check_format(s, model_path, where)
     if s.model_bytes is not None and model_path.exists() and model_path.stat().st_size != s.model_bytes:
-        raise SidecarError(f"{where}: describes a {s.model_bytes}-byte {s.model_file or 'model'}, but "
-                           f"{model_path} has {model_path.stat().st_size} bytes (stale sidecar; re-export)")
+        raise SidecarError(
+            f"{where}: describes a {s.model_bytes}-byte {s.model_file or 'model'}, but "
+            f"{model_path} has {model_path.stat().st_size} bytes (stale sidecar; re-export)"
+        )
     return s
 
 
-def sidecar_from_config(model_cfg, diffusion_cfg, betas, *, fmt: str, dtype: str, source: str = "",
-                        step: int = 0, batch: tuple = (1, 1, None), weights: str = "ema") -> Sidecar:
+def sidecar_from_config(
+    model_cfg,
+    diffusion_cfg,
+    betas,
+    *,
+    fmt: str,
+    dtype: str,
+    source: str = "",
+    step: int = 0,
+    batch: tuple = (1, 1, None),
+    weights: str = "ema",
+) -> Sidecar:
     """A Sidecar for a model built from `pipeline.config` ModelConfig / DiffusionConfig."""
-    return Sidecar(format=fmt, image_size=model_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype,
-                   timestep_dtype="float32", batch_min=batch[0], batch_opt=batch[1], batch_max=batch[2],
-                   betas=[float(b) for b in betas], num_timesteps=diffusion_cfg.num_timesteps,
-                   prediction_type=diffusion_cfg.prediction_type, variance_type=diffusion_cfg.variance_type,
-                   clip_sample=diffusion_cfg.clip_sample, source_checkpoint=source, step=step, weights=weights,
-                   model_config=dataclasses.asdict(model_cfg))
+    return Sidecar(
+        format=fmt,
+        image_size=model_cfg.image_size,
+        channels=model_cfg.in_channels,
+        dtype=dtype,
+        timestep_dtype="float32",
+        batch_min=batch[0],
+        batch_opt=batch[1],
+        batch_max=batch[2],
+        betas=[float(b) for b in betas],
+        num_timesteps=diffusion_cfg.num_timesteps,
+        prediction_type=diffusion_cfg.prediction_type,
+        variance_type=diffusion_cfg.variance_type,
+        clip_sample=diffusion_cfg.clip_sample,
+        source_checkpoint=source,
+        step=step,
+        weights=weights,
+        model_config=dataclasses.asdict(model_cfg),
+    )

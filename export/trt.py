@@ -12,6 +12,7 @@ The engine's sidecar is its own (`denoiser.plan.json`): the ONNX beside it keeps
 Exit status: 0 built, 2 bad input (a damaged .onnx, sidecar or checkpoint: one line naming it),
 1 TensorRT missing, the build or check failed, or the disk is full.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,17 @@ def _network_flags(trt, major: int, fp16_graph: bool) -> int:
         return 0  # strongly typed is the only mode
     if fp16_graph:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    return 0      # EXPLICIT_BATCH is implied (and deprecated) since TensorRT 10
+    return 0  # EXPLICIT_BATCH is implied (and deprecated) since TensorRT 10
 
 
-def build_engine(onnx_path: str | Path, out: str | Path, batch=(1, 8, 16), fp16: bool = False,
-                 workspace_gb: float = 4.0, timing_cache: str | Path | None = None) -> Path:
+def build_engine(
+    onnx_path: str | Path,
+    out: str | Path,
+    batch=(1, 8, 16),
+    fp16: bool = False,
+    workspace_gb: float = 4.0,
+    timing_cache: str | Path | None = None,
+) -> Path:
     """Parse the ONNX, build with one batch profile, write the .plan and its sidecar atomically."""
     trt, _ = require_tensorrt()
     onnx_path, out = Path(onnx_path), Path(out)
@@ -64,8 +71,10 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch=(1, 8, 16), fp16:
     major = int(trt.__version__.split(".")[0])
     fp16_graph = info.dtype == "float16"
     if fp16 and not fp16_graph and major >= 11:
-        raise ValueError(f"--fp16: TensorRT {trt.__version__} takes precision from the graph and {onnx_path} is fp32; "
-                         f"export an fp16 ONNX (`python -m export.onnx --fp16`, or pass --ckpt with --fp16)")
+        raise ValueError(
+            f"--fp16: TensorRT {trt.__version__} takes precision from the graph and {onnx_path} is fp32; "
+            f"export an fp16 ONNX (`python -m export.onnx --fp16`, or pass --ckpt with --fp16)"
+        )
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, major, fp16_graph))
@@ -88,29 +97,45 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch=(1, 8, 16), fp16:
     _attach_timing_cache(config, cache_path)
 
     precision = "fp16" if fp16 or fp16_graph else "fp32"
-    print(f"building {out.name} from {onnx_path.name}: TensorRT {trt.__version__}, batch {batch}, "
-          f"{precision}{' (strongly typed)' if fp16_graph or major >= 11 else ''}; "
-          f"this takes a few minutes", file=sys.stderr, flush=True)
+    print(
+        f"building {out.name} from {onnx_path.name}: TensorRT {trt.__version__}, batch {batch}, "
+        f"{precision}{' (strongly typed)' if fp16_graph or major >= 11 else ''}; "
+        f"this takes a few minutes",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"{onnx_path}: TensorRT failed to build the engine (its log is above)")
     atomic_write_bytes(out, memoryview(serialized).tobytes())
-    write_sidecar(out, engine_sidecar(info, batch, trt.__version__, onnx_path.name, precision,
-                                      time.perf_counter() - start))
+    write_sidecar(
+        out, engine_sidecar(info, batch, trt.__version__, onnx_path.name, precision, time.perf_counter() - start)
+    )
     if cache_path:  # after the sidecar: a cache that cannot be saved costs the next build time, nothing else
         _save_timing_cache(config, cache_path)
     return out
 
 
-def engine_sidecar(onnx_info: Sidecar, batch: tuple[int, int, int], trt_version: str, onnx_name: str,
-                   precision: str, build_seconds: float) -> Sidecar:
+def engine_sidecar(
+    onnx_info: Sidecar,
+    batch: tuple[int, int, int],
+    trt_version: str,
+    onnx_name: str,
+    precision: str,
+    build_seconds: float,
+) -> Sidecar:
     """The engine's sidecar: the ONNX's, with the format, the profile's batch range and the build."""
     info = dataclasses.replace(onnx_info)  # dtype stays the graph's I/O dtype (weak fp16 keeps fp32 I/O)
     info.format = "tensorrt"
     info.batch_min, info.batch_opt, info.batch_max = batch
-    info.producer = {**onnx_info.producer, "tensorrt": trt_version, "onnx_file": onnx_name, "precision": precision,
-                     "build_seconds": round(build_seconds, 1)}
+    info.producer = {
+        **onnx_info.producer,
+        "tensorrt": trt_version,
+        "onnx_file": onnx_name,
+        "precision": precision,
+        "build_seconds": round(build_seconds, 1),
+    }
     return info
 
 
@@ -122,8 +147,12 @@ def _attach_timing_cache(config, path: Path | None) -> None:
         cache = config.create_timing_cache(data)
         if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
             return
-        print(f"warning: timing cache {path} does not fit this GPU / TensorRT version; building without it "
-              f"(it is replaced after the build)", file=sys.stderr, flush=True)
+        print(
+            f"warning: timing cache {path} does not fit this GPU / TensorRT version; building without it "
+            f"(it is replaced after the build)",
+            file=sys.stderr,
+            flush=True,
+        )
     cache = config.create_timing_cache(b"")
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         raise BuildError("TensorRT could not attach an empty timing cache to the builder config")
@@ -148,6 +177,7 @@ def default_plan_path(onnx_path: Path, out: str | None) -> Path:
 def max_error_vs_onnx(plan: Path, onnx_path: Path, batch: int, seed: int = 0) -> float:
     """max |TensorRT - onnxruntime(CPU)| on a random batch at random timesteps."""
     from export.backends import OrtDenoiser
+
     engine, reference = TrtDenoiser(plan), OrtDenoiser(onnx_path, provider="cpu")
     info = engine.info
     rng = np.random.default_rng(seed)
@@ -160,6 +190,7 @@ def _export_first(ckpt: str, onnx_out: Path | None, fp16: bool) -> Path:
     """--ckpt: export the ONNX (fp16 graph with --fp16) and return its path."""
     from export.onnx import ExportError, export_onnx
     from pipeline.checkpoint import CheckpointError
+
     try:
         return export_onnx(ckpt, onnx_out, fp16=fp16)[0]
     except CheckpointError as e:

@@ -13,6 +13,7 @@ truncated, garbled, empty or of the wrong type raises CheckpointError("<file>: <
 `read_checkpoint` finds one and reads its model.json once into a `Checkpoint`, which
 export, the torch backend and the sample tools are handed; the weights are read only when asked for.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,8 +92,10 @@ def check_marker(ckpt_dir: str | Path) -> None:
     except OSError as e:
         raise CheckpointError(f"{marker}: unreadable marker ({e.strerror or e})") from None
     if text != b"ok\n":
-        raise CheckpointError(f"{marker}: damaged marker (holds {text[:20]!r}, pipeline.train writes b'ok\\n'); "
-                              f"the checkpoint directory was modified after it was written")
+        raise CheckpointError(
+            f"{marker}: damaged marker (holds {text[:20]!r}, pipeline.train writes b'ok\\n'); "
+            f"the checkpoint directory was modified after it was written"
+        )
 
 
 def mark_complete(ckpt_dir: str | Path) -> None:
@@ -115,18 +118,26 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     return removed
 
 
-def save_export_files(ckpt_dir: str | Path, ema_state: dict, cfg: Config, step: int, images_seen: int,
-                      model_state: dict | None = None) -> None:
+def save_export_files(
+    ckpt_dir: str | Path, ema_state: dict, cfg: Config, step: int, images_seen: int, model_state: dict | None = None
+) -> None:
     """Write ema.safetensors (fp32), model.safetensors (fp32, when given) and model.json."""
     from safetensors.torch import save
+
     ckpt_dir = Path(ckpt_dir)
     for name, state in ((EMA_FILE, ema_state), (MODEL_FILE, model_state)):
         if state is not None:
             tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
             atomic_write_bytes(ckpt_dir / name, save(tensors))
-    atomic_write_json(ckpt_dir / MODEL_JSON, {
-        "model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion),
-        "step": step, "images_seen": images_seen})
+    atomic_write_json(
+        ckpt_dir / MODEL_JSON,
+        {
+            "model": dataclasses.asdict(cfg.model),
+            "diffusion": dataclasses.asdict(cfg.diffusion),
+            "step": step,
+            "images_seen": images_seen,
+        },
+    )
 
 
 def load_model_json(ckpt_dir: str | Path) -> tuple[ModelConfig, DiffusionConfig, dict]:
@@ -135,8 +146,11 @@ def load_model_json(ckpt_dir: str | Path) -> tuple[ModelConfig, DiffusionConfig,
         meta = json.loads(path.read_text())
         if not isinstance(meta, dict):
             raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-        return (build_dataclass(ModelConfig, meta["model"], "model"),
-                build_dataclass(DiffusionConfig, meta["diffusion"], "diffusion"), meta)
+        return (
+            build_dataclass(ModelConfig, meta["model"], "model"),
+            build_dataclass(DiffusionConfig, meta["diffusion"], "diffusion"),
+            meta,
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
         reason = f"missing key {e}" if isinstance(e, KeyError) else getattr(e, "strerror", None) or e
         raise CheckpointError(f"{path}: unreadable model description ({reason})") from None
@@ -145,6 +159,7 @@ def load_model_json(ckpt_dir: str | Path) -> tuple[ModelConfig, DiffusionConfig,
 def load_tensors(file: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A checkpoint's .safetensors file; CheckpointError naming it when it is missing or damaged."""
     from safetensors.torch import load_file
+
     file = Path(file)
     if not file.is_file():
         raise CheckpointError(f"{file}: missing" + (" (not a file)" if file.exists() else ""))
@@ -157,6 +172,7 @@ def load_tensors(file: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
 def check_tensors_header(file: str | Path) -> None:
     """Cheap check of a .safetensors file: its header parses and covers exactly the file's bytes."""
     from safetensors import safe_open
+
     try:
         with safe_open(str(file), framework="pt"):
             pass
@@ -172,7 +188,9 @@ def verify_export_files(ckpt_dir: str | Path) -> None:
     for name in (EMA_FILE, MODEL_FILE):
         if name == EMA_FILE or (ckpt_dir / name).exists():  # older checkpoints have no model.safetensors
             if not (ckpt_dir / name).is_file():
-                raise CheckpointError(f"{ckpt_dir / name}: missing" + (" (not a file)" if (ckpt_dir / name).exists() else ""))
+                raise CheckpointError(
+                    f"{ckpt_dir / name}: missing" + (" (not a file)" if (ckpt_dir / name).exists() else "")
+                )
             check_tensors_header(ckpt_dir / name)
 
 
@@ -216,6 +234,7 @@ def reason_of(e: BaseException) -> str:
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """One complete checkpoint, read once: its directory and its model.json. Weights load on demand."""
+
     dir: Path
     step: int
     images_seen: int
@@ -228,13 +247,16 @@ class Checkpoint:
             raise CheckpointError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_FILES)}")
         file = self.dir / WEIGHT_FILES[weights]
         if not file.is_file():
-            raise CheckpointError(f"{file}: missing (checkpoints written before the online weights were saved "
-                                  f"hold only {EMA_FILE}; use the EMA weights)")
+            raise CheckpointError(
+                f"{file}: missing (checkpoints written before the online weights were saved "
+                f"hold only {EMA_FILE}; use the EMA weights)"
+            )
         return file
 
     def load_unet(self, device: str | torch.device = "cpu", weights: str = "ema"):
         """The U-Net in eval mode on `device`, with the chosen weights."""
         from pipeline.unet import UNet
+
         file = self.weights_file(weights)
         model = UNet(self.model)
         state = load_tensors(file)
@@ -251,8 +273,13 @@ def read_checkpoint(path: str | Path | Checkpoint) -> Checkpoint:
         return path
     ckpt_dir = find_checkpoint(path)
     model_cfg, diffusion_cfg, meta = load_model_json(ckpt_dir)
-    return Checkpoint(dir=ckpt_dir, step=int(meta.get("step", 0)),
-                      images_seen=int(meta.get("images_seen", 0)), model=model_cfg, diffusion=diffusion_cfg)
+    return Checkpoint(
+        dir=ckpt_dir,
+        step=int(meta.get("step", 0)),
+        images_seen=int(meta.get("images_seen", 0)),
+        model=model_cfg,
+        diffusion=diffusion_cfg,
+    )
 
 
 def load_unet(path: str | Path | Checkpoint, device: str | torch.device = "cpu", weights: str = "ema"):
@@ -268,6 +295,7 @@ def load_unet(path: str | Path | Checkpoint, device: str | torch.device = "cpu",
 
 # --- interrupted writes; what DeepSpeed's files may hold ---------------------------------------
 
+
 def remove_incomplete(run_dir: str | Path) -> list[Path]:
     """Delete every checkpoint directory without COMPLETE (a write that was interrupted)."""
     root = Path(run_dir) / CHECKPOINTS
@@ -282,4 +310,5 @@ def deepspeed_safe_globals() -> list:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
+
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

@@ -4,6 +4,7 @@
 command-line overrides, checks every key, type and value, and returns a `Config`. Any mistake
 is a `ConfigError` whose one-line message names the file and the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,10 @@ from pipeline.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 # DeepSpeed 0.19 scales the loss in engine.backward() only for ZeRO optimizers, while its plain fp16
 # optimizer still divides every gradient by the loss scale: at stage 0 fp16 learns ~65536x too slowly.
-FP16_NEEDS_ZERO = ("fp16 needs zero.stage >= 1 (DeepSpeed 0.19 does not scale the loss for its stage-0 fp16 "
-                   "optimizer, so the gradients shrink by the loss scale); set zero.stage=1 or 2, or use bf16")
+FP16_NEEDS_ZERO = (
+    "fp16 needs zero.stage >= 1 (DeepSpeed 0.19 does not scale the loss for its stage-0 fp16 "
+    "optimizer, so the gradients shrink by the loss scale); set zero.stage=1 or 2, or use bf16"
+)
 
 
 class ConfigError(ValueError):
@@ -57,28 +60,28 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     random_flip: bool = True
-    max_corrupt: int = 100        # samples the decoder rejects (all ranks) before the run stops
+    max_corrupt: int = 100  # samples the decoder rejects (all ranks) before the run stops
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = 64          # global: micro_batch_size * grad_accum * world_size
-    micro_batch_size: int = 0     # per rank and forward pass; 0 = batch_size / world_size
+    batch_size: int = 64  # global: micro_batch_size * grad_accum * world_size
+    micro_batch_size: int = 0  # per rank and forward pass; 0 = batch_size / world_size
     lr: float = 2e-5
     warmup_steps: int = 5000
     adam_betas: tuple[float, ...] = (0.9, 0.999)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
-    precision: str = "fp32"       # fp16 | bf16 | fp32
+    precision: str = "fp32"  # fp16 | bf16 | fp32
     grad_checkpointing: bool = False
     grad_clip: float = 1.0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     resume_fallback: bool = False  # newest checkpoint unloadable: stop (default) or take the next older
-    max_bad_steps: int = 50       # consecutive overflow / non-finite steps before giving up
+    max_bad_steps: int = 50  # consecutive overflow / non-finite steps before giving up
     seed: int = 0
-    deepspeed_config: str = ""    # a user-supplied DeepSpeed JSON, passed through
+    deepspeed_config: str = ""  # a user-supplied DeepSpeed JSON, passed through
     loss_weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023: the loss of x0 capped at SNR = snr_gamma)
     snr_gamma: float = 5.0
 
@@ -92,16 +95,16 @@ class ZeroConfig:
 @dataclass
 class EMAConfig:
     decay: float = 0.9999
-    warmup: bool = False          # decay = min(decay, (1 + n) / (10 + n)) for short runs
+    warmup: bool = False  # decay = min(decay, (1 + n) / (10 + n)) for short runs
     profile: str = "exponential"  # exponential (decay, warmup) | power (EDM2: length set by sigma_rel, any run length)
-    sigma_rel: float = 0.05       # power: the EMA's width as a fraction of the training so far
+    sigma_rel: float = 0.05  # power: the EMA's width as a fraction of the training so far
 
 
 @dataclass
 class LogConfig:
     every: int = 100
     sample_every: int = 5000
-    sample_steps: int = 10        # network calls per preview image
+    sample_steps: int = 10  # network calls per preview image
     sample_sampler: str = DEFAULT_SAMPLER  # any of pipeline.sampling.SAMPLERS
     num_samples: int = 16
     tensorboard: bool = True
@@ -193,20 +196,32 @@ def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.diffusion, cfg.train
     levels = len(m.ch_mult)
     checks = [
-        (m.image_size > 0 and m.image_size % 2 ** (levels - 1) == 0, "model.image_size",
-         f"{m.image_size} is not divisible by the down-sampling factor {2 ** (levels - 1)} of ch_mult {list(m.ch_mult)}"),
+        (
+            m.image_size > 0 and m.image_size % 2 ** (levels - 1) == 0,
+            "model.image_size",
+            f"{m.image_size} is not divisible by the down-sampling factor {2 ** (levels - 1)} of ch_mult {list(m.ch_mult)}",
+        ),
         (levels >= 1 and all(c > 0 for c in m.ch_mult), "model.ch_mult", f"{list(m.ch_mult)} must be positive"),
-        (m.ch > 0 and all((m.ch * c) % m.num_groups == 0 for c in m.ch_mult), "model.ch",
-         f"{m.ch} x ch_mult must be divisible by num_groups={m.num_groups}"),
+        (
+            m.ch > 0 and all((m.ch * c) % m.num_groups == 0 for c in m.ch_mult),
+            "model.ch",
+            f"{m.ch} x ch_mult must be divisible by num_groups={m.num_groups}",
+        ),
         (m.num_res_blocks >= 1, "model.num_res_blocks", f"{m.num_res_blocks} must be >= 1"),
         (0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout} must be in [0, 1)"),
         (d.num_timesteps >= 2, "diffusion.num_timesteps", f"{d.num_timesteps} must be >= 2"),
         (d.beta_schedule in ("linear", "cosine"), "diffusion.beta_schedule", f"{d.beta_schedule!r} not linear|cosine"),
         (0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", "need 0 < beta_start < beta_end < 1"),
-        (d.prediction_type in ("epsilon", "v_prediction", "sample"), "diffusion.prediction_type",
-         f"{d.prediction_type!r} not epsilon|v_prediction|sample"),
-        (d.variance_type in ("fixed_small", "fixed_large"), "diffusion.variance_type",
-         f"{d.variance_type!r} not fixed_small|fixed_large"),
+        (
+            d.prediction_type in ("epsilon", "v_prediction", "sample"),
+            "diffusion.prediction_type",
+            f"{d.prediction_type!r} not epsilon|v_prediction|sample",
+        ),
+        (
+            d.variance_type in ("fixed_small", "fixed_large"),
+            "diffusion.variance_type",
+            f"{d.variance_type!r} not fixed_small|fixed_large",
+        ),
         (t.lr > 0, "train.lr", f"{t.lr} must be > 0"),
         (t.max_steps >= 1, "train.max_steps", f"{t.max_steps} must be >= 1"),
         (t.batch_size >= 1, "train.batch_size", f"{t.batch_size} must be >= 1"),
@@ -216,31 +231,43 @@ def validate(cfg: Config) -> None:
         (t.grad_clip >= 0, "train.grad_clip", f"{t.grad_clip} must be >= 0"),
         (t.checkpoint_every >= 1, "train.checkpoint_every", f"{t.checkpoint_every} must be >= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", f"{t.keep_checkpoints} must be >= 1"),
-        (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas",
-         f"{list(t.adam_betas)} must be two values in [0, 1)"),
-        (t.loss_weighting in ("uniform", "min_snr"), "train.loss_weighting",
-         f"{t.loss_weighting!r} not uniform|min_snr"),
+        (
+            len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+            "train.adam_betas",
+            f"{list(t.adam_betas)} must be two values in [0, 1)",
+        ),
+        (
+            t.loss_weighting in ("uniform", "min_snr"),
+            "train.loss_weighting",
+            f"{t.loss_weighting!r} not uniform|min_snr",
+        ),
         (t.snr_gamma > 0, "train.snr_gamma", f"{t.snr_gamma} must be > 0"),
         (cfg.zero.stage in (0, 1, 2, 3), "zero.stage", f"{cfg.zero.stage} not in 0..3"),
-        (t.precision != "fp16" or cfg.zero.stage >= 1 or bool(t.deepspeed_config), "train.precision",
-         FP16_NEEDS_ZERO),
+        (t.precision != "fp16" or cfg.zero.stage >= 1 or bool(t.deepspeed_config), "train.precision", FP16_NEEDS_ZERO),
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", f"{cfg.ema.decay} must be in [0, 1)"),
         (cfg.ema.profile in ("exponential", "power"), "ema.profile", f"{cfg.ema.profile!r} not exponential|power"),
         # sigma_rel 0.2887 is the power exponent 0 (a plain running mean): no narrower profile is wider
         (0.0 < cfg.ema.sigma_rel < 0.28, "ema.sigma_rel", f"{cfg.ema.sigma_rel} must be in (0, 0.28)"),
         (cfg.log.every >= 1, "log.every", f"{cfg.log.every} must be >= 1"),
         (cfg.log.sample_every >= 0, "log.sample_every", f"{cfg.log.sample_every} must be >= 0"),
-        (1 <= cfg.log.sample_steps <= d.num_timesteps, "log.sample_steps",
-         f"{cfg.log.sample_steps} must be in [1, {d.num_timesteps}]"),
-        (cfg.log.sample_sampler in SAMPLERS, "log.sample_sampler",
-         f"{cfg.log.sample_sampler!r} not one of {', '.join(SAMPLERS)}"),
+        (
+            1 <= cfg.log.sample_steps <= d.num_timesteps,
+            "log.sample_steps",
+            f"{cfg.log.sample_steps} must be in [1, {d.num_timesteps}]",
+        ),
+        (
+            cfg.log.sample_sampler in SAMPLERS,
+            "log.sample_sampler",
+            f"{cfg.log.sample_sampler!r} not one of {', '.join(SAMPLERS)}",
+        ),
         (cfg.data.num_workers >= 0, "data.num_workers", f"{cfg.data.num_workers} must be >= 0"),
         (cfg.data.max_corrupt >= 0, "data.max_corrupt", f"{cfg.data.max_corrupt} must be >= 0"),
     ]
-    resolutions = [m.image_size // 2 ** i for i in range(levels)]
+    resolutions = [m.image_size // 2**i for i in range(levels)]
     for r in m.attn_resolutions:
-        checks.append((r in resolutions, "model.attn_resolutions",
-                       f"{r} is not a resolution of the network {resolutions}"))
+        checks.append(
+            (r in resolutions, "model.attn_resolutions", f"{r} is not a resolution of the network {resolutions}")
+        )
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
@@ -277,12 +304,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain dict (tuples as lists) suitable for YAML or JSON."""
+
     def plain(v):
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
+
     return plain(dataclasses.asdict(cfg))
 
 
@@ -304,5 +333,7 @@ if __name__ == "__main__":
     try:
         resolved = load_config(sys.argv[1], sys.argv[2:])
     except (ConfigError, IndexError) as e:
-        sys.exit(f"error: {e}" if isinstance(e, ConfigError) else "usage: python -m pipeline.config FILE [key=value ...]")
+        sys.exit(
+            f"error: {e}" if isinstance(e, ConfigError) else "usage: python -m pipeline.config FILE [key=value ...]"
+        )
     print(yaml.safe_dump(config_to_dict(resolved), sort_keys=False), end="")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- per-worker sample stream
 
+
 class _Rejected:
     """WebDataset exception handler and decode-failure sink: log the sample, keep it for the batch."""
 
@@ -53,8 +54,19 @@ class ShardImages(IterableDataset):
     count reaches the main process (and metrics.jsonl) from DataLoader workers too.
     """
 
-    def __init__(self, urls: list[str], *, resolution: int, rank: int, world_size: int, seed: int,
-                 shuffle_buffer: int, random_flip: bool, resampled: bool, max_corrupt: int | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        resolution: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        random_flip: bool,
+        resampled: bool,
+        max_corrupt: int | None = None,
+    ):
         super().__init__()
         self.urls, self.resolution = urls, resolution
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -74,7 +86,7 @@ class ShardImages(IterableDataset):
                 yield {"url": rng.choice(self.urls)}
         order = list(self.urls)
         random.Random(f"order/{self.seed}/{epoch}").shuffle(order)  # the same order on every rank
-        for url in order[self.rank::self.world_size][worker::num_workers]:
+        for url in order[self.rank :: self.world_size][worker::num_workers]:
             yield {"url": url}
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
@@ -92,8 +104,10 @@ class ShardImages(IterableDataset):
                 self.handler(ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {exn}"))
                 if self.max_corrupt is not None and len(self.handler.pending) > max(self.max_corrupt, 1000):
                     # nothing decodes at all: no batch would ever carry the count out of this worker
-                    raise DataError(f"more than {self.max_corrupt} corrupt samples in a row, last: "
-                                    f"{self.handler.pending[-1]}; check the shards with `python -m data_prep --verify DIR`")
+                    raise DataError(
+                        f"more than {self.max_corrupt} corrupt samples in a row, last: "
+                        f"{self.handler.pending[-1]}; check the shards with `python -m data_prep --verify DIR`"
+                    )
                 continue
             if self.random_flip and rng.random() < 0.5:
                 image = image[:, ::-1]
@@ -121,6 +135,7 @@ def _stack(samples: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor,
 
 # ---------------------------------------------------------------- the loader
 
+
 class ImageLoader:
     """Iterable of (batch_size, 3, H, W) float32 batches; len() is the batches per epoch when fixed.
 
@@ -143,10 +158,15 @@ class ImageLoader:
             for images, rejected in self.loader:
                 if rejected:
                     self.rejected, self._untaken, self.last_rejected = (
-                        self.rejected + len(rejected), self._untaken + len(rejected), rejected[-1])
+                        self.rejected + len(rejected),
+                        self._untaken + len(rejected),
+                        rejected[-1],
+                    )
                     if self.max_corrupt is not None and self.rejected > self.max_corrupt:
-                        raise DataError(f"more than {self.max_corrupt} corrupt samples, last: {self.last_rejected}; "
-                                        f"check the shards with `python -m data_prep --verify DIR`")
+                        raise DataError(
+                            f"more than {self.max_corrupt} corrupt samples, last: {self.last_rejected}; "
+                            f"check the shards with `python -m data_prep --verify DIR`"
+                        )
                 yield images
         except DataError as e:  # from a worker, DataLoader prepends the worker's traceback
             raise DataError(_first_line(e, last=True)) from None
@@ -192,10 +212,23 @@ def _first_line(exn: Exception, last: bool = False) -> str:
     return lines[0]
 
 
-def make_loader(shards_dir, *, split="train", batch_size: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000, random_flip: bool = True,
-                resampled: bool = True, batches_per_epoch: int | None = None, max_corrupt: int | None = 100,
-                pin_memory: bool | None = None, verify_sha256: bool = True) -> ImageLoader:
+def make_loader(
+    shards_dir,
+    *,
+    split="train",
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    random_flip: bool = True,
+    resampled: bool = True,
+    batches_per_epoch: int | None = None,
+    max_corrupt: int | None = 100,
+    pin_memory: bool | None = None,
+    verify_sha256: bool = True,
+) -> ImageLoader:
     """Batches of (batch_size, 3, H, W) float32 in [-1, 1] for one rank; batch_size is per rank.
 
     resampled=True: shards drawn with replacement, exactly `batches_per_epoch` batches per
@@ -205,29 +238,46 @@ def make_loader(shards_dir, *, split="train", batch_size: int, rank: int = 0, wo
     verify_sha256: hash the shards against the manifest first (cached, see `check_shards`).
     """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
-        raise ValueError(f"bad loader arguments: batch_size={batch_size} rank={rank} "
-                         f"world_size={world_size} num_workers={num_workers}")
+        raise ValueError(
+            f"bad loader arguments: batch_size={batch_size} rank={rank} "
+            f"world_size={world_size} num_workers={num_workers}"
+        )
     manifest = read_manifest(shards_dir)
     paths = check_shards(shards_dir, split, verify_sha256, manifest=manifest)
     if not resampled and len(paths) < world_size:
-        raise DataError(f"{Path(shards_dir) / MANIFEST_NAME}: split '{split}' has {len(paths)} shard(s) for "
-                        f"{world_size} ranks; re-run data_prep with a smaller --shard-size")
+        raise DataError(
+            f"{Path(shards_dir) / MANIFEST_NAME}: split '{split}' has {len(paths)} shard(s) for "
+            f"{world_size} ranks; re-run data_prep with a smaller --shard-size"
+        )
     if resampled and batches_per_epoch is None:
         batches_per_epoch = max(1, math.ceil(manifest["splits"][split]["num_samples"] / (batch_size * world_size)))
 
-    dataset = ShardImages([str(p) for p in paths], resolution=manifest["resolution"], rank=rank,
-                          world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
-                          random_flip=random_flip, resampled=resampled, max_corrupt=max_corrupt)
+    dataset = ShardImages(
+        [str(p) for p in paths],
+        resolution=manifest["resolution"],
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        random_flip=random_flip,
+        resampled=resampled,
+        max_corrupt=max_corrupt,
+    )
     # a partial batch only ends a single pass; a fixed-length epoch always has full batches
-    batches = wds.DataPipeline(dataset, wds.batched(batch_size, collation_fn=_stack,
-                                                    partial=batches_per_epoch is None))
+    batches = wds.DataPipeline(dataset, wds.batched(batch_size, collation_fn=_stack, partial=batches_per_epoch is None))
     if batches_per_epoch is not None:
         # each worker makes its share; DataLoader interleaves workers in order, so the cut is deterministic
         batches = batches.with_epoch(nbatches=math.ceil(batches_per_epoch / max(1, num_workers)))
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    loader = wds.WebLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                           persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
+    loader = wds.WebLoader(
+        batches,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
     if batches_per_epoch is not None:
         loader = loader.with_epoch(nbatches=batches_per_epoch)
     return ImageLoader(loader, batches_per_epoch, manifest, max_corrupt)

@@ -3,6 +3,7 @@
 All coefficients come from `pipeline.schedule.DiffusionSchedule` (NumPy, float64) so training
 and the NumPy samplers share one source of truth.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,9 @@ class GaussianDiffusion:
         # Kept in float64 on the host; gathered per batch and cast to the batch dtype.
         self.sqrt_alphas_cumprod = torch.from_numpy(schedule.sqrt_alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = torch.from_numpy(schedule.sqrt_one_minus_alphas_cumprod)
-        self.loss_weights = (torch.from_numpy(min_snr_weights(schedule, snr_gamma))
-                             if loss_weighting == "min_snr" else None)
+        self.loss_weights = (
+            torch.from_numpy(min_snr_weights(schedule, snr_gamma)) if loss_weighting == "min_snr" else None
+        )
 
     def _coef(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] as (B, 1, 1, 1) in like's dtype and device."""
@@ -47,8 +49,10 @@ class GaussianDiffusion:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise. x0, noise: (B, C, H, W); t: (B,)."""
-        return (self._coef(self.sqrt_alphas_cumprod, t, x0) * x0
-                + self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        return (
+            self._coef(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """What the network should output: epsilon, v = sqrt(abar) eps - sqrt(1-abar) x0, or x0."""
@@ -56,11 +60,12 @@ class GaussianDiffusion:
             return noise
         if self.prediction_type == "sample":
             return x0
-        return (self._coef(self.sqrt_alphas_cumprod, t, x0) * noise
-                - self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+        return (
+            self._coef(self.sqrt_alphas_cumprod, t, x0) * noise
+            - self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        )
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
-                         device=None) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Uniform t in [0, T), shape (B,)."""
         return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
 

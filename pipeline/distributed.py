@@ -13,6 +13,7 @@ NCCL_SOCKET_IFNAME are set to the interface this host uses to reach MASTER_ADDR 
 node itself: the interface that holds that address), unless the user set them already.
 How long a rank waits for a dead peer: see `init`.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -37,7 +38,7 @@ class DistEnv:
     world_size: int
     master_addr: str
     master_port: int
-    backend: str             # nccl | gloo
+    backend: str  # nccl | gloo
     device: torch.device
 
     @property
@@ -62,7 +63,7 @@ def free_port() -> int:
 def read_env(environ=os.environ, cuda: bool | None = None, device_count: int | None = None) -> DistEnv:
     """Where this process sits in the job, from torchrun's or Slurm's variables (or alone)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if "RANK" in environ and "WORLD_SIZE" in environ:           # torchrun, submitit, or set by hand
+    if "RANK" in environ and "WORLD_SIZE" in environ:  # torchrun, submitit, or set by hand
         rank, world_size = _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
         local_rank = _int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:  # srun, one task per GPU
@@ -74,8 +75,10 @@ def read_env(environ=os.environ, cuda: bool | None = None, device_count: int | N
         raise LaunchError(f"rank {rank} is outside world size {world_size}")
 
     if world_size > 1 and ("MASTER_ADDR" not in environ or "MASTER_PORT" not in environ):
-        raise LaunchError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
-                          "(torchrun sets them; under srun the batch script exports them, see slurm/train.sh)")
+        raise LaunchError(
+            "MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
+            "(torchrun sets them; under srun the batch script exports them, see slurm/train.sh)"
+        )
     master_addr = environ.get("MASTER_ADDR", "127.0.0.1")
     master_port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else free_port()
     device = torch.device("cuda", cuda_device_index(local_rank, device_count)) if cuda else torch.device("cpu")
@@ -94,8 +97,10 @@ def accelerator_mismatch(environ, cuda: bool) -> str | None:
     engine beside NCCL and cuda:N tensors on a GPU machine; say so instead."""
     name = environ.get("DS_ACCELERATOR", "")
     if cuda and name not in ("", "cuda"):
-        return (f"DS_ACCELERATOR={name} is set but this machine has CUDA GPUs: unset it (`unset DS_ACCELERATOR`) "
-                f"to train on the GPUs, or hide them (CUDA_VISIBLE_DEVICES=) to train on the CPU")
+        return (
+            f"DS_ACCELERATOR={name} is set but this machine has CUDA GPUs: unset it (`unset DS_ACCELERATOR`) "
+            f"to train on the GPUs, or hide them (CUDA_VISIBLE_DEVICES=) to train on the CPU"
+        )
     return None
 
 
@@ -138,13 +143,17 @@ def bind_interface(env: DistEnv, environ=os.environ) -> str:
     """
     master_ip, source, ifname = interface_towards(env.master_addr)
     if ipaddress.ip_address(master_ip).is_loopback and spans_nodes(environ, env.world_size):
-        raise LaunchError(f"MASTER_ADDR={env.master_addr} is {master_ip} on {node_name()}, a loopback address, but "
-                          f"the job spans several nodes: set MASTER_ADDR to the first node's network address")
+        raise LaunchError(
+            f"MASTER_ADDR={env.master_addr} is {master_ip} on {node_name()}, a loopback address, but "
+            f"the job spans several nodes: set MASTER_ADDR to the first node's network address"
+        )
     environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
     environ.setdefault("NCCL_SOCKET_IFNAME", "=" + ifname)  # "=": this name exactly, not a prefix
     chosen = environ["NCCL_SOCKET_IFNAME" if env.backend == "nccl" else "GLOO_SOCKET_IFNAME"]
-    return (f"rank {env.rank}/{env.world_size} on {node_name()}: {env.backend} on {chosen} ({source}), "
-            f"master {env.master_addr}={master_ip}:{env.master_port}")
+    return (
+        f"rank {env.rank}/{env.world_size} on {node_name()}: {env.backend} on {chosen} ({source}), "
+        f"master {env.master_addr}={master_ip}:{env.master_port}"
+    )
 
 
 def import_deepspeed():
@@ -160,6 +169,7 @@ def import_deepspeed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import logging
+
     if cpu and "__compatible_ops__" not in vars(deepspeed.ops):
         # On CPU, DeepSpeed's comm backend probes every op (spawning compilers) and JIT-builds a
         # shared-memory all-reduce that serves only inference_all_reduce under its own launcher
@@ -179,20 +189,31 @@ def init(env: DistEnv, timeout_minutes: float = 30.0):
     torchrun's agent).
     """
     # DeepSpeed and torch's env:// rendezvous read these, whichever launcher set the job up.
-    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    os.environ.update(
+        RANK=str(env.rank),
+        LOCAL_RANK=str(env.local_rank),
+        WORLD_SIZE=str(env.world_size),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
     if env.world_size > 1 and not dist.is_initialized():
         print(bind_interface(env), flush=True)
     deepspeed = import_deepspeed()
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (env.rank, env.world_size):
-        raise LaunchError(f"this process already belongs to a process group as rank {dist.get_rank()} of "
-                          f"{dist.get_world_size()}, not {env.rank} of {env.world_size}")
+        raise LaunchError(
+            f"this process already belongs to a process group as rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}, not {env.rank} of {env.world_size}"
+        )
     if not dist.is_initialized():
-        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(minutes=timeout_minutes),
-                                device_id=env.device if env.device.type == "cuda" else None)
+        dist.init_process_group(
+            env.backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+            device_id=env.device if env.device.type == "cuda" else None,
+        )
     deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
     return deepspeed
 

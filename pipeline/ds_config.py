@@ -3,6 +3,7 @@
 Batch arithmetic: train.batch_size is global = micro_batch * grad_accum * world_size.
 With train.micro_batch_size = 0 every rank takes batch_size / world_size in one pass.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,13 @@ from pipeline.config import FP16_NEEDS_ZERO, Config, ConfigError, TrainConfig
 
 # Dynamic loss scaling for fp16 (Micikevicius et al. 2018, DeepSpeed's names): start at 2^16,
 # halve on overflow after `hysteresis` strikes, double after `loss_scale_window` clean steps.
-FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                     "hysteresis": 2, "min_loss_scale": 1}
+FP16_LOSS_SCALING = {
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
 
 
 def batch_sizes(train: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -26,8 +32,9 @@ def batch_sizes(train: TrainConfig, world_size: int) -> tuple[int, int]:
             raise ConfigError(f"train.batch_size: {b} is not divisible by the world size {world_size}")
         return b // world_size, 1
     if b % (m * world_size):
-        raise ConfigError(f"train.batch_size: {b} is not a multiple of train.micro_batch_size x world size "
-                          f"= {m} x {world_size}")
+        raise ConfigError(
+            f"train.batch_size: {b} is not a multiple of train.micro_batch_size x world size = {m} x {world_size}"
+        )
     return m, b // (m * world_size)
 
 
@@ -41,7 +48,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         "gradient_accumulation_steps": accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.zero.stage},
-        "steps_per_print": 2 ** 31 - 1,   # train.py logs; DeepSpeed's own lines would interleave
+        "steps_per_print": 2**31 - 1,  # train.py logs; DeepSpeed's own lines would interleave
         "wall_clock_breakdown": False,
     }
     if t.precision == "fp16":
@@ -54,8 +61,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         # With offload, DeepSpeed's compiled CPU Adam is the one that is fast enough; it is
         # built from this block (the torch optimizer would be refused).
-        ds["optimizer"] = {"type": "AdamW", "params": {
-            "lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay},
+        }
     return ds
 
 
@@ -70,12 +79,17 @@ def load_user_ds_config(path: str, cfg: Config, world_size: int) -> dict:
     if not isinstance(ds, dict):
         raise ConfigError(f"train.deepspeed_config: {path} does not hold a JSON object")
     micro, accum = batch_sizes(cfg.train, world_size)
-    ours = {"train_batch_size": cfg.train.batch_size, "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accum}
+    ours = {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+    }
     for key, value in ours.items():
         if key in ds and ds[key] != value:
-            raise ConfigError(f"train.deepspeed_config: {path} sets {key}={ds[key]} but the experiment "
-                              f"config implies {value} (train.batch_size={cfg.train.batch_size})")
+            raise ConfigError(
+                f"train.deepspeed_config: {path} sets {key}={ds[key]} but the experiment "
+                f"config implies {value} (train.batch_size={cfg.train.batch_size})"
+            )
         ds[key] = value
     return ds
 
@@ -97,6 +111,7 @@ def cpu_adam_build_missing() -> list[str]:
     from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import installed_ops
     from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+
     if installed_ops.get("cpu_adam"):
         return []
     missing = []
@@ -107,6 +122,7 @@ def cpu_adam_build_missing() -> list[str]:
         missing.append(f"a C++ compiler ({cxx!r} not on PATH)")
     if isinstance(get_accelerator().create_op_builder("CPUAdamBuilder"), CUDAOpBuilder):
         from torch.utils.cpp_extension import CUDA_HOME
+
         if CUDA_HOME is None:
             missing.append("a CUDA toolkit (nvcc; set CUDA_HOME)")
     return missing
@@ -118,9 +134,11 @@ def check_offload_build(ds: dict) -> None:
         return
     missing = cpu_adam_build_missing()
     if missing:
-        raise ConfigError(f"zero.offload_optimizer: DeepSpeed must build its CPU Adam op here and needs "
-                          f"{', '.join(missing)}; install it, use a DeepSpeed built with DS_BUILD_CPU_ADAM=1, "
-                          f"or set zero.offload_optimizer=false")
+        raise ConfigError(
+            f"zero.offload_optimizer: DeepSpeed must build its CPU Adam op here and needs "
+            f"{', '.join(missing)}; install it, use a DeepSpeed built with DS_BUILD_CPU_ADAM=1, "
+            f"or set zero.offload_optimizer=false"
+        )
 
 
 def precision_of(ds: dict) -> str:

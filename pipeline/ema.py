@@ -21,6 +21,7 @@ step (twice the fp16 gradient traffic). The working copy is the master rounded a
 so it sits within half an fp16 step (2^-12 of the weight) of it and the error never accumulates;
 under bf16 that bound is 2^-9. If a run ever shows the difference, average the masters instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,6 +54,7 @@ def _gathered(params: list[nn.Parameter]):
     """Full parameters for reading inside the block (ZeRO-3); a no-op for whole ones."""
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
+
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
@@ -72,7 +74,7 @@ def full_weights(model: nn.Module, keep: bool = True, chunk_numel: int = GATHER_
 def power_exponent(sigma_rel: float) -> float:
     """gamma of the power-function EMA whose relative standard deviation is sigma_rel (EDM2 eq. 3:
     sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), the largest real root)."""
-    s = sigma_rel ** -2
+    s = sigma_rel**-2
     return float(max(r.real for r in np.roots([1.0, 7.0, 16.0 - s, 12.0 - s]) if abs(r.imag) < 1e-9))
 
 
@@ -87,8 +89,16 @@ PROFILES = ("exponential", "power")
 class EMA:
     """fp32 shadow weights keyed like `model.state_dict()`; held only where keep=True."""
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, keep: bool = True,
-                 chunk_numel: int = GATHER_CHUNK_NUMEL, profile: str = "exponential", sigma_rel: float = 0.05):
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        warmup: bool = False,
+        keep: bool = True,
+        chunk_numel: int = GATHER_CHUNK_NUMEL,
+        profile: str = "exponential",
+        sigma_rel: float = 0.05,
+    ):
         if profile not in PROFILES:
             raise ValueError(f"unknown EMA profile {profile!r}; expected one of {PROFILES}")
         self.decay, self.warmup, self.keep, self.chunk_numel = decay, warmup, keep, chunk_numel
@@ -129,8 +139,10 @@ class EMA:
         if self.keep:
             missing, unexpected = set(self.shadow) - set(state), set(state) - set(self.shadow)
             if missing or unexpected:
-                raise KeyError(f"EMA weights do not match the model: missing {sorted(missing)[:3]}, "
-                               f"unexpected {sorted(unexpected)[:3]}")
+                raise KeyError(
+                    f"EMA weights do not match the model: missing {sorted(missing)[:3]}, "
+                    f"unexpected {sorted(unexpected)[:3]}"
+                )
             for name, value in state.items():
                 self.shadow[name].copy_(value)
         self.num_updates = num_updates

@@ -1,4 +1,5 @@
 """Atomic file writes: a reader sees the old file or the whole new one, never half of it."""
+
 from __future__ import annotations
 
 import contextlib

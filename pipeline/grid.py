@@ -2,6 +2,7 @@
 
 NumPy only (no torch, no PIL), so the standalone sampler can draw its grid.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,5 +19,5 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> 
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(images):
         r, q = divmod(i, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
     return grid

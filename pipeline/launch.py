@@ -11,6 +11,7 @@ handler (its USR2, raised here), which pickles `Train.checkpoint()` and runs
 `scontrol requeue`. Letting Slurm send submitit's signal directly would requeue the job
 at once, before the training saved anything.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,11 @@ class Train(submitit.helpers.Checkpointable):
         if in_slurm:
             env = submitit.JobEnvironment()
             os.environ.update(
-                RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
-                MASTER_ADDR=node_address(env.hostnames[0]), MASTER_PORT=str(master_port(env.raw_job_id)),
+                RANK=str(env.global_rank),
+                LOCAL_RANK=str(env.local_rank),
+                WORLD_SIZE=str(env.num_tasks),
+                MASTER_ADDR=node_address(env.hostnames[0]),
+                MASTER_PORT=str(master_port(env.raw_job_id)),
             )
         status = train.main(self.argv)
         if not in_slurm:  # --local: the caller gets the exit status (REQUEUE_EXIT_CODE: run it again)
@@ -113,7 +117,10 @@ def make_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecut
     """An AutoExecutor for Slurm: USR1 as the warning signal, cpus-per-task passed on to srun."""
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
     params = dict(
-        name="ddpm", nodes=args.nodes, tasks_per_node=tasks_per_node(args), cpus_per_task=args.cpus_per_task,
+        name="ddpm",
+        nodes=args.nodes,
+        tasks_per_node=tasks_per_node(args),
+        cpus_per_task=args.cpus_per_task,
         timeout_min=args.time,
         # The training's signal, not submitit's USR2 (see the module docstring).
         slurm_additional_parameters={"signal": f"USR1@{SIGNAL_DELAY_S}", "requeue": True},

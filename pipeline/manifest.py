@@ -4,6 +4,7 @@ Imports no torch and no webdataset: the trainer's pre-flight check and evaluatio
 loader does. data_prep writes the format (data_prep.shards); tests/test_data_prep.py checks that
 its constants agree with these.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ class DataError(Exception):
 
 # ---------------------------------------------------------------- manifest
 
+
 def read_manifest(shards_dir: str | Path) -> dict:
     """Load and sanity-check `<shards_dir>/manifest.json`; raises DataError."""
     path = Path(shards_dir) / MANIFEST_NAME
@@ -40,12 +42,15 @@ def read_manifest(shards_dir: str | Path) -> dict:
         if key not in manifest:
             raise DataError(f"{path}: manifest has no '{key}'")
     if manifest["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
-        raise DataError(f"{path}: format_version {manifest['format_version']} is not one of {SUPPORTED_FORMAT_VERSIONS}")
+        raise DataError(
+            f"{path}: format_version {manifest['format_version']} is not one of {SUPPORTED_FORMAT_VERSIONS}"
+        )
     return manifest
 
 
-def check_shards(shards_dir: str | Path, split: str = "train", verify_sha256: bool = False,
-                 manifest: dict | None = None) -> list[Path]:
+def check_shards(
+    shards_dir: str | Path, split: str = "train", verify_sha256: bool = False, manifest: dict | None = None
+) -> list[Path]:
     """Paths of the split's shards after checking each against the manifest: size, then sha256 if asked.
 
     Hashing costs one read of the split: 5.9 GB for 30,000 256 px images (raw size, an upper bound
@@ -78,8 +83,10 @@ def check_shards(shards_dir: str | Path, split: str = "train", verify_sha256: bo
         cache = _VerifiedCache(shards_dir)
         for path, entry in zip(paths, entries):
             if not cache.verified(path, entry["sha256"]):
-                raise DataError(f"{path}: sha256 does not match {where} (the shard is damaged); "
-                                f"re-run the same data_prep command to rebuild it")
+                raise DataError(
+                    f"{path}: sha256 does not match {where} (the shard is damaged); "
+                    f"re-run the same data_prep command to rebuild it"
+                )
         cache.save()
     return paths
 
@@ -89,6 +96,7 @@ class _VerifiedCache:
 
     Stored beside the manifest when that directory is writable; otherwise kept for this process.
     """
+
     NAME = ".verified.json"
 
     def __init__(self, shards_dir: Path):

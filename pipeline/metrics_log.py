@@ -2,6 +2,7 @@
 
 A resumed run first drops the rows logged after its checkpoint (those steps are trained again).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,24 @@ class MetricsLog:
         _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
         if sys.stderr.isatty():
             from tqdm import tqdm
+
             self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True)
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step)
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, images: int, seconds: float,
-             skipped: bool, engine) -> None:
+    def step(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float | None,
+        images: int,
+        seconds: float,
+        skipped: bool,
+        engine,
+    ) -> None:
         if not self.active:
             return
         self.losses.append(loss)
@@ -46,12 +58,19 @@ class MetricsLog:
         if step % self.every and step != self.total:
             return
         finite = [x for x in self.losses if math.isfinite(x)]
-        row = {"step": step, "loss": sum(finite) / len(finite) if finite else float("nan"),
-               "lr": lr, "grad_norm": grad_norm, "loss_scale": loss_scale(engine),
-               "images_per_second": self.images / max(self.seconds, 1e-9), "skipped_steps": self.skipped,
-               "corrupt_samples": self.corrupt_samples, "time": time.time()}
+        row = {
+            "step": step,
+            "loss": sum(finite) / len(finite) if finite else float("nan"),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "loss_scale": loss_scale(engine),
+            "images_per_second": self.images / max(self.seconds, 1e-9),
+            "skipped_steps": self.skipped,
+            "corrupt_samples": self.corrupt_samples,
+            "time": time.time(),
+        }
         if torch.cuda.is_available():
-            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:

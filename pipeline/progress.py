@@ -3,6 +3,7 @@
 Imports neither torch nor (without a terminal) tqdm: the standalone sampler runs with numpy and
 an engine alone. data_prep keeps a copy of its own, being free of every other part of the project.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,16 @@ from collections.abc import Callable
 class Progress:
     """update() per unit of work; `line(self)` is the log line printed when there is no terminal."""
 
-    def __init__(self, total: int, line: Callable[[Progress], str], *, unit: str = "step", initial: int = 0,
-                 interval: float = 10.0, quiet: bool = False):
+    def __init__(
+        self,
+        total: int,
+        line: Callable[[Progress], str],
+        *,
+        unit: str = "step",
+        initial: int = 0,
+        interval: float = 10.0,
+        quiet: bool = False,
+    ):
         self.total, self.done, self.first, self.line = total, initial, initial, line
         self.interval, self.quiet, self.text = interval, quiet, ""
         self.start = self.last = time.monotonic()
@@ -22,6 +31,7 @@ class Progress:
         if sys.stderr.isatty() and not quiet:
             try:
                 from tqdm import tqdm
+
                 self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, file=sys.stderr)
             except ImportError:  # the standalone sampler needs only numpy + an engine
                 pass

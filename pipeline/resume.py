@@ -6,6 +6,7 @@ engine state per rank (unpickled with weights_only loading), each rank's RNG str
 data position (`TrainState`). A failure on one rank (a damaged file, a full disk) stops every
 rank at the same point with one message (`on_all_ranks`).
 """
+
 from __future__ import annotations
 
 import io
@@ -22,10 +23,22 @@ import torch
 import torch.distributed as dist
 
 from pipeline import distributed
-from pipeline.checkpoint import (EMA_FILE, CheckpointError, checkpoint_dir, complete_checkpoints,
-                                 deepspeed_safe_globals, load_tensors, mark_complete, prune_checkpoints,
-                                 reason_of, remove_incomplete, save_export_files, step_of, verify_deepspeed_files,
-                                 verify_export_files)
+from pipeline.checkpoint import (
+    EMA_FILE,
+    CheckpointError,
+    checkpoint_dir,
+    complete_checkpoints,
+    deepspeed_safe_globals,
+    load_tensors,
+    mark_complete,
+    prune_checkpoints,
+    reason_of,
+    remove_incomplete,
+    save_export_files,
+    step_of,
+    verify_deepspeed_files,
+    verify_export_files,
+)
 from pipeline.config import Config
 from pipeline.distributed import DistEnv
 from pipeline.ema import full_weights
@@ -67,10 +80,10 @@ def on_all_ranks(env: DistEnv, fn):
 
 @dataclass
 class TrainState:
-    step: int = 0            # optimizer steps taken (skipped fp16 overflow steps included)
+    step: int = 0  # optimizer steps taken (skipped fp16 overflow steps included)
     images_seen: int = 0
-    stream_start: int = 0    # data position: the step whose seed started the current stream,
-    batches_drawn: int = 0   # and the micro-batches this rank has drawn from it since
+    stream_start: int = 0  # data position: the step whose seed started the current stream,
+    batches_drawn: int = 0  # and the micro-batches this rank has drawn from it since
 
 
 def save_checkpoint(engine, ema, state: TrainState, cfg: Config, env: DistEnv) -> Path:
@@ -94,9 +107,14 @@ def save_checkpoint(engine, ema, state: TrainState, cfg: Config, env: DistEnv) -
         shutil.rmtree(ckpt, ignore_errors=True)  # a leftover of an interrupted write
         attempt(lambda: ckpt.mkdir(parents=True))
     distributed.barrier()
-    client_state = {"step": state.step, "images_seen": state.images_seen, "stream_start": state.stream_start,
-                    "batches_drawn": state.batches_drawn, "ema_num_updates": ema.num_updates,
-                    "world_size": env.world_size}
+    client_state = {
+        "step": state.step,
+        "images_seen": state.images_seen,
+        "stream_start": state.stream_start,
+        "batches_drawn": state.batches_drawn,
+        "ema_num_updates": ema.num_updates,
+        "world_size": env.world_size,
+    }
     writer = engine.checkpoint_engine
     writer.save_error = failed[0] if failed else None  # WeightsOnlyCheckpointEngine then writes nothing
     engine.save_checkpoint(str(ckpt), tag="deepspeed", client_state=client_state, save_latest=False)
@@ -109,8 +127,9 @@ def save_checkpoint(engine, ema, state: TrainState, cfg: Config, env: DistEnv) -
     attempt(lambda: fsync_tree(ckpt))  # each rank flushes what it wrote (and, harmlessly, what the others wrote)
     distributed.barrier()
     if env.is_main:
-        attempt(lambda: save_export_files(ckpt, ema.state_dict(), cfg, state.step, state.images_seen,
-                                          model_state=online))
+        attempt(
+            lambda: save_export_files(ckpt, ema.state_dict(), cfg, state.step, state.images_seen, model_state=online)
+        )
     _agree_or_remove(ckpt, failed, env)
     if env.is_main:
         _test_pause_before_complete(state.step)
@@ -128,8 +147,9 @@ def _agree_or_remove(ckpt: Path, failed: list, env: DistEnv) -> None:
     except TrainError as e:
         if env.is_main:
             shutil.rmtree(ckpt, ignore_errors=True)
-        raise TrainError(f"{e}; removed the unfinished checkpoint {ckpt}, the earlier ones are intact",
-                         quiet=e.quiet) from None
+        raise TrainError(
+            f"{e}; removed the unfinished checkpoint {ckpt}, the earlier ones are intact", quiet=e.quiet
+        ) from None
 
 
 def _reraise(failed: list) -> None:
@@ -167,8 +187,11 @@ def resume(engine, ema, cfg: Config, env: DistEnv) -> TrainState:
                 hint = "" if cfg.train.resume_fallback else "; train.resume_fallback=true resumes from the one before"
                 raise TrainError(f"{e}{hint if i + 1 < len(candidates) else ''}", quiet=e.quiet) from None
             if env.is_main:
-                print(f"warning: {e}; falling back to the next older complete checkpoint {candidates[i + 1]} "
-                      f"(train.resume_fallback=true)", flush=True)
+                print(
+                    f"warning: {e}; falling back to the next older complete checkpoint {candidates[i + 1]} "
+                    f"(train.resume_fallback=true)",
+                    flush=True,
+                )
     return TrainState()
 
 
@@ -178,16 +201,20 @@ def load_checkpoint(engine, ema, ckpt: Path, env: DistEnv) -> TrainState:
 
     def load_engine():
         try:
-            _, client = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+            _, client = engine.load_checkpoint(
+                str(ckpt), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         except (RuntimeError, KeyError, ValueError, OSError) as e:
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"{ckpt}: cannot resume from it ({str(e).splitlines()[0][:300]}); "
-                                  f"was it written by a different config or world size?") from None
+            raise CheckpointError(
+                f"{ckpt}: cannot resume from it ({str(e).splitlines()[0][:300]}); "
+                f"was it written by a different config or world size?"
+            ) from None
         if client is None:
             raise CheckpointError(f"{ckpt / 'deepspeed'}: DeepSpeed found no state there")
         return client
+
     client = on_all_ranks(env, load_engine)
 
     def load_ema_and_rng() -> bool:
@@ -195,17 +222,25 @@ def load_checkpoint(engine, ema, ckpt: Path, env: DistEnv) -> TrainState:
         try:
             ema.load_state_dict(ema_state, client["ema_num_updates"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{ckpt / EMA_FILE}: does not fit this model ({str(e).splitlines()[0][:200]})") from None
+            raise CheckpointError(
+                f"{ckpt / EMA_FILE}: does not fit this model ({str(e).splitlines()[0][:200]})"
+            ) from None
         return load_rng(ckpt, env.rank)
+
     if not on_all_ranks(env, load_ema_and_rng) and env.is_main:
         print(f"warning: {ckpt} has no RNG state for rank {env.rank}; continuing with fresh generators")
     if env.is_main:
         print(f"resumed from {ckpt} (step {client['step']}, {client['images_seen']} images seen)", flush=True)
-    return TrainState(step=client["step"], images_seen=client["images_seen"], stream_start=client["stream_start"],
-                      batches_drawn=client["batches_drawn"])
+    return TrainState(
+        step=client["step"],
+        images_seen=client["images_seen"],
+        stream_start=client["stream_start"],
+        batches_drawn=client["batches_drawn"],
+    )
 
 
 # --- RNG streams, durable writes, weights-only loading ---------------------------------------
+
 
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's python, numpy and torch (CPU and CUDA) generator states as plain tensors."""
@@ -275,6 +310,7 @@ def use_weights_only_loading(engine) -> None:
     so a tampered checkpoint cannot run code on load.
     """
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         return  # a configured alternative engine (nebula, fast, ...) keeps its own loader
     allowed = deepspeed_safe_globals()
@@ -283,6 +319,7 @@ def use_weights_only_loading(engine) -> None:
         """Loads name the damaged file; saves go through atomic_writer, and a failed save (a full
         disk) is kept in `save_error` instead of raised, so this rank still joins DeepSpeed's
         collectives and the caller can stop every rank together."""
+
         save_error: Exception | None = None
 
         def load(self, path: str, map_location=None):

@@ -6,6 +6,7 @@ default, the best score per network call in `benchmarks quality`).
 
     python -m pipeline.sample_grid --ckpt runs/demo [--sampler unipc] [--steps 10] [--num 16] [--out grid.png]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,29 @@ class ModelDenoiser:
         return out.float().cpu().numpy()
 
 
-def model_samples(model: torch.nn.Module, schedule: DiffusionSchedule, num: int, steps: int,
-                  sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, seed: int = NOISE_SEED,
-                  device: torch.device | str = "cpu") -> np.ndarray:
+def model_samples(
+    model: torch.nn.Module,
+    schedule: DiffusionSchedule,
+    num: int,
+    steps: int,
+    sampler: str = DEFAULT_SAMPLER,
+    eta: float = 0.0,
+    seed: int = NOISE_SEED,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
     """num samples of a torch model from the core's per-image noise -> (num, C, H, W) float32 in [-1, 1]."""
     cfg = model.cfg
-    x = generate(ModelDenoiser(model, device), num, batch=num, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                 schedule=schedule, shape=(cfg.in_channels, cfg.image_size, cfg.image_size))
+    x = generate(
+        ModelDenoiser(model, device),
+        num,
+        batch=num,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        seed=seed,
+        schedule=schedule,
+        shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+    )
     return np.clip(x, -1.0, 1.0)
 
 
@@ -64,8 +81,16 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def save_preview(model: torch.nn.Module, schedule: DiffusionSchedule, run_dir: str | Path, step: int,
-                 num: int, steps: int, sampler: str = DEFAULT_SAMPLER, device: torch.device | str = "cpu") -> Path:
+def save_preview(
+    model: torch.nn.Module,
+    schedule: DiffusionSchedule,
+    run_dir: str | Path,
+    step: int,
+    num: int,
+    steps: int,
+    sampler: str = DEFAULT_SAMPLER,
+    device: torch.device | str = "cpu",
+) -> Path:
     """Draw a grid, write samples/step_XXXXXXXXX.png and samples/grid.png (the latest), atomically."""
     was_training = model.training
     model.eval()
@@ -83,6 +108,7 @@ def save_preview(model: torch.nn.Module, schedule: DiffusionSchedule, run_dir: s
 def main(argv: list[str] | None = None) -> int:
     from pipeline.checkpoint import CheckpointError, load_unet
     from pipeline.schedule import schedule_from_config
+
     p = argparse.ArgumentParser(prog="python -m pipeline.sample_grid", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (newest checkpoint)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="|".join(SAMPLERS))

@@ -18,6 +18,7 @@ in half-log-SNR lambda = log(alpha / sigma), alpha = sqrt(abar), sigma = sqrt(1 
 Both match diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler with
 final_sigmas_type="zero" (tests/test_sampling.py); DDPM and DDIM match its DDPM/DDIM schedulers.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,8 +69,9 @@ def default_steps(schedule: DiffusionSchedule, sampler: str) -> int:
     return schedule.num_timesteps if steps is None else min(steps, schedule.num_timesteps)
 
 
-def sampler_timesteps(schedule: DiffusionSchedule, sampler: str, steps: int | None = None,
-                      spacing: str = DEFAULT_SPACING) -> np.ndarray:
+def sampler_timesteps(
+    schedule: DiffusionSchedule, sampler: str, steps: int | None = None, spacing: str = DEFAULT_SPACING
+) -> np.ndarray:
     """Descending timesteps visited, one network call each (default: `DEFAULT_STEPS`)."""
     check_sampler(sampler, steps, 0.0, schedule.num_timesteps)
     return sampling_timesteps(schedule.num_timesteps, steps or default_steps(schedule, sampler), spacing)
@@ -77,9 +79,11 @@ def sampler_timesteps(schedule: DiffusionSchedule, sampler: str, steps: int | No
 
 # --- the plan: per-step scalars -------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Step:
     """The scalars of one step t -> t_prev (t_prev = -1: the clean image); see the module docstring."""
+
     t: int
     t_prev: int
     cx: float
@@ -87,7 +91,7 @@ class Step:
     px: float
     p0: tuple[float, ...]
     sigma: float = 0.0
-    qx: float | None = None          # None: no corrector before this step
+    qx: float | None = None  # None: no corrector before this step
     q0: tuple[float, ...] = ()
 
 
@@ -115,7 +119,7 @@ def _ddim(schedule, t, t_prev, eta):
     a, s, _ = _alpha_sigma_lambda(schedule, t)
     a_prev, s_prev, _ = _alpha_sigma_lambda(schedule, t_prev)
     noise = eta * s_prev / s * np.sqrt(1.0 - (a / a_prev) ** 2)
-    direction = np.sqrt(max(s_prev ** 2 - noise ** 2, 0.0))  # eps = (x - a x0) / s
+    direction = np.sqrt(max(s_prev**2 - noise**2, 0.0))  # eps = (x - a x0) / s
     return direction / s, (a_prev - direction * a / s,), noise
 
 
@@ -139,11 +143,11 @@ def _dpmpp_2m(schedule, ts, i):
     _, s_s0, l_s0 = _alpha_sigma_lambda(schedule, ts[i])
     a_t, s_t, l_t = _alpha_sigma_lambda(schedule, ts[i + 1])
     h = l_t - l_s0
-    px, phi = s_t / s_s0, -a_t * np.expm1(-h)   # x = px x + phi * D
+    px, phi = s_t / s_s0, -a_t * np.expm1(-h)  # x = px x + phi * D
     if i == 0 or i == len(ts) - 2:
         return px, (phi,)
     l_s1 = _alpha_sigma_lambda(schedule, ts[i - 1])[2]
-    r = (l_s0 - l_s1) / h                        # D = x0_i + (x0_i - x0_{i-1}) / (2 r)
+    r = (l_s0 - l_s1) / h  # D = x0_i + (x0_i - x0_{i-1}) / (2 r)
     return px, (phi * (1 + 0.5 / r), -phi * 0.5 / r)
 
 
@@ -163,11 +167,11 @@ def _unipc_predictor(schedule, ts, i, order):
     a_t, s_t, l_t = _alpha_sigma_lambda(schedule, ts[i + 1])
     h = l_t - l_s0
     b_h = np.expm1(-h)
-    px, c0 = s_t / s_s0, -a_t * b_h              # x = px x - a_t (e^-h - 1) x0_i - ...
+    px, c0 = s_t / s_s0, -a_t * b_h  # x = px x - a_t (e^-h - 1) x0_i - ...
     if order == 1:
         return px, (c0,)
     rk = (_alpha_sigma_lambda(schedule, ts[i - 1])[2] - l_s0) / h
-    d = -a_t * b_h * 0.5 / rk                    # ... - a_t B(h) rho (x0_{i-1} - x0_i) / rk, rho = 1/2
+    d = -a_t * b_h * 0.5 / rk  # ... - a_t B(h) rho (x0_{i-1} - x0_i) / rk, rho = 1/2
     return px, (c0 - d, d)
 
 
@@ -188,8 +192,9 @@ def _unipc_corrector(schedule, ts, i, order):
     return qx, (c_t, w - c_t - c_2, c_2)
 
 
-def plan_steps(schedule: DiffusionSchedule, timesteps: Sequence[int] | np.ndarray, sampler: str, eta: float = 0.0,
-               t_end: int = -1) -> list[Step]:
+def plan_steps(
+    schedule: DiffusionSchedule, timesteps: Sequence[int] | np.ndarray, sampler: str, eta: float = 0.0, t_end: int = -1
+) -> list[Step]:
     """The per-step scalars for the chain timesteps[0] -> ... -> timesteps[-1] -> t_end."""
     check_sampler(sampler, None, eta, schedule.num_timesteps)
     ts = [int(t) for t in timesteps] + [int(t_end)]
@@ -214,12 +219,24 @@ def plan_steps(schedule: DiffusionSchedule, timesteps: Sequence[int] | np.ndarra
             if i > 0:
                 qx, q0 = _unipc_corrector(schedule, ts, i, min(2, i, n - i + 1))
         cx, co = _x0_coefficients(schedule, t)
-        plan.append(Step(t, t_prev, float(cx), float(co), float(px), tuple(map(float, p0)), float(sigma),
-                         None if qx is None else float(qx), tuple(map(float, q0))))
+        plan.append(
+            Step(
+                t,
+                t_prev,
+                float(cx),
+                float(co),
+                float(px),
+                tuple(map(float, p0)),
+                float(sigma),
+                None if qx is None else float(qx),
+                tuple(map(float, q0)),
+            )
+        )
     return plan
 
 
 # --- the loop ------------------------------------------------------------------------------
+
 
 def _network(denoiser, x: np.ndarray, t: np.ndarray) -> np.ndarray:
     """One denoiser call; a batch below the engine's minimum is padded and the padding dropped."""
@@ -248,8 +265,7 @@ class _StepNoise:
     and exactly `count` draws are made (the rngs may be reused after the loop).
     """
 
-    def __init__(self, rngs: Sequence[np.random.Generator], shape: tuple[int, ...], count: int,
-                 ahead: bool = True):
+    def __init__(self, rngs: Sequence[np.random.Generator], shape: tuple[int, ...], count: int, ahead: bool = True):
         self.rngs, self.remaining, self.turn = rngs, count, 0
         self.buffers = [np.empty(shape, np.float32) for _ in range(min(count, 2))]
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-noise") if ahead and count else None
@@ -278,9 +294,19 @@ class _StepNoise:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def sample_loop(denoiser, schedule: DiffusionSchedule, x_t: np.ndarray, timesteps: Sequence[int] | np.ndarray, *,
-                sampler: str, eta: float = 0.0, rngs: Sequence[np.random.Generator] = (),
-                t_end: int = -1, callback: Callable | None = None, prefetch_noise: bool = True) -> np.ndarray:
+def sample_loop(
+    denoiser,
+    schedule: DiffusionSchedule,
+    x_t: np.ndarray,
+    timesteps: Sequence[int] | np.ndarray,
+    *,
+    sampler: str,
+    eta: float = 0.0,
+    rngs: Sequence[np.random.Generator] = (),
+    t_end: int = -1,
+    callback: Callable | None = None,
+    prefetch_noise: bool = True,
+) -> np.ndarray:
     """Run the reverse chain from x_t (B,C,H,W) at timesteps[0] down to t_end; returns float32
     (float64 if x_t is: the tests use it where float32 itself is the error).
 
@@ -301,7 +327,7 @@ def sample_loop(denoiser, schedule: DiffusionSchedule, x_t: np.ndarray, timestep
     t_in = np.empty(len(x), np.float32)
     clip = schedule.clip_range if schedule.clip_sample else None
     history: list[np.ndarray] = []  # x0 predictions, newest first
-    x_last = x                      # the sample before the last step (UniPC's corrector restarts from it)
+    x_last = x  # the sample before the last step (UniPC's corrector restarts from it)
     noise = _StepNoise(rngs, x.shape, noisy_steps, ahead=prefetch_noise)
     try:
         for i, step in enumerate(plan):
@@ -325,6 +351,7 @@ def sample_loop(denoiser, schedule: DiffusionSchedule, x_t: np.ndarray, timestep
 
 # --- whole runs ----------------------------------------------------------------------------
 
+
 def image_rngs(seed: int, first: int, count: int) -> list[np.random.Generator]:
     """Generators for images first..first+count-1 of a run: image i's stream depends on (seed, i) only."""
     return [np.random.default_rng([seed, i]) for i in range(first, first + count)]
@@ -343,9 +370,20 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def generate(denoiser, num: int, *, batch: int, sampler: str = DEFAULT_SAMPLER, steps: int | None = None,
-             eta: float = 0.0, spacing: str = DEFAULT_SPACING, seed: int = 0, callback: Callable | None = None,
-             schedule: DiffusionSchedule | None = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+def generate(
+    denoiser,
+    num: int,
+    *,
+    batch: int,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int | None = None,
+    eta: float = 0.0,
+    spacing: str = DEFAULT_SPACING,
+    seed: int = 0,
+    callback: Callable | None = None,
+    schedule: DiffusionSchedule | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
     """`num` images (num, C, H, W) float32 in chunks of at most `batch`; image i depends on (seed, i) only.
 
     callback is `sample_loop`'s, called for every chunk. schedule and shape default to the
@@ -359,6 +397,14 @@ def generate(denoiser, num: int, *, batch: int, sampler: str = DEFAULT_SAMPLER, 
     for first in range(0, num, batch):
         count = min(batch, num - first)
         rngs = image_rngs(seed, first, count)
-        out[first:first + count] = sample_loop(denoiser, schedule, initial_noise(rngs, shape), timesteps,
-                                               sampler=sampler, eta=eta, rngs=rngs, callback=callback)
+        out[first : first + count] = sample_loop(
+            denoiser,
+            schedule,
+            initial_noise(rngs, shape),
+            timesteps,
+            sampler=sampler,
+            eta=eta,
+            rngs=rngs,
+            callback=callback,
+        )
     return out

@@ -5,6 +5,7 @@ whole reverse process with numpy and the engine alone; the samplers' update rule
 `pipeline.sampling`. Notation follows Ho et al. 2020
 and Song et al. 2021 (DDIM); timesteps index the arrays below, 0 <= t < T.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,14 +21,15 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def beta_schedule(kind: str, num_timesteps: int, beta_start: float = 1e-4,
-                  beta_end: float = 0.02) -> np.ndarray:
+def beta_schedule(kind: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """Betas of shape (num_timesteps,): `linear` (DDPM) or `cosine` (Nichol & Dhariwal)."""
     if kind == "linear":
         return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
     if kind == "cosine":
+
         def alpha_bar(s):
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
         steps = np.arange(num_timesteps)
         betas = [1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps) for i in steps]
         # The last few cosine betas approach 1; clipping keeps the reverse process finite.
@@ -35,8 +37,7 @@ def beta_schedule(kind: str, num_timesteps: int, beta_start: float = 1e-4,
     raise ValueError(f"unknown beta schedule {kind!r}; expected 'linear' or 'cosine'")
 
 
-def sampling_timesteps(num_train: int, num_steps: int, spacing: str = "leading",
-                       steps_offset: int = 0) -> np.ndarray:
+def sampling_timesteps(num_train: int, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
     """The descending timesteps a sampler visits, shape (num_steps,), int64.
 
     Spacings are those of Lin et al. 2023 (Table 2), as diffusers implements them.
@@ -64,8 +65,14 @@ def _at(values: np.ndarray, t, ndim: int) -> np.ndarray:
 class DiffusionSchedule:
     """The forward process q(x_t | x_0) and the reverse-step arithmetic for one beta schedule."""
 
-    def __init__(self, betas, prediction_type: str = "epsilon", variance_type: str = "fixed_small",
-                 clip_sample: bool = True, clip_range: float = 1.0):
+    def __init__(
+        self,
+        betas,
+        prediction_type: str = "epsilon",
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        clip_range: float = 1.0,
+    ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
         if variance_type not in VARIANCE_TYPES:
@@ -87,17 +94,26 @@ class DiffusionSchedule:
         # Posterior q(x_{t-1} | x_t, x_0) of the full-length chain (eq. 6-7 of Ho et al.).
         self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        )
 
     @classmethod
-    def from_config(cls, num_timesteps: int, beta_schedule_kind: str = "linear", beta_start: float = 1e-4,
-                    beta_end: float = 0.02, **kwargs) -> "DiffusionSchedule":
+    def from_config(
+        cls,
+        num_timesteps: int,
+        beta_schedule_kind: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        **kwargs,
+    ) -> "DiffusionSchedule":
         return cls(beta_schedule(beta_schedule_kind, num_timesteps, beta_start, beta_end), **kwargs)
 
     def q_sample(self, x0: np.ndarray, t, noise: np.ndarray) -> np.ndarray:
         """Draw x_t ~ q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise. x0: (B, ...)."""
-        return (_at(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
-                + _at(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+        return (
+            _at(self.sqrt_alphas_cumprod, t, x0.ndim) * x0 + _at(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+        )
 
     def training_target(self, x0: np.ndarray, t, noise: np.ndarray) -> np.ndarray:
         """What the network is trained to output for this prediction type."""
@@ -105,8 +121,9 @@ class DiffusionSchedule:
             return noise
         if self.prediction_type == "sample":
             return x0
-        return (_at(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
-                - _at(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+        return (
+            _at(self.sqrt_alphas_cumprod, t, x0.ndim) * noise - _at(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
+        )
 
     def predict_x0(self, model_output: np.ndarray, t, x_t: np.ndarray) -> np.ndarray:
         """The x0 implied by the model output at t (B, ...); clipped when clip_sample is set."""
@@ -123,5 +140,11 @@ class DiffusionSchedule:
 def schedule_from_config(cfg: DiffusionConfig) -> DiffusionSchedule:
     """The schedule a `pipeline.config.DiffusionConfig` describes (export and training both build it here)."""
     return DiffusionSchedule.from_config(
-        cfg.num_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end,
-        prediction_type=cfg.prediction_type, variance_type=cfg.variance_type, clip_sample=cfg.clip_sample)
+        cfg.num_timesteps,
+        cfg.beta_schedule,
+        cfg.beta_start,
+        cfg.beta_end,
+        prediction_type=cfg.prediction_type,
+        variance_type=cfg.variance_type,
+        clip_sample=cfg.clip_sample,
+    )

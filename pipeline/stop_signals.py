@@ -4,6 +4,7 @@ The training polls at the end of every step; a request makes it checkpoint on ev
 exit with REQUEUE_EXIT_CODE. Code in another thread (where handlers cannot be set) calls
 `request_stop()` itself.
 """
+
 from __future__ import annotations
 
 import os

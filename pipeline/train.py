@@ -16,6 +16,7 @@ finishes, every rank writes the checkpoint, and the process exits with REQUEUE_E
 Exit status: 0 done, 1 training diverged, 2 user error (bad config, damaged shard or checkpoint,
 too many corrupt samples, disk full: one line on stderr), REQUEUE_EXIT_CODE stopped on request.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ from pipeline.manifest import DataError, check_shards, read_manifest
 from pipeline.metrics_log import MetricsLog, loss_scale
 from pipeline.resume import TrainError, TrainState, on_all_ranks, resume, save_checkpoint, use_weights_only_loading
 
-REQUEUE_EXIT_CODE = 3   # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
+REQUEUE_EXIT_CODE = 3  # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
 EXIT_DIVERGED = 1
 EXIT_USER_ERROR = 2
 
@@ -57,6 +58,7 @@ def is_min_loss_scale_error(error: BaseException) -> bool:
 
 # --- randomness that depends on (seed, rank, step) only -------------------------------------
 
+
 def derived_seed(*keys: int) -> int:
     """A 63-bit seed mixed from integers (numpy's SeedSequence: independent streams per key)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
@@ -69,8 +71,10 @@ def check_data(cfg: Config) -> None:
     manifest = read_manifest(cfg.data.shards)
     check_shards(cfg.data.shards, "train", verify_sha256=True, manifest=manifest)
     if manifest["resolution"] != cfg.model.image_size:
-        raise TrainError(f"data.shards: {cfg.data.shards} holds {manifest['resolution']} px images "
-                         f"but model.image_size is {cfg.model.image_size}")
+        raise TrainError(
+            f"data.shards: {cfg.data.shards} holds {manifest['resolution']} px images "
+            f"but model.image_size is {cfg.model.image_size}"
+        )
 
 
 def image_stream(cfg: Config, env: DistEnv, micro_batch: int, start_step: int, skip: int = 0):
@@ -78,10 +82,18 @@ def image_stream(cfg: Config, env: DistEnv, micro_batch: int, start_step: int, s
     less the first `skip` (the ones a resumed run had already trained on). The loader checks the
     shards against the manifest again: after `check_data`, a stat per shard."""
     from pipeline.data import make_loader
-    loader = make_loader(cfg.data.shards, batch_size=micro_batch, rank=env.rank, world_size=env.world_size,
-                         num_workers=cfg.data.num_workers, seed=derived_seed(cfg.train.seed, start_step, 1),
-                         shuffle_buffer=cfg.data.shuffle_buffer, random_flip=cfg.data.random_flip,
-                         max_corrupt=cfg.data.max_corrupt)
+
+    loader = make_loader(
+        cfg.data.shards,
+        batch_size=micro_batch,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=cfg.data.num_workers,
+        seed=derived_seed(cfg.train.seed, start_step, 1),
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        random_flip=cfg.data.random_flip,
+        max_corrupt=cfg.data.max_corrupt,
+    )
     loader.max_corrupt = None  # train_loop counts corrupt samples over all ranks and stops them together
     return loader.forever(skip)  # resampled epochs of equal length on every rank
 
@@ -94,25 +106,38 @@ def warmup_lambda(warmup_steps: int):
 def build_engine(cfg: Config, ds_config: dict, deepspeed):
     """The DeepSpeed engine around a freshly initialised U-Net (same weights on every rank)."""
     from pipeline.unet import UNet
+
     torch.manual_seed(cfg.train.seed)
     model = UNet(cfg.model)
     model.grad_checkpointing = cfg.train.grad_checkpointing
     train_cfg = cfg.train
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
-                                      weight_decay=train_cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=train_cfg.lr,
+            betas=tuple(train_cfg.adam_betas),
+            eps=train_cfg.adam_eps,
+            weight_decay=train_cfg.weight_decay,
+        )
     if "scheduler" not in ds_config:
+
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(train_cfg.warmup_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           model_parameters=model.parameters() if optimizer is None else None,
-                                           config=ds_config)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        model_parameters=model.parameters() if optimizer is None else None,
+        config=ds_config,
+    )
     use_weights_only_loading(engine)
     return engine
 
 
 # --- the loop -------------------------------------------------------------------------------------
+
 
 def train(cfg: Config) -> int:
     """Run (or resume) the training described by cfg in this process; returns the exit status.
@@ -142,8 +167,10 @@ def _train(cfg: Config) -> int:
     ds_config = ds_config_for(cfg, env.world_size)
     precision = precision_of(ds_config)
     if precision == "fp16" and not torch.cuda.is_available():
-        raise TrainError("train.precision=fp16 needs a CUDA GPU (DeepSpeed's loss-scaled fp16 does not run "
-                         "on CPU); use train.precision=bf16 or fp32 here")
+        raise TrainError(
+            "train.precision=fp16 needs a CUDA GPU (DeepSpeed's loss-scaled fp16 does not run "
+            "on CPU); use train.precision=bf16 or fp32 here"
+        )
     deepspeed = distributed.init(env)
     check_offload_build(ds_config)
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later; no effect on CPU
@@ -156,8 +183,14 @@ def _train(cfg: Config) -> int:
     on_all_ranks(env, lambda: check_data(cfg) if env.is_main else None)
 
     engine = build_engine(cfg, ds_config, deepspeed)
-    ema = EMA(engine.module, cfg.ema.decay, warmup=cfg.ema.warmup, keep=env.is_main,
-              profile=cfg.ema.profile, sigma_rel=cfg.ema.sigma_rel)
+    ema = EMA(
+        engine.module,
+        cfg.ema.decay,
+        warmup=cfg.ema.warmup,
+        keep=env.is_main,
+        profile=cfg.ema.profile,
+        sigma_rel=cfg.ema.sigma_rel,
+    )
     state = resume(engine, ema, cfg, env)
     if state.step >= train_cfg.max_steps:
         if env.is_main:
@@ -165,13 +198,16 @@ def _train(cfg: Config) -> int:
         return 0
     if env.is_main and state.batches_drawn:
         print(f"skipping {state.batches_drawn} batches to restore the data position", flush=True)
-    batches = on_all_ranks(env, lambda: image_stream(cfg, env, micro_batch, state.stream_start,
-                                                     skip=state.batches_drawn))
+    batches = on_all_ranks(
+        env, lambda: image_stream(cfg, env, micro_batch, state.stream_start, skip=state.batches_drawn)
+    )
 
     log = MetricsLog(cfg, state.step, env.is_main)
-    log.message(f"training {run_dir}: {env.world_size} process(es) on {env.device.type}, {precision}, "
-                f"ZeRO-{engine.zero_optimization_stage()}, batch {train_cfg.batch_size} = {micro_batch} x {accum} "
-                f"accumulation x {env.world_size}, from step {state.step} to {train_cfg.max_steps}")
+    log.message(
+        f"training {run_dir}: {env.world_size} process(es) on {env.device.type}, {precision}, "
+        f"ZeRO-{engine.zero_optimization_stage()}, batch {train_cfg.batch_size} = {micro_batch} x {accum} "
+        f"accumulation x {env.world_size}, from step {state.step} to {train_cfg.max_steps}"
+    )
     try:
         return train_loop(cfg, env, engine, ema, state, batches, log)
     finally:
@@ -221,6 +257,7 @@ def train_step(engine, diffusion, batches, state: TrainState, seed: int, env: Di
 def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batches, log: MetricsLog) -> int:
     from pipeline.diffusion import GaussianDiffusion
     from pipeline.schedule import schedule_from_config
+
     train_cfg = cfg.train
     diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion), train_cfg.loss_weighting, train_cfg.snr_gamma)
     fp16 = engine.fp16_enabled()
@@ -232,12 +269,20 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
         try:
             loss_sum, grad_norm = train_step(engine, diffusion, batches, state, train_cfg.seed, env)
         except LossScaleExhausted:  # every rank sees the same (all-reduced) overflow and stops here
-            return _diverged(log, cfg, f"step {state.step + 1}: fp16 gradients overflow even at the minimum loss "
-                                       f"scale {loss_scale(engine)}")
+            return _diverged(
+                log,
+                cfg,
+                f"step {state.step + 1}: fp16 gradients overflow even at the minimum loss scale {loss_scale(engine)}",
+            )
         # One small collective per step: the loss summed over ranks, and whether any rank was signalled.
         stop_signals.poll()
-        flags = torch.stack([loss_sum, torch.tensor(float(stop_signals.requested()), device=env.device),
-                             torch.tensor(float(batches.loader.take_rejected()), device=env.device)])
+        flags = torch.stack(
+            [
+                loss_sum,
+                torch.tensor(float(stop_signals.requested()), device=env.device),
+                torch.tensor(float(batches.loader.take_rejected()), device=env.device),
+            ]
+        )
         dist.all_reduce(flags)
         loss = flags[0].item() / (engine.gradient_accumulation_steps() * env.world_size)
         stop = flags[1].item() > 0
@@ -257,16 +302,22 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
         if applied:
             ema.update(engine.module)
         else:
-            log.message(f"step {state.step}: loss {loss:.4g}, grad norm {grad_norm}, " + (
-                f"fp16 overflow, step skipped, loss scale now {loss_scale(engine):g}" if fp16 else "non-finite"))
-        log.step(state.step, loss, lr, grad_norm, train_cfg.batch_size, time.perf_counter() - started, not applied, engine)
+            log.message(
+                f"step {state.step}: loss {loss:.4g}, grad norm {grad_norm}, "
+                + (f"fp16 overflow, step skipped, loss scale now {loss_scale(engine):g}" if fp16 else "non-finite")
+            )
+        log.step(
+            state.step, loss, lr, grad_norm, train_cfg.batch_size, time.perf_counter() - started, not applied, engine
+        )
         if bad_steps > train_cfg.max_bad_steps:
-            return _diverged(log, cfg, f"{bad_steps} consecutive non-finite steps "
-                                       f"(train.max_bad_steps={train_cfg.max_bad_steps})")
+            return _diverged(
+                log, cfg, f"{bad_steps} consecutive non-finite steps (train.max_bad_steps={train_cfg.max_bad_steps})"
+            )
 
         if state.step % train_cfg.checkpoint_every == 0:  # a fresh stream, so a resume from here skips nothing
-            batches = on_all_ranks(env, lambda: image_stream(cfg, env, engine.train_micro_batch_size_per_gpu(),
-                                                             state.step))
+            batches = on_all_ranks(
+                env, lambda: image_stream(cfg, env, engine.train_micro_batch_size_per_gpu(), state.step)
+            )
             state.stream_start, state.batches_drawn = state.step, 0
         weights_ok = fp16 or bad_steps == 0
         last = state.step == train_cfg.max_steps
@@ -284,8 +335,9 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
 
 
 def _diverged(log: MetricsLog, cfg: Config, reason: str) -> int:
-    log.message(f"error: {reason}; stopping. The last complete checkpoint under "
-                f"{Path(cfg.run.dir) / 'checkpoints'} is intact.")
+    log.message(
+        f"error: {reason}; stopping. The last complete checkpoint under {Path(cfg.run.dir) / 'checkpoints'} is intact."
+    )
     return EXIT_DIVERGED
 
 
@@ -294,18 +346,29 @@ def too_many_corrupt(cfg: Config, env: DistEnv, last: str, count: int) -> TrainE
     lasts = [None] * env.world_size
     dist.all_gather_object(lasts, last)
     last = next((x for x in reversed(lasts) if x), "")
-    return TrainError(f"{count} corrupt samples skipped, more than data.max_corrupt={cfg.data.max_corrupt} "
-                      f"(last: {last}); check the shards with `python -m data_prep --verify {cfg.data.shards}`",
-                      quiet=not env.is_main)
+    return TrainError(
+        f"{count} corrupt samples skipped, more than data.max_corrupt={cfg.data.max_corrupt} "
+        f"(last: {last}); check the shards with `python -m data_prep --verify {cfg.data.shards}`",
+        quiet=not env.is_main,
+    )
 
 
 def preview(cfg: Config, ema, diffusion, step: int, env: DistEnv) -> Path:
     """EMA samples drawn with the sampling core into run.dir/samples/ (rank 0)."""
     from pipeline.sample_grid import save_preview
     from pipeline.unet import UNet
+
     model = ema.copy_to(UNet(cfg.model).to(env.device))
-    return save_preview(model, diffusion.schedule, cfg.run.dir, step, cfg.log.num_samples, cfg.log.sample_steps,
-                        cfg.log.sample_sampler, device=env.device)
+    return save_preview(
+        model,
+        diffusion.schedule,
+        cfg.run.dir,
+        step,
+        cfg.log.num_samples,
+        cfg.log.sample_steps,
+        cfg.log.sample_sampler,
+        device=env.device,
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -5,6 +5,7 @@ resolutions and in the middle, strided-conv down-sampling, nearest+conv up-sampl
 decoder that consumes the encoder's activations as skips. Module layout mirrors diffusers'
 `UNet2DModel` level by level so that `import_diffusers_unet` is a renaming, not a rewrite.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def zero_module(module: nn.Module) -> nn.Module:
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps -> (B, dim), always in fp32 (as in the DDPM code)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
-                      / (half - 1))
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - 1)
+    )
     args = timesteps.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -204,8 +206,14 @@ def count_parameters(model: nn.Module) -> int:
 
 # --- diffusers interop -------------------------------------------------------------------
 
-_RESNET_NAMES = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "temb_proj", "norm2": "norm2",
-                 "conv2": "conv2", "conv_shortcut": "skip"}
+_RESNET_NAMES = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "time_emb_proj": "temb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "skip",
+}
 # diffusers renamed the attention projections in 0.15; checkpoints on the hub use either set.
 _ATTN_NAMES = {"group_norm": "norm", "to_out.0": "proj", "proj_attn": "proj"}
 _QKV_NAMES = (("to_q", "to_k", "to_v"), ("query", "key", "value"))
@@ -225,7 +233,7 @@ def _convert_attention(prefix_in: str, prefix_out: str, sd: dict, out: dict) -> 
                 fused = torch.cat(parts, dim=0)
                 out[f"{prefix_out}.qkv.{param}"] = fused[:, :, None, None] if param == "weight" else fused
     for key in [k for k in sd if k.startswith(prefix_in + ".")]:
-        layer, _, param = key[len(prefix_in) + 1:].rpartition(".")
+        layer, _, param = key[len(prefix_in) + 1 :].rpartition(".")
         value = sd.pop(key)
         if layer not in _ATTN_NAMES:
             raise KeyError(f"unexpected attention weight {key!r}")
@@ -235,8 +243,13 @@ def _convert_attention(prefix_in: str, prefix_out: str, sd: dict, out: dict) -> 
 def convert_diffusers_state_dict(sd: dict) -> dict:
     """Map a diffusers `UNet2DModel` (DDPM layout) state dict to this module's names."""
     sd, out = dict(sd), {}
-    top = {"time_embedding.linear_1": "time_mlp.0", "time_embedding.linear_2": "time_mlp.2",
-           "conv_in": "conv_in", "conv_norm_out": "norm_out", "conv_out": "conv_out"}
+    top = {
+        "time_embedding.linear_1": "time_mlp.0",
+        "time_embedding.linear_2": "time_mlp.2",
+        "conv_in": "conv_in",
+        "conv_norm_out": "norm_out",
+        "conv_out": "conv_out",
+    }
     for key in list(sd):
         layer, _, param = key.rpartition(".")
         if layer in top:
@@ -255,7 +268,7 @@ def convert_diffusers_state_dict(sd: dict) -> dict:
     mid = {"mid_block.resnets.0": "mid.res.0", "mid_block.resnets.1": "mid_res2"}
     for key in [k for k in sd if k.startswith("mid_block.resnets.")]:
         layer = ".".join(key.split(".")[:3])
-        out[f"{mid[layer]}.{_rename_resnet(key[len(layer) + 1:])}"] = sd.pop(key)
+        out[f"{mid[layer]}.{_rename_resnet(key[len(layer) + 1 :])}"] = sd.pop(key)
     if any(k.startswith("mid_block.attentions.0.") for k in sd):
         _convert_attention("mid_block.attentions.0", "mid.attn.0", sd, out)
     if sd:
@@ -269,12 +282,29 @@ class DiffusersConfigError(ValueError):
 
 # diffusers' UNet2DModel defaults: a field absent from config.json has this value there.
 _DIFFUSERS_DEFAULTS = {
-    "in_channels": 3, "out_channels": 3, "center_input_sample": False, "time_embedding_type": "positional",
-    "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True, "mid_block_type": "UNetMidBlock2D",
-    "layers_per_block": 2, "mid_block_scale_factor": 1, "downsample_padding": 1, "downsample_type": "conv",
-    "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32,
-    "attn_norm_num_groups": None, "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
-    "class_embed_type": None, "num_class_embeds": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "mid_block_type": "UNetMidBlock2D",
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     "block_out_channels": (224, 448, 672, 896),
@@ -301,6 +331,7 @@ _DOWN_TYPES, _UP_TYPES = ("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "Attn
 
 def check_diffusers_config(dcfg: dict, where: str = "config.json") -> None:
     """Refuse a UNet2DModel config that computes something this U-Net does not, naming the field."""
+
     def value(key):
         return dcfg.get(key, _DIFFUSERS_DEFAULTS.get(key))
 
@@ -322,8 +353,10 @@ def check_diffusers_config(dcfg: dict, where: str = "config.json") -> None:
     if value("in_channels") != value("out_channels"):
         refuse("out_channels", f"this U-Net outputs as many channels as it takes (in_channels={value('in_channels')})")
     if value("norm_num_groups") is None or value("attn_norm_num_groups") not in (None, value("norm_num_groups")):
-        refuse("attn_norm_num_groups" if value("norm_num_groups") else "norm_num_groups",
-               "one GroupNorm group count for resnets and attention (norm_num_groups)")
+        refuse(
+            "attn_norm_num_groups" if value("norm_num_groups") else "norm_num_groups",
+            "one GroupNorm group count for resnets and attention (norm_num_groups)",
+        )
     down, up = list(value("down_block_types")), list(value("up_block_types"))
     for key, types, allowed in (("down_block_types", down, _DOWN_TYPES), ("up_block_types", up, _UP_TYPES)):
         if len(types) != len(chs) or any(t not in allowed for t in types):
@@ -339,8 +372,11 @@ def check_diffusers_config(dcfg: dict, where: str = "config.json") -> None:
     head = value("attention_head_dim")
     attn_widths = {c for c, t in zip(chs, down) if t.startswith("Attn")} | {chs[-1]}
     if head is not None and any(head != c for c in attn_widths):
-        refuse("attention_head_dim", f"this U-Net's attention has one head as wide as the block "
-                                     f"({', '.join(map(str, sorted(attn_widths)))} channels): use null")
+        refuse(
+            "attention_head_dim",
+            f"this U-Net's attention has one head as wide as the block "
+            f"({', '.join(map(str, sorted(attn_widths)))} channels): use null",
+        )
 
 
 def import_diffusers_unet(state_dict_or_dir, cfg: ModelConfig | None = None) -> UNet:
@@ -352,6 +388,7 @@ def import_diffusers_unet(state_dict_or_dir, cfg: ModelConfig | None = None) -> 
     if isinstance(state_dict_or_dir, (str, Path)):
         import json
         from safetensors.torch import load_file
+
         folder = Path(state_dict_or_dir)
         dcfg = json.loads((folder / "config.json").read_text())
         cfg = model_config_from_diffusers(dcfg, where=str(folder / "config.json"))
@@ -377,7 +414,14 @@ def model_config_from_diffusers(dcfg: dict, where: str = "config.json") -> Model
     ch = chs[0]
     size = d["sample_size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
-    attn = tuple(size // 2 ** i for i, t in enumerate(d["down_block_types"]) if t.startswith("Attn"))
-    return ModelConfig(image_size=size, in_channels=d["in_channels"], ch=ch, ch_mult=tuple(c // ch for c in chs),
-                       num_res_blocks=d["layers_per_block"], attn_resolutions=attn, dropout=d["dropout"],
-                       num_groups=d["norm_num_groups"])
+    attn = tuple(size // 2**i for i, t in enumerate(d["down_block_types"]) if t.startswith("Attn"))
+    return ModelConfig(
+        image_size=size,
+        in_channels=d["in_channels"],
+        ch=ch,
+        ch_mult=tuple(c // ch for c in chs),
+        num_res_blocks=d["layers_per_block"],
+        attn_resolutions=attn,
+        dropout=d["dropout"],
+        num_groups=d["norm_num_groups"],
+    )

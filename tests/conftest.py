@@ -1,4 +1,5 @@
 """Shared pytest set-up: GPU tests skip with their reason where there is no CUDA device."""
+
 import os
 
 import pytest

@@ -6,6 +6,7 @@ with apt-get when missing; Playwright's own browser download is never used). Eve
 the page makes to anywhere but that address is blocked and makes the test fail.
 Screenshots go to the test's tmp dir, and are copied to $SCREENSHOTS_DIR when that is set.
 """
+
 import io
 import os
 import shutil
@@ -20,16 +21,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.app import (MAX_SIDE, SAMPLER_LABELS, Demo, UserInputError, image_to_model, keep_mask_from_layers,
-                        open_upload, shown_to_user)
+from export.app import (
+    MAX_SIDE,
+    SAMPLER_LABELS,
+    Demo,
+    UserInputError,
+    image_to_model,
+    keep_mask_from_layers,
+    open_upload,
+    shown_to_user,
+)
 from export.backends import load_denoiser
 from pipeline.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 from test_editing import SIZE, make_tiny_checkpoint  # tests/ is on sys.path (pytest's rootdir-less import)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WAIT_MS = 120_000  # for anything that samples; the machine may be shared
 
 
@@ -41,6 +58,7 @@ def gradient(width: int, height: int, mode: str = "RGB") -> Image.Image:
 
 # --- the page's input checks, without a browser -----------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16", "1"])
 def test_any_image_mode_becomes_a_model_input(mode):
     x = image_to_model(gradient(40, 24, mode), SIZE, 3)
@@ -50,7 +68,7 @@ def test_any_image_mode_becomes_a_model_input(mode):
 
 def test_transparency_is_flattened_on_white_and_the_center_is_kept():
     image = Image.new("RGBA", (48, 16), (0, 0, 0, 0))  # wide and transparent ...
-    image.paste((255, 0, 0, 255), (16, 0, 32, 16))    # ... with an opaque red center square
+    image.paste((255, 0, 0, 255), (16, 0, 32, 16))  # ... with an opaque red center square
     x = image_to_model(image, SIZE, 3)
     np.testing.assert_allclose(x[0, :, 2:-2, 2:-2].reshape(3, -1).mean(1), [1, -1, -1], atol=1e-6)
     white_sides = image_to_model(Image.new("RGBA", (16, 16), (0, 0, 0, 0)), SIZE, 3)
@@ -61,9 +79,12 @@ def test_uploads_that_cannot_be_used_are_one_line_messages(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     gradient(MAX_SIDE + 1, 8).save(tmp_path / "wide.png")
     with open(tmp_path / "big.png", "wb") as f:
-        f.truncate(21 * 2 ** 20)  # sparse: the size check must come before any reading
-    for name, message in [("notes.png", "not an image"), ("wide.png", f"limit is {MAX_SIDE} px"),
-                          ("big.png", "limit is 20 MB")]:
+        f.truncate(21 * 2**20)  # sparse: the size check must come before any reading
+    for name, message in [
+        ("notes.png", "not an image"),
+        ("wide.png", f"limit is {MAX_SIDE} px"),
+        ("big.png", "limit is 20 MB"),
+    ]:
         with pytest.raises(UserInputError, match=message):
             open_upload(str(tmp_path / name))
     with pytest.raises(UserInputError, match="Upload an image"):
@@ -82,7 +103,7 @@ def test_the_painted_strokes_are_the_region_to_regenerate():
     keep = keep_mask_from_layers([stroke], canvas, SIZE)
     assert keep.shape == (1, 1, SIZE, SIZE)
     np.testing.assert_array_equal(keep[0, 0, :, : SIZE // 2], 1)
-    np.testing.assert_array_equal(keep[0, 0, :, SIZE // 2:], 0)
+    np.testing.assert_array_equal(keep[0, 0, :, SIZE // 2 :], 0)
     outside = empty.copy()
     outside.paste((0, 0, 0, 255), (0, 0, 8, 32))  # painted only where the center crop cuts
     with pytest.raises(UserInputError, match="vanishes"):
@@ -91,9 +112,13 @@ def test_the_painted_strokes_are_the_region_to_regenerate():
 
 def test_a_model_that_cannot_be_loaded_is_a_one_line_exit(tmp_path):
     from export.app import main
+
     (tmp_path / "denoiser.onnx").write_bytes(b"not a graph")
-    for model, message in [(tmp_path / "missing.onnx", "no such file"), (tmp_path / "denoiser.onnx", "sidecar"),
-                           (tmp_path, "no complete checkpoint")]:
+    for model, message in [
+        (tmp_path / "missing.onnx", "no such file"),
+        (tmp_path / "denoiser.onnx", "sidecar"),
+        (tmp_path, "no complete checkpoint"),
+    ]:
         with pytest.raises(SystemExit, match=message) as exit_info:
             main(["--model", str(model)])
         assert str(exit_info.value).startswith("export.app: ") and "\n" not in str(exit_info.value)
@@ -102,6 +127,7 @@ def test_a_model_that_cannot_be_loaded_is_a_one_line_exit(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     import torch
+
     torch.set_num_threads(2)
     return make_tiny_checkpoint(tmp_path_factory.mktemp("run"))
 
@@ -129,6 +155,7 @@ def test_handlers_answer_bad_requests_with_a_status_line(tiny_checkpoint, tmp_pa
 
 # --- the app in a real browser ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def chromium():
     """Debian's chromium, installed with apt-get when missing (CI pre-installs it)."""
@@ -155,12 +182,34 @@ def app_url(tiny_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("app")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(work / "gradio")}
     onnx = work / "denoiser.onnx"
-    subprocess.run([sys.executable, "-m", "export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(onnx)],
-                   cwd=ROOT, env=env, check=True, timeout=600, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(onnx)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
     port, log = free_port(), open(work / "app.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "export.app", "--model", str(onnx), "--host", "127.0.0.1",
-                               "--port", str(port), "--threads", "1"], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "export.app",
+            "--model",
+            str(onnx),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -204,13 +253,15 @@ def image_at(page, selector: str) -> np.ndarray:
 
 def wait_for_images(page, selector: str, count: int = 1) -> None:
     """Until `count` images under selector have loaded (the status line can arrive first)."""
-    page.wait_for_function(f"Array.from(document.querySelectorAll({selector + ' img'!r}))"
-                           f".filter(i => i.complete && i.naturalWidth > 0).length >= {count}", timeout=WAIT_MS)
+    page.wait_for_function(
+        f"Array.from(document.querySelectorAll({selector + ' img'!r}))"
+        f".filter(i => i.complete && i.naturalWidth > 0).length >= {count}",
+        timeout=WAIT_MS,
+    )
 
 
 def wait_for_status(page, elem_id: str, text: str) -> str:
-    page.wait_for_function(f"document.querySelector('#{elem_id} textarea').value.includes({text!r})",
-                           timeout=WAIT_MS)
+    page.wait_for_function(f"document.querySelector('#{elem_id} textarea').value.includes({text!r})", timeout=WAIT_MS)
     return page.input_value(f"#{elem_id} textarea")
 
 
@@ -286,8 +337,10 @@ def test_generate_edit_and_inpaint_in_a_real_browser(app_url, chromium, tmp_path
             page.click("#inpaint-button")
             wait_for_status(page, "inpaint-status", "mask is empty")
             page.click("#inpaint-input button[aria-label='Brush']")
-            canvas = max((c.bounding_box() for c in page.query_selector_all("#inpaint-input canvas")),
-                         key=lambda box: box["width"] * box["height"])
+            canvas = max(
+                (c.bounding_box() for c in page.query_selector_all("#inpaint-input canvas")),
+                key=lambda box: box["width"] * box["height"],
+            )
             x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
             page.mouse.move(x - 30, y)
             page.mouse.down()

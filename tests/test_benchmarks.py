@@ -2,6 +2,7 @@
 
 Only that results were produced, with the keys the README and the demo read, is asserted; never a speed.
 """
+
 import json
 import os
 import subprocess
@@ -36,14 +37,31 @@ def test_interleaved_alternates_order():
 def test_quick_run_writes_every_result(tmp_path, repo_root):
     out = tmp_path / "results"
     env = dict(os.environ, PYTHONPATH=repo_root, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "all", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     for name in BENCHMARKS:
         result = json.loads((out / f"{name}.json").read_text())
-        for key in ("benchmark", "date", "command", "machine", "versions", "config", "method", "results",
-                    "tables", "targets", "quick"):
+        for key in (
+            "benchmark",
+            "date",
+            "command",
+            "machine",
+            "versions",
+            "config",
+            "method",
+            "results",
+            "tables",
+            "targets",
+            "quick",
+        ):
             assert key in result, f"{name}.json lacks {key}"
         assert result["benchmark"] == name and result["quick"] is True
         assert result["machine"]["cores"] >= 1 and result["versions"]["torch"]
@@ -53,15 +71,24 @@ def test_quick_run_writes_every_result(tmp_path, repo_root):
         assert md.startswith(f"# {name}") and "| " in md
 
     train = json.loads((out / "train.json").read_text())["results"]
-    assert train["throughput"][0]["seconds"]["ours"]["repeats"] and train["checkpointing"][0]["memory"]["plain"]["peak_bytes"] > 0
+    assert (
+        train["throughput"][0]["seconds"]["ours"]["repeats"]
+        and train["checkpointing"][0]["memory"]["plain"]["peak_bytes"] > 0
+    )
     assert {(r["stage"], r["rank"]) for r in train["zero"]} == {(s, r) for s in (0, 2, 3) for r in (0, 1)}
     sampler = json.loads((out / "sampler.json").read_text())["results"]
     assert sampler["per_evaluation"] and 0 <= sampler["loop"]["overhead_share"]["median"] < 1
     assert json.loads((out / "end_to_end.json").read_text())["results"]["runs"][0]["images_per_second"]["median"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert {t["name"].split("[")[0] for t in summary["targets"]} >= {
-        "train_step_vs_diffusers", "checkpointing_memory", "checkpointing_time", "zero2_optimizer_state",
-        "loader_vs_consumption", "ort_vs_torch_cpu", "loop_overhead"}
+        "train_step_vs_diffusers",
+        "checkpointing_memory",
+        "checkpointing_time",
+        "zero2_optimizer_state",
+        "loader_vs_consumption",
+        "ort_vs_torch_cpu",
+        "loop_overhead",
+    }
     assert (out / "summary.md").read_text().startswith("# Benchmark summary")
 
 
@@ -69,8 +96,14 @@ def test_quick_run_writes_every_result(tmp_path, repo_root):
 def test_learning_quick_trains_scores_and_plots(tmp_path, repo_root):
     out = tmp_path / "learning"
     env = dict(os.environ, PYTHONPATH=repo_root)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "learning", "--quick", "--out", str(out)],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "learning", "--quick", "--out", str(out)],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((out / "learning.json").read_text())
     faces, gray = result["results"]["faces"], result["results"]["grayscale"]
@@ -92,7 +125,8 @@ def test_learning_quick_trains_scores_and_plots(tmp_path, repo_root):
 def test_colour_cast_is_the_mean_channel_mean_difference():
     import numpy as np
     from benchmarks.learning import colour_cast
+
     images = np.zeros((2, 4, 4, 3), np.uint8)
     images[0, ..., 0] = 30  # R 30 G 0 B 0: pairs |30|, |0|, |30| -> 20
-    images[1] = 77          # grey: 0
+    images[1] = 77  # grey: 0
     assert colour_cast(images) == pytest.approx(10.0)

@@ -1,4 +1,5 @@
 """Config loading: typed values, overrides, and one-line errors that name the file and key."""
+
 import subprocess
 import sys
 
@@ -27,9 +28,10 @@ def test_paper_config_values(repo_root):
 
 
 def test_overrides_are_typed(repo_root):
-    cfg = load_config(f"{repo_root}/configs/tiny_cpu.yaml",
-                      ["train.lr=1e-4", "zero.stage=3", "model.ch_mult=[1,2]", "model.attn_resolutions=[16]",
-                       "train.precision=bf16"])
+    cfg = load_config(
+        f"{repo_root}/configs/tiny_cpu.yaml",
+        ["train.lr=1e-4", "zero.stage=3", "model.ch_mult=[1,2]", "model.attn_resolutions=[16]", "train.precision=bf16"],
+    )
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.zero.stage == 3 and cfg.model.ch_mult == (1, 2) and cfg.train.precision == "bf16"
 
@@ -41,19 +43,22 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     assert load_config(path).train.lr == 2e-5
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.lr=-1", "train.lr: -1.0 must be > 0"),
-    ("train.lrr=1", "train.lrr: unknown key"),
-    ("bogus.x=1", "bogus: unknown key"),
-    ("zero.stage=4", "zero.stage: 4 not in 0..3"),
-    ("zero.stage=two", "zero.stage: expected int, got 'two'"),
-    ("model.image_size=34", "model.image_size: 34 is not divisible by the down-sampling factor 4"),
-    ("model.attn_resolutions=[5]", "model.attn_resolutions: 5 is not a resolution of the network"),
-    ("train.precision=fp8", "train.precision: 'fp8' not fp16|bf16|fp32"),
-    ("train.grad_checkpointing=maybe", "train.grad_checkpointing: expected bool"),
-    ("log.sample_sampler=euler", "log.sample_sampler: 'euler' not one of ddpm, ddim, dpmpp_2m, unipc"),
-    ("train.lr", "expected section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lr=-1", "train.lr: -1.0 must be > 0"),
+        ("train.lrr=1", "train.lrr: unknown key"),
+        ("bogus.x=1", "bogus: unknown key"),
+        ("zero.stage=4", "zero.stage: 4 not in 0..3"),
+        ("zero.stage=two", "zero.stage: expected int, got 'two'"),
+        ("model.image_size=34", "model.image_size: 34 is not divisible by the down-sampling factor 4"),
+        ("model.attn_resolutions=[5]", "model.attn_resolutions: 5 is not a resolution of the network"),
+        ("train.precision=fp8", "train.precision: 'fp8' not fp16|bf16|fp32"),
+        ("train.grad_checkpointing=maybe", "train.grad_checkpointing: expected bool"),
+        ("log.sample_sampler=euler", "log.sample_sampler: 'euler' not one of ddpm, ddim, dpmpp_2m, unipc"),
+        ("train.lr", "expected section.key=value"),
+    ],
+)
 def test_bad_values_name_file_and_key(repo_root, override, message):
     path = f"{repo_root}/configs/tiny_cpu.yaml"
     with pytest.raises(ConfigError) as err:
@@ -80,7 +85,11 @@ def test_saved_config_round_trips(repo_root, tmp_path):
 
 
 def test_cli_prints_one_line_error(repo_root):
-    out = subprocess.run([sys.executable, "-m", "pipeline.config", "configs/tiny_cpu.yaml", "train.lr=0"],
-                         cwd=repo_root, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.config", "configs/tiny_cpu.yaml", "train.lr=0"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0
     assert out.stderr.strip() == "error: configs/tiny_cpu.yaml: train.lr: 0.0 must be > 0"

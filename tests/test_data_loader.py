@@ -25,8 +25,25 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("faces") / "shards"
-    assert data_prep_main(["--synthetic", "150", "--out", str(out), "--size", str(SIZE), "--shard-size", "10",
-                           "--val-fraction", "0.1", "--workers", "1"]) == 0
+    assert (
+        data_prep_main(
+            [
+                "--synthetic",
+                "150",
+                "--out",
+                str(out),
+                "--size",
+                str(SIZE),
+                "--shard-size",
+                "10",
+                "--val-fraction",
+                "0.1",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -62,8 +79,9 @@ def test_two_ranks_two_workers_see_every_sample_once_without_resampling(shards):
     expected = source_images(shards)
     seen = []
     for rank in range(2):
-        loader = make_loader(shards, batch_size=4, rank=rank, world_size=2, num_workers=2, resampled=False,
-                             random_flip=False, seed=3)
+        loader = make_loader(
+            shards, batch_size=4, rank=rank, world_size=2, num_workers=2, resampled=False, random_flip=False, seed=3
+        )
         seen += [digest(img) for batch in loader for img in batch]
     assert len(seen) == len(set(seen)), "a sample was seen twice within the epoch"
     assert set(seen) == set(expected) and len(seen) == read_manifest(shards)["splits"]["train"]["num_samples"]
@@ -72,8 +90,7 @@ def test_two_ranks_two_workers_see_every_sample_once_without_resampling(shards):
 def test_resampled_ranks_get_equal_batch_counts(shards):
     counts = []
     for rank in range(2):
-        loader = make_loader(shards, batch_size=4, rank=rank, world_size=2, num_workers=2, batches_per_epoch=7,
-                             seed=0)
+        loader = make_loader(shards, batch_size=4, rank=rank, world_size=2, num_workers=2, batches_per_epoch=7, seed=0)
         for _ in range(2):  # two epochs, persistent workers
             batches = list(loader)
             counts.append(len(batches))
@@ -154,9 +171,18 @@ def write_corrupt_shards(out: Path, good: int, corrupt: int) -> None:
         writer.add(f"{i:06d}", {"png": data, "json": b"{}"})
     info = writer.close()
     entry = {"name": info.name, "num_samples": info.num_samples, "bytes": info.bytes, "sha256": info.sha256}
-    atomic_write_json(out / "manifest.json", {
-        "format_version": 1, "resolution": SIZE, "image_format": "png",
-        "splits": {"train": {"shards": [entry], "num_samples": info.num_samples}, "val": {"shards": [], "num_samples": 0}}})
+    atomic_write_json(
+        out / "manifest.json",
+        {
+            "format_version": 1,
+            "resolution": SIZE,
+            "image_format": "png",
+            "splits": {
+                "train": {"shards": [entry], "num_samples": info.num_samples},
+                "val": {"shards": [], "num_samples": 0},
+            },
+        },
+    )
 
 
 def _png(rng, size) -> bytes:

@@ -22,8 +22,9 @@ SIZE = 32
 
 
 def run_prep(*args, check=True, timeout=120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"data_prep {args} exited {proc.returncode}:\n{proc.stderr}")
     return proc
@@ -61,8 +62,12 @@ def make_corpus(root: Path) -> tuple[set[str], dict[str, str]]:
     files["special/exif_rotated.jpg"] = encode(rotated, "JPEG", exif=exif.tobytes(), quality=95)
     good = set(files)
 
-    bad = {"bad/truncated.jpg": "truncated", "bad/zero.jpg": "zero bytes", "bad/text.jpg": "not an image",
-           "bad/tiny.png": "too small (20x20 < 32)"}
+    bad = {
+        "bad/truncated.jpg": "truncated",
+        "bad/zero.jpg": "zero bytes",
+        "bad/text.jpg": "not an image",
+        "bad/tiny.png": "too small (20x20 < 32)",
+    }
     files["bad/truncated.jpg"] = encode(noise(rng, 64, 64), "JPEG")[:1500]
     files["bad/zero.jpg"] = b""
     files["bad/text.jpg"] = b"this is not a picture\n"
@@ -137,6 +142,7 @@ def test_modes_and_orientation_are_converted(prepared):
 
 def test_split_is_a_function_of_the_name(corpus, prepared):
     from data_prep.build import split_of
+
     manifest = json.loads((prepared / "manifest.json").read_text())
     for name, (meta, _) in read_shards(prepared).items():
         assert meta["split"] == split_of(name, seed=0, val_fraction=0.2)[0]
@@ -173,8 +179,9 @@ def test_zip_source_gives_the_same_shards(corpus, prepared, tmp_path):
 
 def test_rerun_is_a_no_op_and_verify_finds_damage(prepared, tmp_path, corpus):
     src, _, _ = corpus
-    again = run_prep("--src", src, "--out", prepared, "--size", SIZE, "--workers", 1, "--shard-size", 16,
-                     "--val-fraction", 0.2)
+    again = run_prep(
+        "--src", src, "--out", prepared, "--size", SIZE, "--workers", 1, "--shard-size", 16, "--val-fraction", 0.2
+    )
     assert "nothing to do" in again.stderr
     assert run_prep("--verify", prepared).returncode == 0
 
@@ -193,8 +200,13 @@ def test_rerun_is_a_no_op_and_verify_finds_damage(prepared, tmp_path, corpus):
 def test_kill_and_resume_gives_the_clean_shards(tmp_path):
     args = ["--synthetic", 1500, "--size", 32, "--shard-size", 50, "--val-fraction", 0.02]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *map(str, args), "--out", killed, "--workers", "1"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", *map(str, args), "--out", killed, "--workers", "1"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while not (killed / "train-000004.tar").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "data_prep ended before it could be killed"
@@ -219,6 +231,7 @@ def test_kill_and_resume_gives_the_clean_shards(tmp_path):
 
 def test_synthetic_faces_are_deterministic_and_varied():
     from data_prep.synthetic import draw_face
+
     a, b = np.asarray(draw_face(0, 7, 32)), np.asarray(draw_face(0, 7, 32))
     assert a.shape == (32, 32, 3) and np.array_equal(a, b)
     faces = np.stack([np.asarray(draw_face(0, i, 32), dtype=np.float32) for i in range(16)])
@@ -236,28 +249,40 @@ def test_synthetic_grayscale_has_three_equal_channels(tmp_path):
     for split in manifest["splits"].values():
         for entry in split["shards"]:
             with tarfile.open(tmp_path / "gray" / entry["name"]) as tar:
-                faces += [np.asarray(Image.open(tar.extractfile(m)).convert("RGB"), dtype=np.int16)
-                          for m in tar.getmembers() if m.name.endswith(".png")]
+                faces += [
+                    np.asarray(Image.open(tar.extractfile(m)).convert("RGB"), dtype=np.int16)
+                    for m in tar.getmembers()
+                    if m.name.endswith(".png")
+                ]
     assert len(faces) == 12
     for face in faces:
         assert np.array_equal(face[..., 0], face[..., 1]) and np.array_equal(face[..., 1], face[..., 2])
         assert face.std() > 10  # still a face, not a flat grey
     from data_prep.synthetic import draw_face  # the same face as the colour set, its luma
+
     luma = np.asarray(draw_face(0, 3, SIZE).convert("L"))
     assert np.array_equal(np.asarray(draw_face(0, 3, SIZE, grayscale=True))[..., 0], luma)
 
 
-@pytest.mark.parametrize("args, expect", [
-    ([], "one of --src, --synthetic or --verify is required"),
-    (["--src", "x", "--out", "y", "--grayscale"], "--grayscale: only with --synthetic"),
-    (["--src", "/nonexistent/celeba", "--out", "x"], "/nonexistent/celeba: no such file or directory"),
-    (["--synthetic", "4", "--out", "x", "--format", "gif"], "--format: invalid choice: 'gif'"),
-    (["--synthetic", "4"], "--out is required"),
-    (["--synthetic", "4", "--out", "x", "--val-fraction", "1.5"], "--val-fraction 1.5: must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        ([], "one of --src, --synthetic or --verify is required"),
+        (["--src", "x", "--out", "y", "--grayscale"], "--grayscale: only with --synthetic"),
+        (["--src", "/nonexistent/celeba", "--out", "x"], "/nonexistent/celeba: no such file or directory"),
+        (["--synthetic", "4", "--out", "x", "--format", "gif"], "--format: invalid choice: 'gif'"),
+        (["--synthetic", "4"], "--out is required"),
+        (["--synthetic", "4", "--out", "x", "--val-fraction", "1.5"], "--val-fraction 1.5: must be in [0, 1)"),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(args, expect, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], proc.stderr
@@ -272,8 +297,9 @@ def test_src_that_is_neither_folder_nor_zip(tmp_path):
 
 def test_different_settings_refuse_to_mix(prepared, corpus):
     src, _, _ = corpus
-    proc = run_prep("--src", src, "--out", prepared, "--size", 48, "--shard-size", 16, "--val-fraction", 0.2,
-                    check=False)
+    proc = run_prep(
+        "--src", src, "--out", prepared, "--size", 48, "--shard-size", 16, "--val-fraction", 0.2, check=False
+    )
     assert proc.returncode == 2 and "resolution: 32 -> 48" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -288,6 +314,7 @@ def test_data_prep_writes_what_pipeline_reads(tmp_path):
     on both sides: the names, versions, image types and hashes must agree."""
     from data_prep import images, shards
     from pipeline import fileio, manifest
+
     assert shards.MANIFEST_NAME == manifest.MANIFEST_NAME
     assert shards.FORMAT_VERSION in manifest.SUPPORTED_FORMAT_VERSIONS
     assert set(images.FORMATS) <= set(manifest.IMAGE_EXTENSIONS)
@@ -301,6 +328,7 @@ def test_data_prep_atomic_writer_behaves_like_pipelines(tmp_path):
     pipeline.fileio's: same permissions as a plain file, nothing left behind by a failed write."""
     from data_prep import shards
     from pipeline import fileio
+
     umask = os.umask(0)
     os.umask(umask)
     for name, write in (("data_prep", shards.atomic_write_bytes), ("pipeline", fileio.atomic_write_bytes)):

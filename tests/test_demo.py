@@ -3,6 +3,7 @@
 The same recipe as the full demo, shrunk with its own variables (fewer images, steps and samples), in a
 temporary run and data directory, with this interpreter's environment instead of creating .venv.
 """
+
 import json
 import os
 import subprocess
@@ -29,11 +30,16 @@ def test_the_demo_samples_with_the_core_default():
 
 
 def make(tmp: Path, *targets: str, **variables: str) -> subprocess.CompletedProcess:
-    small = {"VENV": str(VENV), "DEMO_RUN": str(tmp / "run"), "DEMO_DATA": str(tmp / "data"),
-             "DEMO_NUM": "16",
-             "DEMO_TRAIN_ARGS": "train.max_steps=4 train.warmup_steps=2 train.checkpoint_every=2 "
-                                "log.sample_every=2 log.num_samples=4 log.sample_steps=2 data.shuffle_buffer=50",
-             "DEMO_EVAL_ARGS": "--feature-net-steps 20", **variables}
+    small = {
+        "VENV": str(VENV),
+        "DEMO_RUN": str(tmp / "run"),
+        "DEMO_DATA": str(tmp / "data"),
+        "DEMO_NUM": "16",
+        "DEMO_TRAIN_ARGS": "train.max_steps=4 train.warmup_steps=2 train.checkpoint_every=2 "
+        "log.sample_every=2 log.num_samples=4 log.sample_steps=2 data.shuffle_buffer=50",
+        "DEMO_EVAL_ARGS": "--feature-net-steps 20",
+        **variables,
+    }
     cmd = ["make", "--no-print-directory", "-o", "venv", *targets, *(f"{k}={v}" for k, v in small.items())]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
@@ -56,8 +62,13 @@ def test_make_demo_small_writes_grid_scores_benchmark_and_reuses_its_work(tmp_pa
     sidecars = [json.loads((run / f"{n}.onnx.json").read_text()) for n in ("denoiser", "denoiser_model")]
     assert [s["weights"] for s in sidecars] == ["ema", "model"] and sidecars[0]["step"] == 4
     assert (run / "bench" / "sampler.json").is_file()
-    for line in ("grid of faces:", "checkpoint:      " + str(run / "checkpoints" / "step_000000004"),
-                 "ONNX denoiser:", "scores:", *SETS):
+    for line in (
+        "grid of faces:",
+        "checkpoint:      " + str(run / "checkpoints" / "step_000000004"),
+        "ONNX denoiser:",
+        "scores:",
+        *SETS,
+    ):
         assert line in first.stdout, line
 
     again = make(tmp_path, "demo")
@@ -76,8 +87,13 @@ def test_celebahq_variable_runs_the_demo_on_a_folder_of_images(tmp_path):
     for i in range(300):  # not square and not 32 px: data_prep resizes them
         Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(images / f"{i:05d}.jpg")
     # No training previews: the samples folder must be made by the demo itself.
-    done = make(tmp_path, "demo", CELEBAHQ=str(images), DEMO_DATA=str(tmp_path / "real"),
-                DEMO_TRAIN_ARGS="train.max_steps=2 train.warmup_steps=1 train.checkpoint_every=2 log.sample_every=0")
+    done = make(
+        tmp_path,
+        "demo",
+        CELEBAHQ=str(images),
+        DEMO_DATA=str(tmp_path / "real"),
+        DEMO_TRAIN_ARGS="train.max_steps=2 train.warmup_steps=1 train.checkpoint_every=2 log.sample_every=0",
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     prep = next(line for line in done.stdout.splitlines() if "-m data_prep" in line)
     assert f"--src {images}" in prep and "--synthetic" not in prep

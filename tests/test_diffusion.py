@@ -1,4 +1,5 @@
 """The torch side of the diffusion (q_sample, targets, loss) agrees with the NumPy schedule."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,11 +16,16 @@ def test_q_sample_and_target_match_numpy(prediction, kind):
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([0, 1, 500, 999])
-    np.testing.assert_allclose(diffusion.q_sample(x0, t, noise).numpy(),
-                               schedule.q_sample(x0.double().numpy(), t.numpy(), noise.double().numpy()), atol=1e-6)
-    np.testing.assert_allclose(diffusion.target(x0, t, noise).numpy(),
-                               schedule.training_target(x0.double().numpy(), t.numpy(), noise.double().numpy()),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        diffusion.q_sample(x0, t, noise).numpy(),
+        schedule.q_sample(x0.double().numpy(), t.numpy(), noise.double().numpy()),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        diffusion.target(x0, t, noise).numpy(),
+        schedule.training_target(x0.double().numpy(), t.numpy(), noise.double().numpy()),
+        atol=1e-6,
+    )
 
 
 def test_training_loss_is_mse_of_the_model_output():

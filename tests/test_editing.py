@@ -3,6 +3,7 @@
 The network is a tiny random U-Net (its zero-initialised layers given random weights, so every
 path matters) exported with `export.onnx` and run by onnxruntime on the CPU: the real backend.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,11 @@ def make_tiny_checkpoint(run_dir: Path, seed: int = 0) -> Path:
     from pipeline.checkpoint import checkpoint_dir, mark_complete, save_export_files
     from pipeline.config import Config, ModelConfig
     from pipeline.unet import UNet
+
     torch.manual_seed(seed)
-    cfg = Config(model=ModelConfig(image_size=SIZE, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                                   attn_resolutions=(8,), dropout=0.0))
+    cfg = Config(
+        model=ModelConfig(image_size=SIZE, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+    )
     model = UNet(cfg.model)
     with torch.no_grad():
         for p in model.parameters():
@@ -42,6 +45,7 @@ def make_tiny_checkpoint(run_dir: Path, seed: int = 0) -> Path:
 def denoiser(tmp_path_factory):
     import torch
     from export.onnx import main as export_main
+
     torch.set_num_threads(THREADS)
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("run"))
     out = tmp_path_factory.mktemp("onnx") / "denoiser.onnx"
@@ -84,16 +88,18 @@ def test_sdedit_strength_0_returns_the_input(denoiser, sampler):
     assert counted.calls == []
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0),
-                                         ("unipc", 0.0)])
+@pytest.mark.parametrize(
+    "sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0), ("unipc", 0.0)]
+)
 def test_sdedit_strength_1_is_plain_generation_from_the_same_seed(denoiser, sampler, eta):
     images = faces(3)
     out = editing.sdedit(denoiser, images, 1.0, sampler=sampler, steps=STEPS, eta=eta, seed=7)
     plain = generate(denoiser, 3, batch=3, sampler=sampler, steps=STEPS, eta=eta, seed=7)
     np.testing.assert_array_equal(out, plain)
     # ... and the same images `python -m export.sample` would write.
-    np.testing.assert_array_equal(to_uint8(out), to_uint8(generate(denoiser, 3, batch=2, sampler=sampler,
-                                                                   steps=STEPS, eta=eta, seed=7)))
+    np.testing.assert_array_equal(
+        to_uint8(out), to_uint8(generate(denoiser, 3, batch=2, sampler=sampler, steps=STEPS, eta=eta, seed=7))
+    )
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "unipc"])
@@ -135,8 +141,7 @@ def test_different_seeds_differ_inside_the_hole_only(denoiser, sampler):
 def test_inpaint_images_do_not_depend_on_the_batch_they_ran_in(denoiser):
     images, mask = faces(2), hole_mask(2)
     both = editing.inpaint(denoiser, images, mask, sampler="ddpm", steps=STEPS, seed=5, resample=2)
-    second = editing.inpaint(denoiser, images[1:], mask[1:], sampler="ddpm", steps=STEPS, seed=5, resample=2,
-                             first=1)
+    second = editing.inpaint(denoiser, images[1:], mask[1:], sampler="ddpm", steps=STEPS, seed=5, resample=2, first=1)
     np.testing.assert_allclose(both[1:], second, atol=1e-6, rtol=0)
 
 

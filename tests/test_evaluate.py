@@ -22,6 +22,7 @@ torch.set_num_threads(2)
 
 # ---------------------------------------------------------------- Fréchet distance
 
+
 def _reference_fd(mu1, s1, mu2, s2):
     """Same quantity by the symmetric route: Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), via eigh."""
     w, v = np.linalg.eigh(s1)
@@ -65,6 +66,7 @@ def test_frechet_distance_from_samples_and_singular_covariances():
 
 # ---------------------------------------------------------------- k-NN precision / recall / coverage
 
+
 def test_precision_recall_on_gaussians():
     rng = np.random.default_rng(2)
     real, same = rng.normal(size=(400, 8)), rng.normal(size=(300, 8))
@@ -87,8 +89,12 @@ def test_knn_metrics_match_brute_force_in_small_blocks(monkeypatch):
     r_real = np.sort(cdist(real, real), 1)[:, 3]  # k = 3, column 0 is the point itself
     r_fake = np.sort(cdist(fake, fake), 1)[:, 3]
     inside = cdist(real, fake) <= r_real[:, None]
-    expected = {"precision": inside.any(0).mean(), "recall": (cdist(real, fake) <= r_fake[None]).any(1).mean(),
-                "density": inside.sum(0).mean() / 3, "coverage": inside.any(1).mean()}
+    expected = {
+        "precision": inside.any(0).mean(),
+        "recall": (cdist(real, fake) <= r_fake[None]).any(1).mean(),
+        "density": inside.sum(0).mean() / 3,
+        "coverage": inside.any(1).mean(),
+    }
     blocks = metrics._distance_blocks
     monkeypatch.setattr(metrics, "_distance_blocks", lambda a, b: blocks(a, b, max_elements=500))
     assert ev.precision_recall_density_coverage(real, fake) == pytest.approx(expected)
@@ -96,12 +102,31 @@ def test_knn_metrics_match_brute_force_in_small_blocks(monkeypatch):
 
 # ---------------------------------------------------------------- on real shards
 
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, "-m", "data_prep", "--synthetic", "480", "--out", str(out), "--size", "32",
-                    "--val-fraction", "0.3", "--shard-size", "200", "--workers", "1"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "--synthetic",
+            "480",
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--val-fraction",
+            "0.3",
+            "--shard-size",
+            "200",
+            "--workers",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     # A short run of the proxy task is enough to rank the cases below; the default is 400 steps.
     net, meta, path = ev.get_feature_net(out, train_steps=50)
     assert path == out / ev.FEATURE_NET_NAME and fnet.sidecar_path(path).is_file()
@@ -128,7 +153,9 @@ def test_proxy_task_batches(shards):
     assert torch.equal(shuffled.flatten(1).sort(1).values, images[:4].flatten(1).sort(1).values)
     assert not torch.equal(shuffled, images[:4])
     blurred = fnet._blur(images[:4], images, g)
-    assert blurred.shape == images[:4].shape and blurred.diff(dim=-1).abs().mean() < images[:4].diff(dim=-1).abs().mean()
+    assert (
+        blurred.shape == images[:4].shape and blurred.diff(dim=-1).abs().mean() < images[:4].diff(dim=-1).abs().mean()
+    )
 
 
 def test_feature_net_is_reused_until_the_shards_change(shards, tmp_path, capsys):
@@ -198,8 +225,19 @@ def test_cli_compares_named_sample_sets_with_the_floor(shards, tmp_path, capsys)
     np.savez(real, images=val)
     np.savez(noise, images=np.random.default_rng(0).integers(0, 256, val.shape, dtype=np.uint8))
     out = tmp_path / "scores.json"
-    argv = ["--shards", str(shards), "--samples", f"real={real}", "--samples", f"noise={noise}", "--floor",
-            "--max-real", "200", "--out", str(out)]
+    argv = [
+        "--shards",
+        str(shards),
+        "--samples",
+        f"real={real}",
+        "--samples",
+        f"noise={noise}",
+        "--floor",
+        "--max-real",
+        "200",
+        "--out",
+        str(out),
+    ]
     assert ev.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:4]] == ["real", "noise", "val"]
@@ -225,8 +263,9 @@ def test_bad_samples_file_is_one_clear_line(shards, tmp_path, capsys):
 def test_broken_feature_net_is_one_clear_line(shards, tmp_path, capsys):
     broken = tmp_path / "net.safetensors"
     broken.write_bytes(b"not safetensors")
-    fnet.sidecar_path(broken).write_text(json.dumps({"format_version": 1, "image_size": 32,
-                                                     "widths": list(fnet.WIDTHS), "feature_dim": 128}))
+    fnet.sidecar_path(broken).write_text(
+        json.dumps({"format_version": 1, "image_size": 32, "widths": list(fnet.WIDTHS), "feature_dim": 128})
+    )
     samples = tmp_path / "s.npz"
     np.savez(samples, images=np.zeros((4, 32, 32, 3), np.uint8))
     assert ev.main(["--samples", str(samples), "--shards", str(shards), "--feature-net", str(broken)]) == 2
@@ -235,6 +274,7 @@ def test_broken_feature_net_is_one_clear_line(shards, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- the Inception path (no real weights here)
+
 
 def test_missing_inception_weights_say_so_plainly(shards, tmp_path, capsys):
     samples = tmp_path / "s.npz"

@@ -3,6 +3,7 @@
 A tiny checkpoint is made in-process (no training): the U-Net's zero-initialised layers get small
 random weights so that its output depends on every path through the network.
 """
+
 import json
 import shutil
 import subprocess
@@ -26,10 +27,12 @@ def make_checkpoint(run_dir: Path, step: int = 10) -> Path:
     from pipeline.checkpoint import checkpoint_dir, mark_complete, save_export_files
     from pipeline.config import Config, DiffusionConfig, ModelConfig
     from pipeline.unet import UNet
+
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                                   dropout=0.0),
-                 diffusion=DiffusionConfig(num_timesteps=1000))
+    cfg = Config(
+        model=ModelConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0),
+        diffusion=DiffusionConfig(num_timesteps=1000),
+    )
     model = UNet(cfg.model)
     with torch.no_grad():
         for p in model.parameters():
@@ -54,6 +57,7 @@ def trt_missing_reason():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     import torch
+
     torch.set_num_threads(THREADS)
     return make_checkpoint(tmp_path_factory.mktemp("run"))
 
@@ -61,6 +65,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx32(ckpt, tmp_path_factory):
     from export.onnx import main
+
     out = tmp_path_factory.mktemp("onnx") / "denoiser.onnx"
     assert main(["--ckpt", str(ckpt.parent.parent), "--out", str(out)]) == 0  # a run dir: newest checkpoint
     return out
@@ -69,6 +74,7 @@ def onnx32(ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx16(ckpt, tmp_path_factory):
     from export.onnx import main
+
     out = tmp_path_factory.mktemp("onnx") / "denoiser_fp16.onnx"
     assert main(["--ckpt", str(ckpt), "--out", str(out), "--fp16"]) == 0
     return out
@@ -77,6 +83,7 @@ def onnx16(ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_denoiser(ckpt):
     from export.backends import TorchDenoiser
+
     return TorchDenoiser(ckpt, threads=THREADS)
 
 
@@ -89,9 +96,11 @@ def random_batch(batch, seed=0, size=16):
 
 # --- ONNX export -------------------------------------------------------------------------
 
+
 @pytest.mark.integration
 def test_onnx_graph_and_sidecar(onnx32, ckpt):
     import onnx
+
     model = onnx.load(str(onnx32))
     onnx.checker.check_model(model, full_check=True)
     inputs = {i.name: i.type.tensor_type for i in model.graph.input}
@@ -102,8 +111,13 @@ def test_onnx_graph_and_sidecar(onnx32, ckpt):
     assert [o.name for o in model.graph.output] == ["model_output"]
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
     info = read_sidecar(onnx32)
-    assert (info.format, info.dtype, info.timestep_dtype, info.image_size, info.channels) == \
-        ("onnx", "float32", "float32", 16, 3)
+    assert (info.format, info.dtype, info.timestep_dtype, info.image_size, info.channels) == (
+        "onnx",
+        "float32",
+        "float32",
+        16,
+        3,
+    )
     assert (info.batch_min, info.batch_max, info.num_timesteps, len(info.betas)) == (1, None, 1000, 1000)
     assert info.betas[0] == pytest.approx(1e-4) and info.betas[-1] == pytest.approx(0.02)
     assert (info.prediction_type, info.step, info.model_file) == ("epsilon", 10, "denoiser.onnx")
@@ -115,6 +129,7 @@ def test_weights_model_exports_the_online_weights(ckpt, onnx32, tmp_path, capsys
     import torch
     from export.onnx import main
     from pipeline.checkpoint import MODEL_FILE, load_unet
+
     out = tmp_path / "online.onnx"
     assert main(["--ckpt", str(ckpt), "--weights", "model", "--out", str(out)]) == 0
     assert (read_sidecar(out).weights, read_sidecar(onnx32).weights) == ("model", "ema")
@@ -149,6 +164,7 @@ def test_ort_matches_torch_fp32(onnx32, torch_denoiser):
 @pytest.mark.integration
 def test_ort_fp16_matches_torch_fp32_with_fp32_norms(onnx16, torch_denoiser):
     import onnx
+
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx16)))
     inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     assert inputs == {"sample": onnx.TensorProto.FLOAT16, "timestep": onnx.TensorProto.FLOAT}
@@ -171,8 +187,11 @@ def test_ddim_samples_through_ort_equal_torch(onnx32, torch_denoiser):
     results = []
     for denoiser in (ort, torch_denoiser):
         rngs = image_rngs(0, 0, 3)
-        results.append(sample_loop(denoiser, schedule, initial_noise(rngs, (3, 16, 16)), timesteps,
-                                   sampler="ddim", eta=0.5, rngs=rngs))
+        results.append(
+            sample_loop(
+                denoiser, schedule, initial_noise(rngs, (3, 16, 16)), timesteps, sampler="ddim", eta=0.5, rngs=rngs
+            )
+        )
     assert np.abs(results[0] - results[1]).max() <= 1e-3
     # and eta = 0 is deterministic through the engine
     x_t = initial_noise(image_rngs(1, 0, 2), (3, 16, 16))
@@ -182,6 +201,7 @@ def test_ddim_samples_through_ort_equal_torch(onnx32, torch_denoiser):
 
 def test_export_cli_rejects_a_bad_checkpoint(tmp_path, capsys):
     from export.onnx import main
+
     assert main(["--ckpt", str(tmp_path / "nope")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     half = tmp_path / "run" / "checkpoints" / "step_000000005"
@@ -194,6 +214,7 @@ def test_checkpoint_is_read_once_into_a_record(ckpt, tmp_path):
     """A run directory and its checkpoint directory give the same record; weights load only on demand."""
     import torch
     from pipeline.checkpoint import CheckpointError, MODEL_FILE, load_unet, read_checkpoint, step_of
+
     record = read_checkpoint(ckpt.parent.parent)
     assert record == read_checkpoint(ckpt) and read_checkpoint(record) is record
     assert (record.dir, record.step, record.images_seen) == (ckpt, 10, 640)
@@ -232,11 +253,28 @@ finally:
 @pytest.mark.integration
 def test_standalone_sampler_runs_with_torch_blocked(onnx32, tmp_path):
     out = tmp_path / "samples.npz"
-    args = ["--model", str(onnx32), "--sampler", "dpmpp_2m", "--steps", "5", "--num", "5", "--batch", "2",
-            "--seed", "3", "--threads", str(THREADS), "--out", str(out)]
+    args = [
+        "--model",
+        str(onnx32),
+        "--sampler",
+        "dpmpp_2m",
+        "--steps",
+        "5",
+        "--num",
+        "5",
+        "--batch",
+        "2",
+        "--seed",
+        "3",
+        "--threads",
+        str(THREADS),
+        "--out",
+        str(out),
+    ]
     beside = tmp_path / "beside.png"
-    run = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args, "--grid", str(beside)], cwd=ROOT,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH, *args, "--grid", str(beside)], cwd=ROOT, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     assert "images/s" in run.stdout and "CPUExecutionProvider" in run.stdout
     images = np.load(out)["images"]
@@ -245,6 +283,7 @@ def test_standalone_sampler_runs_with_torch_blocked(onnx32, tmp_path):
     grid = tmp_path / "grid.png"
     assert sample_cli.main(args[:-1] + [str(grid)]) == 0
     from PIL import Image
+
     assert Image.open(grid).size == (3 * 18 + 2, 2 * 18 + 2)  # 5 images: 3 columns, 2 rows, 2 px gutters
     assert np.array_equal(np.asarray(Image.open(beside)), np.asarray(Image.open(grid)))  # the same 5 images
 
@@ -268,7 +307,11 @@ def _edit_sidecar(path, **changes):
 
 CLI_ERRORS = {
     "missing sidecar": (lambda m: sidecar_path(m).unlink(), [], "missing sidecar"),
-    "batch outside range": (lambda m: _edit_sidecar(m, **{"batch.max": 4}), ["--batch", "8"], "outside the engine's batch range 1..4"),
+    "batch outside range": (
+        lambda m: _edit_sidecar(m, **{"batch.max": 4}),
+        ["--batch", "8"],
+        "outside the engine's batch range 1..4",
+    ),
     "wrong image size": (lambda m: _edit_sidecar(m, image_size=32), [], "wrong image size"),
     "steps above T": (lambda m: None, ["--steps", "1001"], "--steps 1001: must be in [1, 1000]"),
     "steps below 1": (lambda m: None, ["--steps", "0"], "--steps 0: must be in [1, 1000]"),
@@ -296,14 +339,26 @@ def test_sample_cli_bad_input_is_one_line_exit_2(case, model_copy, tmp_path, cap
 def test_sample_cli_checks_the_output_type_first(tmp_path, capsys):
     assert sample_cli.main(["--model", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "x.jpg")]) == 2
     assert "unknown output type '.jpg'" in capsys.readouterr().err
-    assert sample_cli.main(["--model", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "x.npz"),
-                            "--grid", str(tmp_path / "g.npz")]) == 2
+    assert (
+        sample_cli.main(
+            [
+                "--model",
+                str(tmp_path / "missing.onnx"),
+                "--out",
+                str(tmp_path / "x.npz"),
+                "--grid",
+                str(tmp_path / "g.npz"),
+            ]
+        )
+        == 2
+    )
     assert "--grid" in capsys.readouterr().err
 
 
 @pytest.mark.integration
 def test_cuda_provider_is_never_a_silent_fallback(onnx32, tmp_path, capsys):
     import onnxruntime
+
     try:
         ort = OrtDenoiser(onnx32, provider="cuda", threads=THREADS)
     except BackendUnavailable as e:
@@ -318,13 +373,27 @@ def test_cuda_provider_is_never_a_silent_fallback(onnx32, tmp_path, capsys):
 
 # --- sidecar -----------------------------------------------------------------------------
 
+
 def test_sidecar_round_trip_and_validation(tmp_path):
     from export.sidecar import Sidecar
+
     model = tmp_path / "d.onnx"
     model.write_bytes(b"graph")
-    info = Sidecar(format="onnx", image_size=8, channels=3, dtype="float16", timestep_dtype="float32", batch_min=1,
-                   batch_opt=1, batch_max=None, betas=[0.1, 0.2], num_timesteps=2, prediction_type="epsilon",
-                   variance_type="fixed_small", clip_sample=True)
+    info = Sidecar(
+        format="onnx",
+        image_size=8,
+        channels=3,
+        dtype="float16",
+        timestep_dtype="float32",
+        batch_min=1,
+        batch_opt=1,
+        batch_max=None,
+        betas=[0.1, 0.2],
+        num_timesteps=2,
+        prediction_type="epsilon",
+        variance_type="fixed_small",
+        clip_sample=True,
+    )
     write_sidecar(model, info)
     back = read_sidecar(model)
     assert back == info and back.model_bytes == 5 and len(back.model_sha256) == 64
@@ -342,10 +411,12 @@ def test_sidecar_round_trip_and_validation(tmp_path):
 
 # --- TensorRT ----------------------------------------------------------------------------
 
+
 def test_trt_cli_without_tensorrt_says_what_is_missing(tmp_path, capsys):
     if trt_missing_reason() is None:
         pytest.skip("TensorRT and a CUDA device are present; the missing-runtime path cannot be exercised")
     from export.trt import main
+
     assert main(["--onnx", str(tmp_path / "d.onnx")]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
@@ -354,12 +425,27 @@ def test_trt_cli_without_tensorrt_says_what_is_missing(tmp_path, capsys):
         require_tensorrt()
     # The sampler says the same for an engine file it cannot run here.
     from export.sidecar import Sidecar
+
     plan = tmp_path / "d.plan"
     plan.write_bytes(b"a serialized engine would be here")
-    write_sidecar(plan, Sidecar(format="tensorrt", image_size=16, channels=3, dtype="float16",
-                                timestep_dtype="float32", batch_min=1, batch_opt=8, batch_max=16, betas=[0.1, 0.2],
-                                num_timesteps=2, prediction_type="epsilon", variance_type="fixed_small",
-                                clip_sample=True))
+    write_sidecar(
+        plan,
+        Sidecar(
+            format="tensorrt",
+            image_size=16,
+            channels=3,
+            dtype="float16",
+            timestep_dtype="float32",
+            batch_min=1,
+            batch_opt=8,
+            batch_max=16,
+            betas=[0.1, 0.2],
+            num_timesteps=2,
+            prediction_type="epsilon",
+            variance_type="fixed_small",
+            clip_sample=True,
+        ),
+    )
     assert sample_cli.main(["--model", str(plan), "--out", str(tmp_path / "s.npz")]) == 1
     assert err.strip() == capsys.readouterr().err.strip()
 
@@ -373,6 +459,7 @@ def test_trt_engine_matches_torch_and_samples(fp16, onnx32, onnx16, torch_denois
         pytest.skip(reason)
     from export.backends import TrtDenoiser
     from export.trt import build_engine
+
     src = onnx16 if fp16 else onnx32
     plan = build_engine(src, tmp_path / "d.plan", batch=(1, 2, 4), timing_cache=tmp_path / "cache.bin")
     assert (tmp_path / "cache.bin").stat().st_size > 0

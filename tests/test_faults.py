@@ -6,6 +6,7 @@ safetensors belong, a directory), and then read through every entry point that r
 line naming the file, the documented exit status, no traceback. Entry points run in this process
 as their CLIs call them (main() / train()), or as subprocesses where the process boundary matters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ import torch
 
 from export.sidecar import sidecar_path
 from pipeline.checkpoint import complete_checkpoints
-from test_train import (PYTHON, REPO, finish, in_process, launched, losses, shards16, tiny_config,  # noqa: F401
-                        torchrun, wait_for, workers)
+from test_train import PYTHON, REPO, finish, losses, torchrun, wait_for, workers
+from test_train import in_process, launched, shards16, tiny_config  # noqa: F401 (fixtures, taken by name)
 
 pytestmark = pytest.mark.integration
 SEED = 14
@@ -77,9 +78,11 @@ def one_line(err: str, *must_contain: str) -> str:
 
 # --- a trained run: checkpoints at steps 2 and 4 --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shards16, in_process) -> Path:
     from pipeline.train import train
+
     root = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(root, shards16, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3")
     assert train(cfg) == 0
@@ -89,22 +92,37 @@ def trained(tmp_path_factory, shards16, in_process) -> Path:
 
 def resume_from(run: Path, shards: Path, capsys, *overrides: str) -> tuple[int, str, str]:
     from pipeline.train import train
-    cfg = tiny_config(run.parent, shards, "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3",
-                      f"run.dir={run}", *overrides)
+
+    cfg = tiny_config(
+        run.parent,
+        shards,
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=3",
+        f"run.dir={run}",
+        *overrides,
+    )
     capsys.readouterr()
     status = train(cfg)
     out = capsys.readouterr()
     return status, out.out, out.err
 
 
-CKPT_FILES = ("COMPLETE", "model.json", "ema.safetensors", "model.safetensors",
-              "deepspeed/mp_rank_00_model_states.pt", "rng/rank_00000.pt")
+CKPT_FILES = (
+    "COMPLETE",
+    "model.json",
+    "ema.safetensors",
+    "model.safetensors",
+    "deepspeed/mp_rank_00_model_states.pt",
+    "rng/rank_00000.pt",
+)
 
 
 @pytest.mark.parametrize("kind", DAMAGES)
 @pytest.mark.parametrize("name", CKPT_FILES)
-def test_damaged_checkpoint_file_stops_the_resume_naming_it(name, kind, trained, shards16, tmp_path, capsys,
-                                                            in_process):
+def test_damaged_checkpoint_file_stops_the_resume_naming_it(
+    name, kind, trained, shards16, tmp_path, capsys, in_process
+):
     run = linked_copy(trained, tmp_path / "run")
     newest = run / "checkpoints" / "step_000000004"
     damage(newest / name, kind)
@@ -131,6 +149,7 @@ def test_resume_fallback_takes_the_older_checkpoint_and_says_so(trained, shards1
 def test_damaged_checkpoint_file_through_export_and_sample(name, kind, trained, tmp_path, capsys):
     from export.onnx import main as export_onnx
     from export.sample import main as sample
+
     ckpt = linked_copy(trained / "checkpoints" / "step_000000004", tmp_path / "step_000000004")
     damage(ckpt / name, kind)
     weights = ["--weights", "model"] if name == "model.safetensors" else []
@@ -147,6 +166,7 @@ def test_benchmarks_rebuild_a_damaged_cached_checkpoint(trained, tmp_path, monke
     from benchmarks import artifacts
     from pipeline.checkpoint import load_unet
     from pipeline.config import load_config
+
     monkeypatch.setattr(artifacts, "CACHE", tmp_path)
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", ["model.image_size=16", "model.ch_mult=[1,2]"])
     ckpt = artifacts.random_checkpoint(cfg)
@@ -158,8 +178,10 @@ def test_benchmarks_rebuild_a_damaged_cached_checkpoint(trained, tmp_path, monke
 
 # --- shards, manifest, config ---------------------------------------------------------------------
 
+
 def test_a_flipped_byte_in_a_shard_never_reaches_an_optimizer_step(shards16, tmp_path, capsys, in_process):
     from pipeline.train import train
+
     shards = linked_copy(shards16, tmp_path / "shards")
     (shards / ".verified.json").unlink(missing_ok=True)
     shard = shards / "train-000000.tar"
@@ -175,6 +197,7 @@ def test_a_flipped_byte_in_a_shard_never_reaches_an_optimizer_step(shards16, tmp
 
 def test_verified_shards_are_not_hashed_again(shards16, tmp_path, monkeypatch):
     from pipeline import manifest
+
     shards = linked_copy(shards16, tmp_path / "shards")
     (shards / ".verified.json").unlink(missing_ok=True)
     manifest.check_shards(shards, verify_sha256=True)
@@ -188,6 +211,7 @@ def test_verified_shards_are_not_hashed_again(shards16, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ("manifest.json", "train-000000.tar"))
 def test_damaged_manifest_or_shard_stops_training_in_one_line(name, kind, shards16, tmp_path, capsys, in_process):
     from pipeline.train import train
+
     shards = linked_copy(shards16, tmp_path / "shards")
     damage(shards / name, kind)
     capsys.readouterr()
@@ -198,6 +222,7 @@ def test_damaged_manifest_or_shard_stops_training_in_one_line(name, kind, shards
 def test_rejected_samples_are_counted_and_stop_the_run_past_max_corrupt(tmp_path, capsys, caplog, in_process):
     from pipeline.train import train
     from test_data_loader import write_corrupt_shards
+
     write_corrupt_shards(tmp_path / "shards", good=40, corrupt=4)
     assert train(tiny_config(tmp_path / "a", tmp_path / "shards", "train.max_steps=6", "data.max_corrupt=100")) == 0
     rows = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -213,10 +238,19 @@ def test_damaged_config_is_one_line_exit_2(kind, tmp_path):
     config = tmp_path / "config.yaml"
     shutil.copy(REPO / "configs" / "tiny_cpu.yaml", config)
     damage(config, kind)
-    env = {k: v for k, v in os.environ.items()  # not the process group of the in-process trainings
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    cli = subprocess.run([PYTHON, "-m", "pipeline.train", "--config", str(config), f"run.dir={tmp_path / 'run'}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    env = {
+        k: v
+        for k, v in os.environ.items()  # not the process group of the in-process trainings
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    cli = subprocess.run(
+        [PYTHON, "-m", "pipeline.train", "--config", str(config), f"run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert cli.returncode == 2, cli.stderr
     one_line(cli.stderr, str(config))
 
@@ -225,6 +259,7 @@ def test_damaged_config_is_one_line_exit_2(kind, tmp_path):
 @pytest.mark.parametrize("name", ("samples.npz", "manifest.json"))
 def test_damaged_input_through_evaluate(name, kind, shards16, tmp_path, capsys):
     from pipeline.evaluate import main as evaluate
+
     shards = linked_copy(shards16, tmp_path / "shards")
     samples = tmp_path / "samples.npz"
     np.savez(samples, images=np.zeros((4, 16, 16, 3), np.uint8))
@@ -237,9 +272,11 @@ def test_damaged_input_through_evaluate(name, kind, shards16, tmp_path, capsys):
 
 # --- exported models and uploads ----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory) -> Path:
     from export.onnx import main as export_onnx
+
     out = tmp_path_factory.mktemp("onnx") / "denoiser.onnx"
     assert export_onnx(["--ckpt", str(trained), "--out", str(out)]) == 0
     return out
@@ -251,6 +288,7 @@ def test_damaged_onnx_or_sidecar_through_sample_app_and_trt(which, kind, exporte
     from export.app import main as app
     from export.sample import main as sample
     from export.trt import main as trt
+
     model = tmp_path / "denoiser.onnx"
     os.link(exported, model)
     os.link(sidecar_path(exported), sidecar_path(model))
@@ -274,6 +312,7 @@ def test_damaged_onnx_or_sidecar_through_sample_app_and_trt(which, kind, exporte
 def test_damaged_upload_to_the_app_is_a_message(kind, tmp_path):
     from PIL import Image
     from export.app import UserInputError, open_upload
+
     upload = tmp_path / "face.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(upload)
     damage(upload, kind)
@@ -284,11 +323,13 @@ def test_damaged_upload_to_the_app_is_a_message(kind, tmp_path):
 
 # --- a full disk: a real small tmpfs ----------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def small_tmpfs(where: Path, size: str):
     where.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {(mounted.stderr or mounted.stdout).strip()}")
     try:
@@ -306,8 +347,11 @@ def fill(where: Path, leave_bytes: int) -> None:
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def no_temporaries(root: Path) -> None:
@@ -318,6 +362,7 @@ def no_temporaries(root: Path) -> None:
 def test_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(shards16, tmp_path, capsys, in_process):
     from pipeline.checkpoint import load_unet, verify_deepspeed_files
     from pipeline.train import train
+
     with small_tmpfs(tmp_path / "disk", "48m") as disk:
         run = disk / "run"
         args = ["train.checkpoint_every=2", "train.keep_checkpoints=3", f"run.dir={run}"]
@@ -326,8 +371,11 @@ def test_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(shards16, t
         fill(disk, 256 * 1024)
         capsys.readouterr()
         assert train(tiny_config(tmp_path, shards16, "train.max_steps=6", *args)) == 2
-        line = one_line(capsys.readouterr().err, "no space left on device",
-                        f"removed the unfinished checkpoint {run / 'checkpoints' / 'step_000000006'}")
+        line = one_line(
+            capsys.readouterr().err,
+            "no space left on device",
+            f"removed the unfinished checkpoint {run / 'checkpoints' / 'step_000000006'}",
+        )
         assert str(run / "checkpoints" / "step_000000006") in line.split(": no space")[0]
         assert not (run / "checkpoints" / "step_000000006").exists()
         assert digests(run / "checkpoints") == before  # every earlier file intact and whole
@@ -341,15 +389,34 @@ def test_full_disk_while_writing_shards_keeps_the_finished_ones(tmp_path):
     with small_tmpfs(tmp_path / "disk", "2m") as disk:
         out = disk / "shards"
         fill(disk, 96 * 1024)
-        cli = subprocess.run([PYTHON, "-m", "data_prep", "--synthetic", "200", "--size", "16", "--out", str(out),
-                              "--shard-size", "20", "--workers", "1"], cwd=REPO, capture_output=True, text=True,
-                             timeout=120)
+        cli = subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "data_prep",
+                "--synthetic",
+                "200",
+                "--size",
+                "16",
+                "--out",
+                str(out),
+                "--shard-size",
+                "20",
+                "--workers",
+                "1",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli.returncode == 1, cli.stderr
         line = one_line(cli.stderr, "no space left on device", str(out))
         assert "Traceback" not in cli.stderr and line.startswith("data_prep: error:")
         no_temporaries(out)
         from data_prep.build import JOURNAL_NAME
         from data_prep.shards import check_shard
+
         journal = [json.loads(x) for x in (out / JOURNAL_NAME).read_text().splitlines()[1:] if x.strip()]
         finished = [e["shard"] for e in journal if e.get("shard")]
         assert all(check_shard(out, info) is None for info in finished)  # whole, hashes as journaled
@@ -360,6 +427,7 @@ def test_full_disk_while_writing_shards_keeps_the_finished_ones(tmp_path):
 def test_full_disk_while_exporting_or_sampling_keeps_the_earlier_files(exported, tmp_path, capsys):
     from export.onnx import main as export_onnx
     from export.sample import main as sample
+
     with small_tmpfs(tmp_path / "disk", "4m") as disk:
         grid = disk / "grid.npz"
         assert sample(["--model", str(exported), "--out", str(grid), "--num", "2", "--steps", "2"]) == 0
@@ -370,8 +438,17 @@ def test_full_disk_while_exporting_or_sampling_keeps_the_earlier_files(exported,
         err = capsys.readouterr().err  # the model line and progress, then the error
         assert "Traceback" not in err and f"{grid}: no space left on device" in err.strip().splitlines()[-1], err
         assert grid.read_bytes() == kept
-        assert export_onnx(["--ckpt", str(Path(json.loads(sidecar_path(exported).read_text())
-                                                 ["source_checkpoint"])), "--out", str(disk / "d.onnx")]) == 1
+        assert (
+            export_onnx(
+                [
+                    "--ckpt",
+                    str(Path(json.loads(sidecar_path(exported).read_text())["source_checkpoint"])),
+                    "--out",
+                    str(disk / "d.onnx"),
+                ]
+            )
+            == 1
+        )
         one_line(capsys.readouterr().err, f"{disk / 'd.onnx'}: no space left on device")
         assert not (disk / "d.onnx").exists() and not sidecar_path(disk / "d.onnx").exists()
         no_temporaries(disk)
@@ -392,6 +469,7 @@ def straight(shards16, tmp_path_factory) -> Path:
 
 def same_run(resumed: Path, straight: Path) -> None:
     from safetensors.torch import load_file
+
     assert losses(resumed) == losses(straight)  # bit-equal, step by step
     name = "checkpoints/step_000000006/ema.safetensors"
     a, b = load_file(str(resumed / name)), load_file(str(straight / name))
@@ -405,8 +483,13 @@ def kill_job(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-KILL_CASES = [("job", "mid-step"), ("job", "deepspeed files"), ("job", "export files"),
-              ("rank 1", "mid-step"), ("rank 1", "deepspeed files")]
+KILL_CASES = [
+    ("job", "mid-step"),
+    ("job", "deepspeed files"),
+    ("job", "export files"),
+    ("rank 1", "mid-step"),
+    ("rank 1", "deepspeed files"),
+]
 
 
 @pytest.mark.parametrize("victim,point", KILL_CASES)
@@ -414,6 +497,7 @@ def test_kill_9_at_a_seeded_point_resumes_bit_exact(victim, point, shards16, str
     """SIGKILL the whole job (torchrun and every process under it) or rank 1 alone: mid-step, while
     DeepSpeed writes a checkpoint's per-rank files, or after the export files but before COMPLETE."""
     from pipeline.resume import PAUSE_BEFORE_COMPLETE_ENV
+
     rng = random.Random(f"{SEED}/{victim}/{point}")
     at, rows, delay = rng.choice([2, 4]), rng.randint(1, 5), rng.uniform(0.0, 0.05)
     run = tmp_path / "run"

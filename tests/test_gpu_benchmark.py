@@ -3,6 +3,7 @@
 GPU-only steps must report "no CUDA device"; the others run at tiny sizes and report what the GPU
 run reports. A step that overruns its time box is killed and recorded, and the run goes on.
 """
+
 import json
 import os
 import subprocess
@@ -10,14 +11,29 @@ import sys
 
 import pytest
 
-GPU_ONLY = ("ds_fp16_zero2", "ds_fp16_zero3", "celebahq256_b16", "celebahq256_b16_ckpt", "celebahq256_b64",
-            "celebahq256_b64_ckpt", "sampling_torch_graphs", "sampling_onnxruntime_cuda", "sampling_tensorrt")
+GPU_ONLY = (
+    "ds_fp16_zero2",
+    "ds_fp16_zero3",
+    "celebahq256_b16",
+    "celebahq256_b16_ckpt",
+    "celebahq256_b64",
+    "celebahq256_b64_ckpt",
+    "sampling_torch_graphs",
+    "sampling_onnxruntime_cuda",
+    "sampling_tensorrt",
+)
 
 
 def run_gpu_benchmark(repo_root, out, *args):
     env = dict(os.environ, PYTHONPATH=repo_root, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--cpu-smoke", "--out", str(out), *args],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "gpu", "--cpu-smoke", "--out", str(out), *args],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads((out / "gpu.json").read_text()), (out / "gpu.md").read_text()
 
@@ -26,10 +42,21 @@ def run_gpu_benchmark(repo_root, out, *args):
 def test_cpu_smoke_reports_every_step(tmp_path, repo_root):
     report, md = run_gpu_benchmark(repo_root, tmp_path / "gpu")
     steps = {s["name"]: s for s in report["results"]["steps"]}
-    assert list(steps) == ["env", "ds_fp16_zero2", "ds_bf16_zero2", "ds_fp16_zero3", "celebahq256_b16",
-                           "celebahq256_b16_ckpt", "celebahq256_b64", "celebahq256_b64_ckpt", "sampling_torch_eager",
-                           "sampling_torch_graphs", "unet_vs_diffusers", "sampling_onnxruntime_cuda",
-                           "sampling_tensorrt"]
+    assert list(steps) == [
+        "env",
+        "ds_fp16_zero2",
+        "ds_bf16_zero2",
+        "ds_fp16_zero3",
+        "celebahq256_b16",
+        "celebahq256_b16_ckpt",
+        "celebahq256_b64",
+        "celebahq256_b64_ckpt",
+        "sampling_torch_eager",
+        "sampling_torch_graphs",
+        "unet_vs_diffusers",
+        "sampling_onnxruntime_cuda",
+        "sampling_tensorrt",
+    ]
     for name in GPU_ONLY:
         assert (steps[name]["status"], steps[name]["reason"]) == ("skipped", "no CUDA device"), steps[name]
     for name in ("env", "ds_bf16_zero2", "sampling_torch_eager"):
@@ -41,8 +68,11 @@ def test_cpu_smoke_reports_every_step(tmp_path, repo_root):
     assert {r["sampler"] for r in runs} >= {"ddim"} and all(r["evaluations_per_second"] > 0 for r in runs)
     diffusers = steps["unet_vs_diffusers"]
     assert diffusers["status"] == "ok" or diffusers["reason"].startswith("absent: diffusers")
-    assert {t["name"] for t in report["targets"]} == {"celebahq256_fp16_images_per_second", "fp16_nonfinite_steps",
-                                                      "gpu_run_seconds"}
+    assert {t["name"] for t in report["targets"]} == {
+        "celebahq256_fp16_images_per_second",
+        "fp16_nonfinite_steps",
+        "gpu_run_seconds",
+    }
     assert md.startswith("# gpu") and "| ds_fp16_zero2 | skipped | 0 | no CUDA device |" in md
     assert "===== ds_bf16_zero2" in (tmp_path / "gpu" / "gpu.log").read_text()
 
@@ -50,8 +80,9 @@ def test_cpu_smoke_reports_every_step(tmp_path, repo_root):
 @pytest.mark.integration
 def test_a_step_over_its_time_box_is_killed_and_recorded(tmp_path, repo_root):
     """6 s cannot hold a DeepSpeed training (its imports alone take longer): killed, recorded, report kept."""
-    report, md = run_gpu_benchmark(repo_root, tmp_path / "gpu", "--only", "ds_bf16_zero2,sampling_tensorrt",
-                                   "--budget-s", "6")
+    report, md = run_gpu_benchmark(
+        repo_root, tmp_path / "gpu", "--only", "ds_bf16_zero2,sampling_tensorrt", "--budget-s", "6"
+    )
     steps = {s["name"]: s for s in report["results"]["steps"]}
     assert list(steps) == ["ds_bf16_zero2", "sampling_tensorrt"]  # the next step still gets its entry
     late = steps["ds_bf16_zero2"]
@@ -63,13 +94,37 @@ def test_a_step_over_its_time_box_is_killed_and_recorded(tmp_path, repo_root):
 @pytest.mark.integration
 def test_engine_step_code_runs_at_tiny_size_in_bf16(tmp_path, repo_root):
     """The celebahq256 steps are fp16 (GPU only); their code runs here in bf16 on the tiny config."""
-    params = {"config": "tiny_cpu", "precision": "bf16", "stage": 2, "batch": 4, "grad_checkpointing": True,
-              "warmup": 1, "steps": 2}
+    params = {
+        "config": "tiny_cpu",
+        "precision": "bf16",
+        "stage": 2,
+        "batch": 4,
+        "grad_checkpointing": True,
+        "warmup": 1,
+        "steps": 2,
+    }
     out = tmp_path / "step.json"
     env = dict(os.environ, PYTHONPATH=repo_root, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--step", "engine_steps", "--params",
-                           json.dumps(params), "--work", str(tmp_path), "--step-out", str(out)],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu",
+            "--step",
+            "engine_steps",
+            "--params",
+            json.dumps(params),
+            "--work",
+            str(tmp_path),
+            "--step-out",
+            str(out),
+        ],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     result = json.loads(out.read_text())
     assert result["status"] == "ok", proc.stdout[-2000:] + proc.stderr[-2000:]
     assert result["data"]["images_per_second"] > 0 and len(result["data"]["step_seconds"]["repeats"]) == 2

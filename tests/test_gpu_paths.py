@@ -4,6 +4,7 @@ at ZeRO stage 0, DeepSpeed's loss scaler giving up, start-up checks, the device 
 
 Nothing here fakes TensorRT or a GPU: where they are absent the real "absent" path is exercised.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,31 @@ from test_export import make_checkpoint
 
 
 def tiny_sidecar(fmt="onnx", batch=(1, 1, None)) -> Sidecar:
-    return Sidecar(format=fmt, image_size=8, channels=3, dtype="float32", timestep_dtype="float32",
-                   batch_min=batch[0], batch_opt=batch[1], batch_max=batch[2], betas=[0.1, 0.2], num_timesteps=2,
-                   prediction_type="epsilon", variance_type="fixed_small", clip_sample=True)
+    return Sidecar(
+        format=fmt,
+        image_size=8,
+        channels=3,
+        dtype="float32",
+        timestep_dtype="float32",
+        batch_min=batch[0],
+        batch_opt=batch[1],
+        batch_max=batch[2],
+        betas=[0.1, 0.2],
+        num_timesteps=2,
+        prediction_type="epsilon",
+        variance_type="fixed_small",
+        clip_sample=True,
+    )
 
 
 # --- sidecars: a graph and its engine each keep their own ----------------------------------------
+
 
 @pytest.fixture(scope="module")
 def default_export(tmp_path_factory):
     """`python -m export.onnx --ckpt RUN` with the default --out: <checkpoint>/denoiser.onnx."""
     from export.onnx import main
+
     torch.set_num_threads(1)
     ckpt = make_checkpoint(tmp_path_factory.mktemp("run"))
     assert main(["--ckpt", str(ckpt)]) == 0
@@ -46,6 +61,7 @@ def test_engine_beside_the_default_onnx_leaves_the_onnx_usable(default_export):
     """The README's `python -m export.trt --ckpt RUN --fp16` writes denoiser.plan beside denoiser.onnx;
     its sidecar (what build_engine writes after a build) must not replace the ONNX's."""
     from export.trt import default_plan_path, engine_sidecar
+
     onnx_path = default_export
     plan = default_plan_path(onnx_path, None)
     assert plan == onnx_path.with_suffix(".plan")
@@ -93,6 +109,7 @@ def test_an_older_export_named_stem_json_is_read_only_for_its_own_file(tmp_path)
 
 # --- TensorRT / CUDA without them ------------------------------------------------------------------
 
+
 def test_batch_outside_the_profile_names_the_range(tmp_path):
     info = tiny_sidecar("tensorrt", (2, 4, 8))
     for batch in (2, 5, 8):
@@ -114,6 +131,7 @@ def test_native_handle_reads_a_stream_without_int():
     import warnings
     from cuda.bindings import runtime as cudart
     from export.backends import native_handle
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         assert native_handle(cudart.cudaStream_t(0x1234)) == 0x1234
@@ -121,6 +139,7 @@ def test_native_handle_reads_a_stream_without_int():
 
 def test_trt_denoiser_refuses_an_onnx_before_touching_cuda(tmp_path):
     from export.backends import TrtDenoiser
+
     model = tmp_path / "d.onnx"
     model.write_bytes(b"graph")
     write_sidecar(model, tiny_sidecar())
@@ -130,8 +149,10 @@ def test_trt_denoiser_refuses_an_onnx_before_touching_cuda(tmp_path):
 
 # --- DeepSpeed fp16 -------------------------------------------------------------------------------
 
+
 def test_fp16_at_zero_stage_0_is_refused_with_the_reason(tmp_path):
     from pipeline.config import config_from_dict
+
     with pytest.raises(ConfigError, match=r"train.precision: fp16 needs zero.stage >= 1 \(DeepSpeed 0.19"):
         config_from_dict({"train": {"precision": "fp16"}})
     assert config_from_dict({"train": {"precision": "fp16"}, "zero": {"stage": 2}}).zero.stage == 2
@@ -169,16 +190,24 @@ distributed.shutdown()
 def test_dynamic_loss_scaler_gives_up_on_the_18th_overflow_and_is_recognised(repo_root):
     """Our FP16_LOSS_SCALING fed to DeepSpeed's own scaler as its engine does (2^16, hysteresis 2),
     in a process of its own: DeepSpeed's comm cannot be set up twice in one process."""
-    proc = subprocess.run([sys.executable, "-c", LOSS_SCALER_SCRIPT], cwd=repo_root, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=repo_root), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOSS_SCALER_SCRIPT],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=repo_root),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"overflows": 18, "scale": 1, "type": "Exception", "recognised": True}
     from pipeline.train import is_min_loss_scale_error
+
     assert not is_min_loss_scale_error(RuntimeError("CUDA out of memory"))
 
 
 # --- start-up checks and the device of a task ------------------------------------------------------
+
 
 def test_leftover_ds_accelerator_on_a_cuda_machine_is_named():
     message = accelerator_mismatch({"DS_ACCELERATOR": "cpu"}, cuda=True)
@@ -191,9 +220,11 @@ def test_leftover_ds_accelerator_on_a_cuda_machine_is_named():
 def test_offload_build_tools_are_checked(monkeypatch):
     from pipeline.distributed import import_deepspeed
     from pipeline.ds_config import check_offload_build
+
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # import_deepspeed sets it on CPU: restored after
     import_deepspeed()
     from deepspeed.git_version_info import installed_ops
+
     if installed_ops.get("cpu_adam"):
         pytest.skip("this DeepSpeed has CPU Adam pre-built: nothing to build")
     monkeypatch.setenv("PATH", "")

@@ -1,4 +1,5 @@
 """The shared helpers: image grids, progress lines, the free port, usable cores."""
+
 import socket
 
 import numpy as np
@@ -18,6 +19,7 @@ def test_image_grid_tiles_with_gutters():
 
 def test_preview_grid_is_the_same_grid():
     from pipeline.sample_grid import to_grid
+
     x = np.random.default_rng(0).uniform(-1, 1, (3, 1, 4, 4))
     pixels = np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1).repeat(3, axis=-1)
     assert np.array_equal(np.asarray(to_grid(x)), image_grid(pixels))
@@ -41,6 +43,7 @@ def test_free_port_is_bindable_and_cores_are_counted():
     from benchmarks.common import usable_cores
     from export.backends import default_threads
     from pipeline.distributed import free_port
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", free_port()))
     assert usable_cores() == default_threads() >= 1

@@ -2,6 +2,7 @@
 the power-function EMA. Each against a straightforward formula, then a tiny real run of each that
 trains, resumes bit-exactly and exports.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,13 @@ def test_min_snr_loss_matches_the_formula(prediction, gamma):
 
     expected = 0.0
     for i, step in enumerate(t.tolist()):
-        abar = float(np.prod(1 - np.linspace(1e-4, 0.02, 1000)[:step + 1]))
+        abar = float(np.prod(1 - np.linspace(1e-4, 0.02, 1000)[: step + 1]))
         snr = abar / (1 - abar)
-        weight = {"epsilon": min(snr, gamma) / snr, "v_prediction": min(snr, gamma) / (snr + 1),
-                  "sample": min(snr, gamma)}[prediction]
+        weight = {
+            "epsilon": min(snr, gamma) / snr,
+            "v_prediction": min(snr, gamma) / (snr + 1),
+            "sample": min(snr, gamma),
+        }[prediction]
         a, s = np.sqrt(abar), np.sqrt(1 - abar)
         target = {"epsilon": noise[i], "v_prediction": a * noise[i] - s * x0[i], "sample": x0[i]}[prediction]
         expected += weight * float(((output[i].double() - target.double()) ** 2).mean()) / len(t)
@@ -79,8 +83,12 @@ def test_power_ema_equals_the_weighted_average_in_float64(sigma_rel):
 
 
 def test_option_errors_name_the_key(tmp_path, shards16):
-    for override, key in (("train.loss_weighting=snr", "train.loss_weighting"), ("train.snr_gamma=0", "train.snr_gamma"),
-                          ("ema.profile=karras", "ema.profile"), ("ema.sigma_rel=0.3", "ema.sigma_rel")):
+    for override, key in (
+        ("train.loss_weighting=snr", "train.loss_weighting"),
+        ("train.snr_gamma=0", "train.snr_gamma"),
+        ("ema.profile=karras", "ema.profile"),
+        ("ema.sigma_rel=0.3", "ema.sigma_rel"),
+    ):
         with pytest.raises(ConfigError, match=key):
             tiny_config(tmp_path, shards16, override)
 
@@ -89,8 +97,12 @@ OPTIONS = {  # each pins its prediction type and weighting (the tiny config's ow
     "min_snr epsilon": ["diffusion.prediction_type=epsilon", "train.loss_weighting=min_snr", "train.snr_gamma=5"],
     "v_prediction min_snr": ["diffusion.prediction_type=v_prediction", "train.loss_weighting=min_snr"],
     "sample prediction": ["diffusion.prediction_type=sample", "train.loss_weighting=uniform"],
-    "power EMA": ["diffusion.prediction_type=epsilon", "train.loss_weighting=uniform", "ema.profile=power",
-                  "ema.sigma_rel=0.1"],
+    "power EMA": [
+        "diffusion.prediction_type=epsilon",
+        "train.loss_weighting=uniform",
+        "ema.profile=power",
+        "ema.sigma_rel=0.1",
+    ],
 }
 
 
@@ -102,6 +114,7 @@ def test_option_trains_resumes_bit_exactly_and_exports(option, tmp_path, shards1
     from export.onnx import export_onnx
     from pipeline.sampling import generate
     from pipeline.train import train
+
     overrides = [*OPTIONS[option], "train.checkpoint_every=3", "data.num_workers=0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train(tiny_config(straight, shards16, *overrides, "train.max_steps=6")) == 0

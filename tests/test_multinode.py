@@ -4,6 +4,7 @@ Needs a cluster of two nodes in their own network namespaces: `bash slurm/dev-cl
 --nodes 2` (CI starts it). Every run trains the tiny model for STEPS steps on CPU in fp32, and
 each must log the very losses of one uninterrupted 2-process run on this host (torchrun).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,8 @@ from safetensors.torch import load_file
 from pipeline.checkpoint import EMA_FILE, complete_checkpoints
 from pipeline.distributed import LaunchError, bind_interface, read_env
 from pipeline.launch import node_address
-from test_slurm import (JOB_TIMEOUT_S, TINY, job_env, sacct_states, shards, slurm_nodes, steps_of,  # noqa: F401
-                        wait_for_job, wait_for_step)  # shards: the fixture, shared
+from test_slurm import JOB_TIMEOUT_S, TINY, job_env, sacct_states, slurm_nodes, wait_for_job, wait_for_step
+from test_slurm import shards, steps_of  # noqa: F401 (fixtures, taken by name)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 20, 4
@@ -57,6 +58,7 @@ needs_two_nodes = pytest.mark.usefixtures("two_nodes")
 
 # --- binding the right interface (no cluster needed) --------------------------------------------
 
+
 def test_bind_interface_picks_the_route_to_master_and_refuses_loopback_across_nodes():
     env = read_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29400"}, cuda=False)
     environ = {}
@@ -67,8 +69,11 @@ def test_bind_interface_picks_the_route_to_master_and_refuses_loopback_across_no
     bind_interface(env, environ)
     assert environ["GLOO_SOCKET_IFNAME"] == "eth7"
     # The failure of every Debian cluster whose hostname maps to 127.0.1.1: caught before gloo hangs.
-    with pytest.raises(LaunchError, match=r"MASTER_ADDR=localhost is 127\.0\.0\.1 .* loopback address, but the "
-                                          r"job spans several nodes"):
+    with pytest.raises(
+        LaunchError,
+        match=r"MASTER_ADDR=localhost is 127\.0\.0\.1 .* loopback address, but the "
+        r"job spans several nodes",
+    ):
         bind_interface(env, {"SLURM_NNODES": "2"})
     with pytest.raises(LaunchError, match=r"MASTER_ADDR=no-such-node\.invalid does not resolve on "):
         bind_interface(dataclasses.replace(env, master_addr="no-such-node.invalid"), {})
@@ -83,9 +88,15 @@ def test_master_addr_is_the_node_address_slurm_uses():
 
 # --- helpers ----------------------------------------------------------------------------------
 
+
 def overrides(run_dir: Path, shards: Path) -> list[str]:
-    return [f"run.dir={run_dir}", f"data.shards={shards}", *TINY, f"train.max_steps={STEPS}",
-            f"train.checkpoint_every={CHECKPOINT_EVERY}"]
+    return [
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        *TINY,
+        f"train.max_steps={STEPS}",
+        f"train.checkpoint_every={CHECKPOINT_EVERY}",
+    ]
 
 
 def history(run_dir: Path) -> list[tuple]:
@@ -109,8 +120,19 @@ def assert_same_training(run_dir: Path, reference: Path, log: str) -> None:
 def reference(tmp_path_factory, shards) -> Path:
     """The same training as 2 processes on this host (torchrun), uninterrupted."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "pipeline.train", "--config", "configs/tiny_cpu.yaml", *overrides(run_dir, shards)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pipeline.train",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        *overrides(run_dir, shards),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [s for s, *_ in history(run_dir)] == list(range(1, STEPS + 1))
@@ -118,8 +140,15 @@ def reference(tmp_path_factory, shards) -> Path:
 
 
 def sbatch(tmp_path: Path, run_dir: Path, shards: Path) -> str:
-    cmd = ["sbatch", "--parsable", *TWO_NODES, f"--output={tmp_path}/slurm-%j.out", "slurm/train.sh",
-           "configs/tiny_cpu.yaml", *overrides(run_dir, shards)]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        *TWO_NODES,
+        f"--output={tmp_path}/slurm-%j.out",
+        "slurm/train.sh",
+        "configs/tiny_cpu.yaml",
+        *overrides(run_dir, shards),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert done.stdout.strip(), done.stderr
     return done.stdout.split(";")[0].strip()
@@ -149,6 +178,7 @@ def node_states() -> dict[str, str]:
 
 # --- cross-node training --------------------------------------------------------------------------
 
+
 @pytest.mark.integration
 @needs_two_nodes
 def test_sbatch_one_rank_per_node_equals_two_processes_on_one(tmp_path, shards, reference):
@@ -161,8 +191,11 @@ def test_sbatch_one_rank_per_node_equals_two_processes_on_one(tmp_path, shards, 
     # Each rank on its own node, bound to that node's own interface and address.
     for rank, node in enumerate(["node1", "node2"]):
         addr = socket.gethostbyname(node)
-        assert re.search(rf"rank {rank}/2 on {node}: gloo on eth0 \({re.escape(addr)}\), master "
-                         rf"{re.escape(socket.gethostbyname('node1'))}=", log), log
+        assert re.search(
+            rf"rank {rank}/2 on {node}: gloo on eth0 \({re.escape(addr)}\), master "
+            rf"{re.escape(socket.gethostbyname('node1'))}=",
+            log,
+        ), log
     assert "2 process(es)" in log
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NodeList"], capture_output=True, text=True)
     assert out.stdout.split() == ["node[1-2]"]
@@ -174,8 +207,21 @@ def test_sbatch_one_rank_per_node_equals_two_processes_on_one(tmp_path, shards, 
 @needs_two_nodes
 def test_submitit_launcher_on_two_nodes(tmp_path, shards, reference):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipeline.launch", "--config", "configs/tiny_cpu.yaml", "--nodes", "2",
-           "--cpus-per-task", "1", "--time", "30", "--wait", *overrides(run_dir, shards)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.launch",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        "--nodes",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "30",
+        "--wait",
+        *overrides(run_dir, shards),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     logs = "\n".join(p.read_text() for p in sorted((run_dir / "submitit").glob("*_log.*")))
     assert done.returncode == 0, done.stdout + done.stderr + logs
@@ -186,6 +232,7 @@ def test_submitit_launcher_on_two_nodes(tmp_path, shards, reference):
 
 
 # --- losing a rank, a node; preemption -------------------------------------------------------
+
 
 @pytest.mark.integration
 @needs_two_nodes
@@ -248,8 +295,10 @@ def test_node2_lost_job_requeued_waits_for_it_and_resumes(tmp_path, shards, refe
         deadline = failed + NODE_DOWN_BOUND_S
         # requeued: the failed run and the new one are both in accounting, the new one waits
         while time.monotonic() < deadline and not (
-                sacct_states(job_id)[:1] == ["NODE_FAIL"] and len(sacct_states(job_id)) == 2
-                and squeue(job_id).startswith("PENDING")):
+            sacct_states(job_id)[:1] == ["NODE_FAIL"]
+            and len(sacct_states(job_id)) == 2
+            and squeue(job_id).startswith("PENDING")
+        ):
             time.sleep(2)
         down_after = time.monotonic() - failed
         assert sacct_states(job_id)[:1] == ["NODE_FAIL"], (sacct_states(job_id), node_states())

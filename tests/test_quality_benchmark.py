@@ -1,4 +1,5 @@
 """`python -m benchmarks quality --quick` on a real (tiny, random-weight) checkpoint and real shards."""
+
 import json
 import subprocess
 import sys
@@ -14,19 +15,52 @@ from pipeline import evaluate
 @pytest.mark.integration
 def test_quick_quality_run_scores_every_set_and_draws_both_pictures(tmp_path):
     from test_editing import SIZE, make_tiny_checkpoint
+
     shards = tmp_path / "shards"
-    subprocess.run([sys.executable, "-m", "data_prep", "--synthetic", "200", "--out", str(shards), "--size", str(SIZE),
-                    "--val-fraction", "0.2"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "--synthetic",
+            "200",
+            "--out",
+            str(shards),
+            "--size",
+            str(SIZE),
+            "--val-fraction",
+            "0.2",
+        ],
+        check=True,
+        capture_output=True,
+    )
     evaluate.get_feature_net(shards, train_steps=20)  # trained once here; the benchmark reuses it
     ckpt = make_tiny_checkpoint(tmp_path / "run")
     out = tmp_path / "out"
-    assert quality.main(["--ckpt", str(ckpt), "--shards", str(shards), "--quick", "--num", "16",
-                         "--out", str(out), "--threads", "2"]) == 0
+    assert (
+        quality.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--shards",
+                str(shards),
+                "--quick",
+                "--num",
+                "16",
+                "--out",
+                str(out),
+                "--threads",
+                "2",
+            ]
+        )
+        == 0
+    )
 
     result = json.loads((out / "quality.json").read_text())
     sets = result["results"]["sets"]
-    assert sorted(sets) == sorted(["UniPC-5", "UniPC-10", "DPM++(2M)-5", "DPM++(2M)-10", "DDIM-10 eta 0", "DDPM-25",
-                                   "DDIM-10 eta 1"])
+    assert sorted(sets) == sorted(
+        ["UniPC-5", "UniPC-10", "DPM++(2M)-5", "DPM++(2M)-10", "DDIM-10 eta 0", "DDPM-25", "DDIM-10 eta 1"]
+    )
     for name, s in sets.items():
         assert np.isfinite(s["classifier-FID"]) and 0 <= s["precision"] <= 1 and s["seconds"] > 0, name
     assert result["results"]["floor"]["classifier-FID"] >= 0

@@ -4,6 +4,7 @@ Whole chains for the multistep solvers (DPM-Solver++(2M), UniPC) and DDIM: the f
 agree to float32 rounding. Single DDPM/DDIM steps: the plan's scalars reproduce diffusers'
 update in float64 to 1e-9. diffusers is a test-only dependency.
 """
+
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -11,11 +12,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       UniPCMultistepScheduler)
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from pipeline.sampling import (SamplerError, check_sampler, initial_noise, image_rngs, plan_steps,
-                               sample_loop, sampler_timesteps)
+from pipeline.sampling import (
+    SamplerError,
+    check_sampler,
+    initial_noise,
+    image_rngs,
+    plan_steps,
+    sample_loop,
+    sampler_timesteps,
+)
 from pipeline.schedule import DiffusionSchedule, beta_schedule, sampling_timesteps
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -30,6 +37,7 @@ class StandInNetwork:
     stays in the range of images (an arbitrary function would drive unclipped samples to
     +-100, where float32 rounding alone exceeds the tolerance).
     """
+
     info = SimpleNamespace(batch_min=1, batch_max=None)
 
     def __init__(self, schedule: DiffusionSchedule):
@@ -69,17 +77,34 @@ def diffusers_chain(scheduler, network, x_T: np.ndarray) -> np.ndarray:
 
 
 def make_scheduler(sampler, kind, prediction, clip, steps, spacing):
-    common = dict(num_train_timesteps=1000, beta_schedule=DIFFUSERS_KIND[kind], prediction_type=prediction,
-                  timestep_spacing=spacing)
+    common = dict(
+        num_train_timesteps=1000,
+        beta_schedule=DIFFUSERS_KIND[kind],
+        prediction_type=prediction,
+        timestep_spacing=spacing,
+    )
     # diffusers' thresholding with sample_max_value=1 is a clip to [-1, 1] (its quantile is floored at 1).
     threshold = dict(thresholding=clip, sample_max_value=1.0)
     if sampler == "dpmpp_2m":
-        scheduler = DPMSolverMultistepScheduler(**common, **threshold, algorithm_type="dpmsolver++", solver_order=2,
-                                                solver_type="midpoint", lower_order_final=True,
-                                                final_sigmas_type="zero")
+        scheduler = DPMSolverMultistepScheduler(
+            **common,
+            **threshold,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            solver_type="midpoint",
+            lower_order_final=True,
+            final_sigmas_type="zero",
+        )
     elif sampler == "unipc":
-        scheduler = UniPCMultistepScheduler(**common, **threshold, solver_order=2, solver_type="bh2",
-                                            predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
+        scheduler = UniPCMultistepScheduler(
+            **common,
+            **threshold,
+            solver_order=2,
+            solver_type="bh2",
+            predict_x0=True,
+            lower_order_final=True,
+            final_sigmas_type="zero",
+        )
     else:
         scheduler = DDIMScheduler(**common, clip_sample=clip, set_alpha_to_one=True)
     scheduler.set_timesteps(steps)
@@ -127,7 +152,7 @@ def test_unipc_corrects_every_step_but_the_last():
     schedule = DiffusionSchedule(beta_schedule("linear", 1000))
     plan = plan_steps(schedule, sampling_timesteps(1000, 6, "trailing"), "unipc")
     assert [s.qx is not None for s in plan] == [False] + [True] * 5  # UniC runs on the new prediction
-    assert [len(s.p0) for s in plan] == [1, 2, 2, 2, 2, 1]           # order 2 between first-order ends
+    assert [len(s.p0) for s in plan] == [1, 2, 2, 2, 2, 1]  # order 2 between first-order ends
     assert plan[-1].px == 0.0 and plan[-1].p0 == pytest.approx((1.0,))  # the last step returns x0
 
 
@@ -139,8 +164,13 @@ def test_dpmpp_2m_is_first_order_at_both_ends():
 
 
 def test_bad_sampler_settings_name_the_setting():
-    for args, name in [(("euler", None, 0.0), "sampler"), (("ddim", 0, 0.0), "steps"),
-                       (("unipc", 1001, 0.0), "steps"), (("dpmpp_2m", 10, 0.5), "eta"), (("ddim", 10, -1.0), "eta")]:
+    for args, name in [
+        (("euler", None, 0.0), "sampler"),
+        (("ddim", 0, 0.0), "steps"),
+        (("unipc", 1001, 0.0), "steps"),
+        (("dpmpp_2m", 10, 0.5), "eta"),
+        (("ddim", 10, -1.0), "eta"),
+    ]:
         with pytest.raises(SamplerError) as e:
             check_sampler(*args, num_timesteps=1000)
         assert e.value.name == name
@@ -148,6 +178,7 @@ def test_bad_sampler_settings_name_the_setting():
 
 
 # --- single DDPM / DDIM steps in float64 -------------------------------------------------------
+
 
 def _float64(scheduler, betas):
     """diffusers keeps its tables in float32; 1 - abar_t / abar_prev then loses digits to
@@ -164,8 +195,9 @@ def _float64(scheduler, betas):
 
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), \
-        torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    return torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(
+        2, 3, 4, 4, generator=g, dtype=torch.float64
+    )
 
 
 def one_step(schedule, sampler, model_output, t, t_prev, x, eta=0.0, noise=None):
@@ -183,8 +215,13 @@ def one_step(schedule, sampler, model_output, t, t_prev, x, eta=0.0, noise=None)
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_ddim_step_matches_diffusers(kind, prediction, eta, spacing):
     steps = 20
-    theirs = DDIMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_KIND[kind],
-                           prediction_type=prediction, timestep_spacing=spacing, clip_sample=True)
+    theirs = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=DIFFUSERS_KIND[kind],
+        prediction_type=prediction,
+        timestep_spacing=spacing,
+        clip_sample=True,
+    )
     theirs.set_timesteps(steps)
     ours = DiffusionSchedule(beta_schedule(kind, 1000), prediction_type=prediction)
     _float64(theirs, ours.betas)
@@ -194,8 +231,9 @@ def test_ddim_step_matches_diffusers(kind, prediction, eta, spacing):
         model_output, noise = _batch(100 + i)
         t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
         # diffusers steps to t - T // n, which is the next visited timestep for these spacings.
-        expected = theirs.step(model_output, int(t), x, eta=eta, use_clipped_model_output=True,
-                               variance_noise=noise).prev_sample.numpy()
+        expected = theirs.step(
+            model_output, int(t), x, eta=eta, use_clipped_model_output=True, variance_noise=noise
+        ).prev_sample.numpy()
         got = one_step(ours, "ddim", model_output.numpy(), int(t), t_prev, x.numpy(), eta=eta, noise=noise.numpy())
         np.testing.assert_allclose(got, expected, atol=1e-9, rtol=1e-9)
         x = torch.from_numpy(got)
@@ -206,8 +244,13 @@ def test_ddim_step_matches_diffusers(kind, prediction, eta, spacing):
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("steps", [1000, 25])
 def test_ddpm_step_matches_diffusers(kind, prediction, variance, steps):
-    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_KIND[kind],
-                           prediction_type=prediction, variance_type=variance, clip_sample=True)
+    theirs = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=DIFFUSERS_KIND[kind],
+        prediction_type=prediction,
+        variance_type=variance,
+        clip_sample=True,
+    )
     theirs.set_timesteps(steps)
     ours = DiffusionSchedule(beta_schedule(kind, 1000), prediction_type=prediction, variance_type=variance)
     _float64(theirs, ours.betas)

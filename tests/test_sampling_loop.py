@@ -4,6 +4,7 @@ The denoiser here is the exact posterior-mean predictor for Gaussian data x0 ~ N
 a real network-free denoiser whose samples must follow N(mu, s^2): a check of the whole chain
 that does not depend on any trained model.
 """
+
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.sampling import (generate, image_rngs, initial_noise, plan_steps, sample_loop, sampler_timesteps,
-                               to_uint8)
+from pipeline.sampling import generate, image_rngs, initial_noise, plan_steps, sample_loop, sampler_timesteps, to_uint8
 from export.sidecar import Sidecar
 from pipeline.schedule import DiffusionSchedule, beta_schedule
 
@@ -21,10 +21,21 @@ SHAPE = (3, 8, 8)
 
 
 def make_info(prediction_type="epsilon", clip_sample=False, num_timesteps=1000, batch=(1, 1, None)):
-    return Sidecar(format="onnx", image_size=SHAPE[1], channels=SHAPE[0], dtype="float32", timestep_dtype="float32",
-                   batch_min=batch[0], batch_opt=batch[1], batch_max=batch[2],
-                   betas=beta_schedule("linear", num_timesteps).tolist(), num_timesteps=num_timesteps,
-                   prediction_type=prediction_type, variance_type="fixed_small", clip_sample=clip_sample)
+    return Sidecar(
+        format="onnx",
+        image_size=SHAPE[1],
+        channels=SHAPE[0],
+        dtype="float32",
+        timestep_dtype="float32",
+        batch_min=batch[0],
+        batch_opt=batch[1],
+        batch_max=batch[2],
+        betas=beta_schedule("linear", num_timesteps).tolist(),
+        num_timesteps=num_timesteps,
+        prediction_type=prediction_type,
+        variance_type="fixed_small",
+        clip_sample=clip_sample,
+    )
 
 
 class GaussianDenoiser:
@@ -39,7 +50,7 @@ class GaussianDenoiser:
         assert x.dtype == np.float32 and t.dtype == np.float32 and len(t) == len(x)
         self.batches.append(len(x))
         abar = self.abar[np.rint(t).astype(int)][:, None, None, None]
-        eps = np.sqrt(1 - abar) * (x - np.sqrt(abar) * self.mu) / (abar * self.s ** 2 + 1 - abar)
+        eps = np.sqrt(1 - abar) * (x - np.sqrt(abar) * self.mu) / (abar * self.s**2 + 1 - abar)
         x0 = (x - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
         out = {"epsilon": eps, "v_prediction": np.sqrt(abar) * eps - np.sqrt(1 - abar) * x0, "sample": x0}
         return out[self.info.prediction_type].astype(np.float32)
@@ -58,7 +69,7 @@ def ddim_step(schedule, out, t, t_prev, x, eta, noise):
     x0 = schedule.predict_x0(out, t, x)
     eps = (x - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
     sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-    x_prev = np.sqrt(abar_prev) * x0 + np.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps
+    x_prev = np.sqrt(abar_prev) * x0 + np.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
     return x_prev + sigma * noise if eta > 0 else x_prev
 
 
@@ -90,8 +101,9 @@ def reference_chain(schedule: DiffusionSchedule, denoiser, x_t, timesteps, sampl
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("sampler,steps,eta", [("ddim", 20, 0.0), ("ddim", 20, 0.7), ("ddpm", 25, 0.0),
-                                                ("ddpm", None, 0.0)])
+@pytest.mark.parametrize(
+    "sampler,steps,eta", [("ddim", 20, 0.0), ("ddim", 20, 0.7), ("ddpm", 25, 0.0), ("ddpm", None, 0.0)]
+)
 def test_loop_matches_schedule_step_functions(prediction_type, sampler, steps, eta):
     info = make_info(prediction_type, clip_sample=True)
     schedule = info.schedule()
@@ -119,8 +131,14 @@ def test_samples_follow_the_data_distribution(sampler, steps):
     denoiser = GaussianDenoiser(info, mu, s)
     schedule = info.schedule()
     rngs = image_rngs(0, 0, 48)
-    x = sample_loop(denoiser, schedule, initial_noise(rngs, SHAPE), sampler_timesteps(schedule, sampler, steps),
-                    sampler=sampler, rngs=rngs)
+    x = sample_loop(
+        denoiser,
+        schedule,
+        initial_noise(rngs, SHAPE),
+        sampler_timesteps(schedule, sampler, steps),
+        sampler=sampler,
+        rngs=rngs,
+    )
     z = (x - mu) / s  # standardized: should be N(0, 1) per pixel
     assert abs(z.mean()) < 0.05
     assert abs(z.std() - 1) < 0.05
@@ -151,8 +169,15 @@ def test_short_batches_are_padded_to_the_engine_minimum():
     denoiser = GaussianDenoiser(info, pattern(), 0.3)
     padded = generate(denoiser, 5, batch=4, sampler="ddim", steps=5, eta=1.0, seed=0)
     assert set(denoiser.batches) == {4}
-    free = generate(GaussianDenoiser(make_info(clip_sample=True), pattern(), 0.3), 5, batch=5, sampler="ddim",
-                    steps=5, eta=1.0, seed=0)
+    free = generate(
+        GaussianDenoiser(make_info(clip_sample=True), pattern(), 0.3),
+        5,
+        batch=5,
+        sampler="ddim",
+        steps=5,
+        eta=1.0,
+        seed=0,
+    )
     assert np.array_equal(padded, free)
     with pytest.raises(ValueError, match="exceeds the engine's maximum 4"):
         sample_loop(denoiser, info.schedule(), np.zeros((5,) + SHAPE, np.float32), [10, 0], sampler="ddim")
@@ -165,9 +190,18 @@ def test_noise_drawn_ahead_equals_noise_drawn_in_line(sampler, eta):
     results, states = [], []
     for prefetch in (True, False):
         rngs = image_rngs(4, 0, 3)
-        results.append(sample_loop(GaussianDenoiser(info, pattern(), 0.3), info.schedule(),
-                                   initial_noise(rngs, SHAPE), [900, 600, 300, 100], sampler=sampler, eta=eta,
-                                   rngs=rngs, prefetch_noise=prefetch))
+        results.append(
+            sample_loop(
+                GaussianDenoiser(info, pattern(), 0.3),
+                info.schedule(),
+                initial_noise(rngs, SHAPE),
+                [900, 600, 300, 100],
+                sampler=sampler,
+                eta=eta,
+                rngs=rngs,
+                prefetch_noise=prefetch,
+            )
+        )
         states.append([r.standard_normal() for r in rngs])  # streams left in the same place
     assert np.array_equal(results[0], results[1])
     assert states[0] == states[1]
@@ -197,8 +231,16 @@ def test_callback_sees_every_step_and_may_edit_x():
         x[:, :, 0, 0] = 0.0
 
     rngs = image_rngs(0, 0, 2)
-    x = sample_loop(GaussianDenoiser(info, pattern(), 0.3), schedule, initial_noise(rngs, SHAPE), [500, 300, 100],
-                    sampler="ddpm", rngs=rngs, callback=paste_zero_corner, t_end=50)
+    x = sample_loop(
+        GaussianDenoiser(info, pattern(), 0.3),
+        schedule,
+        initial_noise(rngs, SHAPE),
+        [500, 300, 100],
+        sampler="ddpm",
+        rngs=rngs,
+        callback=paste_zero_corner,
+        t_end=50,
+    )
     assert seen == [(0, 500, 300), (1, 300, 100), (2, 100, 50)]
     assert np.all(x[:, :, 0, 0] == 0.0)
 
@@ -210,6 +252,8 @@ def test_to_uint8_maps_the_range_and_layout():
 
 
 def test_sampler_modules_import_neither_torch_nor_onnx():
-    code = ("import sys, pipeline.sampling, export.sidecar, export.backends, export.sample, export.editing; "
-            "bad = [m for m in ('torch', 'onnx') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, pipeline.sampling, export.sidecar, export.backends, export.sample, export.editing; "
+        "bad = [m for m in ('torch', 'onnx') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -1,4 +1,5 @@
 """pipeline.schedule against a straightforward float64 reference and against diffusers."""
+
 import subprocess
 import sys
 
@@ -19,9 +20,11 @@ def test_schedule_imports_no_torch():
 
 def test_schedule_from_config_needs_no_torch():
     """Export builds the sidecar's betas from a checkpoint's config without the torch training module."""
-    code = ("import sys; from pipeline.config import DiffusionConfig; from pipeline.schedule import schedule_from_config; "
-            "s = schedule_from_config(DiffusionConfig(num_timesteps=10, beta_schedule='cosine')); "
-            "assert s.betas.shape == (10,) and s.prediction_type == 'epsilon'; assert 'torch' not in sys.modules")
+    code = (
+        "import sys; from pipeline.config import DiffusionConfig; from pipeline.schedule import schedule_from_config; "
+        "s = schedule_from_config(DiffusionConfig(num_timesteps=10, beta_schedule='cosine')); "
+        "assert s.betas.shape == (10,) and s.prediction_type == 'epsilon'; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -35,8 +38,10 @@ def test_betas_and_alphas_cumprod_match_diffusers(kind):
 
 def test_cosine_betas_follow_the_alpha_bar_definition():
     T = 1000
+
     def f(t):
         return np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
+
     abar = np.array([f(t + 1) / f(0) for t in range(T)])
     betas = beta_schedule("cosine", T)
     # Below the clip the product of (1 - beta) reproduces alpha_bar(t) / alpha_bar(0).

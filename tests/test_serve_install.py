@@ -1,4 +1,5 @@
 """The serving install is torch-free for real: a fresh venv with only `.[serve-onnx]` samples an export."""
+
 import subprocess
 import venv
 from pathlib import Path
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_serve_onnx_extra_alone_runs_export_sample(tmp_path):
     from export.onnx import main as export_onnx
     from test_editing import make_tiny_checkpoint
+
     onnx = tmp_path / "denoiser.onnx"
     assert export_onnx(["--ckpt", str(make_tiny_checkpoint(tmp_path / "run")), "--out", str(onnx)]) == 0
 
@@ -20,15 +22,35 @@ def test_serve_onnx_extra_alone_runs_export_sample(tmp_path):
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     subprocess.run([python, "-m", "pip", "install", "-q", f"{ROOT}[serve-onnx]"], check=True, timeout=900)
-    installed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], check=True, capture_output=True,
-                               text=True).stdout.lower()
+    installed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=freeze"], check=True, capture_output=True, text=True
+    ).stdout.lower()
     assert "onnxruntime-gpu" in installed
     assert not [p for p in ("torch", "onnx==", "pyyaml", "deepspeed") if p in installed], installed
 
     # From a directory outside the repository: the installed package runs, not the source tree.
     out = tmp_path / "samples.npz"
-    done = subprocess.run([python, "-m", "export.sample", "--model", str(onnx), "--sampler", "unipc", "--steps", "5",
-                           "--num", "3", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            python,
+            "-m",
+            "export.sample",
+            "--model",
+            str(onnx),
+            "--sampler",
+            "unipc",
+            "--steps",
+            "5",
+            "--num",
+            "3",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "unipc 5 steps" in done.stdout
     images = np.load(out)["images"]

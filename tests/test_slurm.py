@@ -3,6 +3,7 @@
 Needs a cluster: `bash slurm/dev-cluster.sh start` brings up a one-node one on this machine.
 Each job runs 2 tasks (ranks) of the tiny model on CPU over gloo.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,17 @@ from pipeline.checkpoint import complete_checkpoints, step_of
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.image_size=16", "model.ch=32", "train.batch_size=4", "train.warmup_steps=2", "log.every=1", "log.sample_every=0",
-        "log.tensorboard=false", "data.num_workers=0", "train.keep_checkpoints=5"]
+TINY = [
+    "model.image_size=16",
+    "model.ch=32",
+    "train.batch_size=4",
+    "train.warmup_steps=2",
+    "log.every=1",
+    "log.sample_every=0",
+    "log.tensorboard=false",
+    "data.num_workers=0",
+    "train.keep_checkpoints=5",
+]
 TWO_TASKS = ["--ntasks-per-node=2", "--cpus-per-task=1"]
 JOB_TIMEOUT_S = 600  # generous: the first DeepSpeed start may compile its CPU comm op
 
@@ -56,8 +66,26 @@ def cluster():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("slurm") / "shards"
-    subprocess.run([sys.executable, "-m", "data_prep", "--synthetic", "64", "--out", str(out), "--size", "16",
-                    "--workers", "1", "--shard-size", "32"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "--synthetic",
+            "64",
+            "--out",
+            str(out),
+            "--size",
+            "16",
+            "--workers",
+            "1",
+            "--shard-size",
+            "32",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -76,8 +104,12 @@ def overrides(run_dir: Path, shards: Path, *extra: str) -> list[str]:
 
 def sacct_states(job_id: str) -> list[str]:
     """Every run of the job, oldest first: REQUEUED for each requeue, then the current state."""
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id, "-o", "State"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id, "-o", "State"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -117,9 +149,16 @@ def steps_of(checkpoints: list[Path]) -> list[int]:
 
 def test_sbatch_two_tasks_train_and_checkpoint(tmp_path, shards):
     run_dir = tmp_path / "run"
-    cmd = ["sbatch", "--parsable", "--wait", *TWO_TASKS, f"--output={tmp_path}/slurm-%j.out",
-           "slurm/train.sh", "configs/tiny_cpu.yaml",
-           *overrides(run_dir, shards, "train.max_steps=4", "train.checkpoint_every=2")]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--wait",
+        *TWO_TASKS,
+        f"--output={tmp_path}/slurm-%j.out",
+        "slurm/train.sh",
+        "configs/tiny_cpu.yaml",
+        *overrides(run_dir, shards, "train.max_steps=4", "train.checkpoint_every=2"),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     job_id = done.stdout.split()[0].split(";")[0]
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
@@ -134,11 +173,20 @@ def test_sbatch_two_tasks_train_and_checkpoint(tmp_path, shards):
 
 def test_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, shards):
     run_dir, max_steps = tmp_path / "run", 30
-    cmd = ["sbatch", "--parsable", *TWO_TASKS, f"--output={tmp_path}/slurm-%j.out",
-           "slurm/train.sh", "configs/tiny_cpu.yaml",
-           *overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000")]
-    job_id = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True,
-                            check=True).stdout.split(";")[0].strip()
+    cmd = [
+        "sbatch",
+        "--parsable",
+        *TWO_TASKS,
+        f"--output={tmp_path}/slurm-%j.out",
+        "slurm/train.sh",
+        "configs/tiny_cpu.yaml",
+        *overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000"),
+    ]
+    job_id = (
+        subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, check=True)
+        .stdout.split(";")[0]
+        .strip()
+    )
     wait_for_step(run_dir, 2, job_id)
     # What Slurm does 120 s before the time limit (--signal=USR1@120): USR1 to every task.
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
@@ -158,11 +206,24 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, shards):
 
 def test_submitit_launcher_trains_and_survives_preemption(tmp_path, shards):
     run_dir, max_steps = tmp_path / "run", 30
-    cmd = [sys.executable, "-m", "pipeline.launch", "--config", "configs/tiny_cpu.yaml", "--tasks-per-node", "2",
-           "--cpus-per-task", "1", "--time", "30", "--wait",
-           *overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000")]
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.launch",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "30",
+        "--wait",
+        *overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000"),
+    ]
+    launcher = subprocess.Popen(
+        cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         first = launcher.stdout.readline()
         assert first.startswith("submitted job "), first + launcher.stdout.read()

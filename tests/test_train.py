@@ -2,6 +2,7 @@
 and real multi-process DeepSpeed runs (torchrun, gloo, CPU) that checkpoint, get killed,
 signalled and resumed.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,30 @@ from pipeline.ds_config import FP16_LOSS_SCALING, batch_sizes, build_ds_config, 
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-TINY = ["model.image_size=16", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
-        "model.attn_resolutions=[8]", "model.dropout=0.1", "data.num_workers=0", "data.shuffle_buffer=50",
-        "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=2", "ema.decay=0.999", "ema.warmup=true",
-        "log.every=1", "log.sample_every=0", "log.tensorboard=false"]
+TINY = [
+    "model.image_size=16",
+    "model.ch=32",
+    "model.ch_mult=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[8]",
+    "model.dropout=0.1",
+    "data.num_workers=0",
+    "data.shuffle_buffer=50",
+    "train.batch_size=8",
+    "train.lr=1e-3",
+    "train.warmup_steps=2",
+    "ema.decay=0.999",
+    "ema.warmup=true",
+    "log.every=1",
+    "log.sample_every=0",
+    "log.tensorboard=false",
+]
 
 
 def tiny_config(tmp_path: Path, shards: Path, *overrides: str) -> Config:
-    return load_config(REPO / "configs" / "tiny_cpu.yaml",
-                       TINY + [f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", *overrides])
+    return load_config(
+        REPO / "configs" / "tiny_cpu.yaml", TINY + [f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", *overrides]
+    )
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -42,12 +58,17 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def shards16(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "synthetic16"
-    subprocess.run([PYTHON, "-m", "data_prep", "--synthetic", "64", "--out", str(out), "--size", "16"],
-                   cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [PYTHON, "-m", "data_prep", "--synthetic", "64", "--out", str(out), "--size", "16"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
 # --- DeepSpeed config -----------------------------------------------------------------------------
+
 
 def test_batch_arithmetic_gives_micro_batch_and_accumulation():
     assert batch_sizes(TrainConfig(batch_size=64), 8) == (8, 1)
@@ -65,8 +86,18 @@ def test_ds_config_blocks():
     ds = build_ds_config(cfg, world_size=4)
     batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
     assert batch == (64, 4, 4)
-    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                          "hysteresis": 2, "min_loss_scale": 1} == {"enabled": True, **FP16_LOSS_SCALING}
+    assert (
+        ds["fp16"]
+        == {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+        == {"enabled": True, **FP16_LOSS_SCALING}
+    )
     assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.0
     assert "bf16" not in ds and "optimizer" not in ds  # Adam is the torch one, built in train.py
     cfg.train.precision = "bf16"
@@ -87,13 +118,29 @@ def test_user_ds_config_passes_through_but_must_agree_on_batch(tmp_path):
 
 # --- launch environment ----------------------------------------------------------------------------
 
+
 def test_env_from_torchrun_slurm_or_alone():
-    env = read_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"},
-                   cuda=False)
-    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port, env.backend) == \
-        (3, 1, 4, "n1", 29400, "gloo")
-    env = read_env({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "MASTER_ADDR": "gpu07",
-                    "MASTER_PORT": "12345"}, cuda=True)
+    env = read_env(
+        {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}, cuda=False
+    )
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port, env.backend) == (
+        3,
+        1,
+        4,
+        "n1",
+        29400,
+        "gloo",
+    )
+    env = read_env(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_LOCALID": "1",
+            "SLURM_NTASKS": "8",
+            "MASTER_ADDR": "gpu07",
+            "MASTER_PORT": "12345",
+        },
+        cuda=True,
+    )
     assert (env.rank, env.local_rank, env.world_size, env.backend, str(env.device)) == (5, 1, 8, "nccl", "cuda:1")
     alone = read_env({}, cuda=False)
     assert (alone.rank, alone.world_size, alone.master_addr) == (0, 1, "127.0.0.1")
@@ -105,8 +152,10 @@ def test_env_from_torchrun_slurm_or_alone():
 
 # --- EMA, RNG, seeds ----------------------------------------------------------------------------
 
+
 def test_ema_follows_the_formula_with_warmup():
     from pipeline.ema import EMA
+
     model = torch.nn.Linear(3, 2)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     ema = EMA(model, decay=0.9, warmup=True, chunk_numel=4)  # chunks smaller than the model
@@ -129,6 +178,7 @@ def test_ema_follows_the_formula_with_warmup():
 
 def test_rng_states_round_trip_through_weights_only_files(tmp_path):
     import random
+
     save_rng(tmp_path, rank=1)
     before = (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn())
     assert load_rng(tmp_path, rank=1) and not load_rng(tmp_path, rank=0)
@@ -137,9 +187,10 @@ def test_rng_states_round_trip_through_weights_only_files(tmp_path):
 
 def test_derived_seeds_are_stable_and_distinct():
     from pipeline.train import derived_seed
+
     assert derived_seed(0, 1, 2) == derived_seed(0, 1, 2)
     assert len({derived_seed(0, r, s) for r in range(4) for s in range(50)}) == 200
-    assert 0 <= derived_seed(2 ** 40, 7) < 2 ** 63
+    assert 0 <= derived_seed(2**40, 7) < 2**63
 
 
 def test_preview_grid_is_written_atomically(tmp_path):
@@ -148,6 +199,7 @@ def test_preview_grid_is_written_atomically(tmp_path):
     from pipeline.schedule import DiffusionSchedule, beta_schedule
     from PIL import Image
     from pipeline.unet import UNet
+
     model = UNet(ModelConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)))
     path = save_preview(model, DiffusionSchedule(beta_schedule("linear", 1000)), tmp_path, 7, num=6, steps=2)
     assert path == tmp_path / "samples" / "step_000000007.png"
@@ -158,6 +210,7 @@ def test_preview_grid_is_written_atomically(tmp_path):
 
 # --- the training loop, in this process (as the submitit launcher calls it) ------------------------
 
+
 @pytest.fixture(scope="module")
 def in_process():
     """train() in the pytest process joins a one-process group and exports RANK, MASTER_PORT, ...:
@@ -165,6 +218,7 @@ def in_process():
     saved = dict(os.environ)
     yield
     from pipeline import distributed
+
     distributed.shutdown()
     os.environ.clear()
     os.environ.update(saved)
@@ -173,23 +227,42 @@ def in_process():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_fp16_without_cuda_is_refused_in_one_line(tmp_path, shards16, capsys, in_process):
     from pipeline.train import train
+
     status = train(tiny_config(tmp_path, shards16, "train.precision=fp16", "zero.stage=2"))
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1
     assert "fp16 needs a CUDA GPU" in err and "bf16" in err
     assert not (tmp_path / "run").exists()
-    cli = subprocess.run([PYTHON, "-m", "pipeline.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
-                          f"run.dir={tmp_path / 'cli'}", "train.precision=fp16", "zero.stage=2"], cwd=REPO,
-                         capture_output=True, text=True)
+    cli = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pipeline.train",
+            "--config",
+            str(REPO / "configs" / "tiny_cpu.yaml"),
+            f"run.dir={tmp_path / 'cli'}",
+            "train.precision=fp16",
+            "zero.stage=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [err], cli.stderr
 
 
 def test_gradient_checkpointing_gives_the_same_loss_curve(tmp_path, shards16, in_process):
     from pipeline.train import train
+
     curves = []
     for flag in ("false", "true"):
-        cfg = tiny_config(tmp_path / flag, shards16, f"train.grad_checkpointing={flag}", "train.max_steps=4",
-                          "train.checkpoint_every=100")
+        cfg = tiny_config(
+            tmp_path / flag,
+            shards16,
+            f"train.grad_checkpointing={flag}",
+            "train.max_steps=4",
+            "train.checkpoint_every=100",
+        )
         assert train(cfg) == 0  # two trainings in one process: the process group is torn down in between
         curves.append(losses(tmp_path / flag / "run"))
     assert len(curves[0]) == 4 and curves[0][-1] < curves[0][0]
@@ -198,8 +271,17 @@ def test_gradient_checkpointing_gives_the_same_loss_curve(tmp_path, shards16, in
 
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards16, capsys, in_process):
     from pipeline.train import EXIT_DIVERGED, train
-    cfg = tiny_config(tmp_path, shards16, "train.lr=1e12", "train.warmup_steps=0", "train.grad_clip=0",
-                      "train.max_bad_steps=2", "train.max_steps=50", "train.checkpoint_every=1")  # lr: weights blow up
+
+    cfg = tiny_config(
+        tmp_path,
+        shards16,
+        "train.lr=1e12",
+        "train.warmup_steps=0",
+        "train.grad_clip=0",
+        "train.max_bad_steps=2",
+        "train.max_steps=50",
+        "train.checkpoint_every=1",
+    )  # lr: weights blow up
     assert train(cfg) == EXIT_DIVERGED
     out = capsys.readouterr().out
     assert "consecutive non-finite steps (train.max_bad_steps=2)" in out
@@ -210,12 +292,14 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards
     assert all(np.isfinite(r["loss"]) for r in rows if r["step"] <= good)
     assert rows[-1]["step"] == good + 3 and not np.isfinite(rows[-1]["loss"])
     from safetensors.torch import load_file
+
     assert all(v.isfinite().all() for v in load_file(str(kept[-1] / "ema.safetensors")).values())
     states = torch.load(kept[-1] / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=True)
     assert all(v.isfinite().all() for v in states["module"].values())
 
 
 # --- real DeepSpeed, 2 processes ------------------------------------------------------------------
+
 
 @pytest.fixture
 def launched():
@@ -230,12 +314,26 @@ def launched():
             proc.communicate()
 
 
-def torchrun(shards: Path, run_dir: Path, *overrides: str, env: dict | None = None,
-             launched: list | None = None) -> subprocess.Popen:
+def torchrun(
+    shards: Path, run_dir: Path, *overrides: str, env: dict | None = None, launched: list | None = None
+) -> subprocess.Popen:
     """Start `torchrun --standalone --nproc_per_node 2 -m pipeline.train` with the tiny model."""
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline.train",
-           "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *TINY, f"data.shards={shards}",
-           f"run.dir={run_dir}", *overrides]
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pipeline.train",
+        "--config",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        *TINY,
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        *overrides,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if launched is not None:
@@ -252,6 +350,7 @@ def workers(proc: subprocess.Popen, recursive: bool = False) -> dict:
     """The training processes torchrun started, by rank (they live in sessions of their own);
     recursive: their DataLoader workers too, keyed by pid."""
     import psutil
+
     found = {}
     try:
         children = psutil.Process(proc.pid).children(recursive=recursive)
@@ -278,10 +377,12 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 180):
 def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16, launched):
     from safetensors.torch import load_file
     from pipeline.train import REQUEUE_EXIT_CODE
+
     # adam_eps=1e-3: Adam's update g / (sqrt(v) + eps) then does not blow up the last-bit differences of
     # near-zero gradients between ZeRO-0's all-reduce and ZeRO-3's reduce-scatter.
     # One DataLoader worker per rank: it gets the signals too (they go to whole process groups) and must survive.
     common = ["train.adam_eps=1e-3", "train.checkpoint_every=1000", "data.num_workers=1"]
+
     def start(run_dir, *overrides):
         return torchrun(shards16, run_dir, *overrides, *common, launched=launched)
 
@@ -328,15 +429,23 @@ def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16, l
 @pytest.mark.integration
 def test_zero2_bf16_killed_while_checkpointing_resumes_from_the_previous_one(tmp_path, shards16, launched):
     from pipeline.resume import PAUSE_BEFORE_COMPLETE_ENV
+
     run = tmp_path / "run"
-    args = ["zero.stage=2", "train.precision=bf16", "train.grad_checkpointing=true", "train.max_steps=6",
-            "train.checkpoint_every=2", "train.keep_checkpoints=2", "log.sample_every=6", "log.sample_steps=2",
-            "log.num_samples=4"]
+    args = [
+        "zero.stage=2",
+        "train.precision=bf16",
+        "train.grad_checkpointing=true",
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=2",
+        "log.sample_every=6",
+        "log.sample_steps=2",
+        "log.num_samples=4",
+    ]
     proc = torchrun(shards16, run, *args, env={PAUSE_BEFORE_COMPLETE_ENV: "4:60"}, launched=launched)
     step4 = run / "checkpoints" / "step_000000004"
     # rank 0 has written the DeepSpeed state and the export files and now sleeps before COMPLETE
-    wait_for(lambda: (step4 / "model.json").exists() and (run / "checkpoints/step_000000002/COMPLETE").exists(),
-             proc)
+    wait_for(lambda: (step4 / "model.json").exists() and (run / "checkpoints/step_000000002/COMPLETE").exists(), proc)
     for p in [*workers(proc).values()]:
         p.kill()
     proc.kill()

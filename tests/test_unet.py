@@ -1,10 +1,18 @@
 """The DDPM U-Net: the paper's parameter count, diffusers equivalence, checkpointing, fp32 norms."""
+
 import pytest
 import torch
 from diffusers import UNet2DModel
 
 from pipeline.config import ModelConfig, load_config
-from pipeline.unet import DiffusersConfigError, GroupNorm32, UNet, count_parameters, import_diffusers_unet, model_config_from_diffusers
+from pipeline.unet import (
+    DiffusersConfigError,
+    GroupNorm32,
+    UNet,
+    count_parameters,
+    import_diffusers_unet,
+    model_config_from_diffusers,
+)
 
 TINY = ModelConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
 
@@ -43,16 +51,28 @@ def test_zero_initialised_output():
     assert torch.count_nonzero(out) == 0
 
 
-@pytest.mark.parametrize("layers,attn_types", [
-    (1, (("AttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "AttnUpBlock2D"))),
-    (2, (("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D"))),
-])
+@pytest.mark.parametrize(
+    "layers,attn_types",
+    [
+        (1, (("AttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "AttnUpBlock2D"))),
+        (2, (("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D"))),
+    ],
+)
 def test_import_diffusers_unet_gives_equal_outputs(layers, attn_types, tmp_path):
     torch.manual_seed(0)
     # attention_head_dim=None: one head as wide as the block, as here (diffusers' default 8 is multi-head)
-    theirs = UNet2DModel(sample_size=16, block_out_channels=(32, 64), down_block_types=attn_types[0],
-                         up_block_types=attn_types[1], layers_per_block=layers, norm_eps=1e-6,
-                         downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None).eval()
+    theirs = UNet2DModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        down_block_types=attn_types[0],
+        up_block_types=attn_types[1],
+        layers_per_block=layers,
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        attention_head_dim=None,
+    ).eval()
     _randomize(theirs, seed=1)
     cfg = model_config_from_diffusers(dict(theirs.config))
     ours = import_diffusers_unet(theirs.state_dict(), cfg).eval()
@@ -65,45 +85,80 @@ def test_import_diffusers_unet_gives_equal_outputs(layers, attn_types, tmp_path)
         torch.testing.assert_close(import_diffusers_unet(tmp_path).eval()(x, t), expected, atol=1e-5, rtol=0)
 
 
-DDPM = dict(sample_size=16, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_eps=1e-6, downsample_padding=0,
-            flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None)
+DDPM = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_eps=1e-6,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    attention_head_dim=None,
+)
 
 
 def _equal_outputs(theirs, folder) -> None:
     """Weights large enough that attention is far from uniform (so head splits and scales show), saved, imported."""
     _randomize(theirs.eval(), seed=1, std=0.3)
     theirs.save_pretrained(folder)
-    x, t = torch.randn(2, theirs.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 700])
+    x, t = (
+        torch.randn(2, theirs.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(2)),
+        torch.tensor([3, 700]),
+    )
     with torch.no_grad():
         expected = theirs(x, t).sample
         torch.testing.assert_close(import_diffusers_unet(folder).eval()(x, t), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("changes", [
-    {},
-    {"norm_num_groups": 16, "dropout": 0.2, "layers_per_block": 2},
-    {"act_fn": "swish", "sample_size": [16, 16], "in_channels": 1, "out_channels": 1},
-    {"attention_head_dim": 64, "attn_norm_num_groups": 32, "time_embedding_dim": 128},
-    {"block_out_channels": (32, 96), "attention_head_dim": 96},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"norm_num_groups": 16, "dropout": 0.2, "layers_per_block": 2},
+        {"act_fn": "swish", "sample_size": [16, 16], "in_channels": 1, "out_channels": 1},
+        {"attention_head_dim": 64, "attn_norm_num_groups": 32, "time_embedding_dim": 128},
+        {"block_out_channels": (32, 96), "attention_head_dim": 96},
+    ],
+)
 def test_import_honours_the_fields_it_can(changes, tmp_path):
     torch.manual_seed(0)
     _equal_outputs(UNet2DModel(**{**DDPM, **changes}), tmp_path)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("attention_head_dim", 8), ("flip_sin_to_cos", True), ("freq_shift", 0), ("downsample_padding", 1),
-    ("norm_eps", 1e-5), ("act_fn", "mish"), ("resnet_time_scale_shift", "scale_shift"),
-    ("time_embedding_type", "fourier"), ("center_input_sample", True), ("mid_block_scale_factor", 2.0),
-    ("downsample_type", "resnet"), ("upsample_type", "resnet"), ("attn_norm_num_groups", 8),
-    ("add_attention", False), ("mid_block_type", None), ("num_class_embeds", 10), ("out_channels", 6),
-    ("down_block_types", ("DownBlock2D", "AttnSkipDownBlock2D")), ("up_block_types", ("UpBlock2D", "AttnUpBlock2D")),
-    ("time_embedding_dim", 64), ("block_out_channels", (32, 48)),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("attention_head_dim", 8),
+        ("flip_sin_to_cos", True),
+        ("freq_shift", 0),
+        ("downsample_padding", 1),
+        ("norm_eps", 1e-5),
+        ("act_fn", "mish"),
+        ("resnet_time_scale_shift", "scale_shift"),
+        ("time_embedding_type", "fourier"),
+        ("center_input_sample", True),
+        ("mid_block_scale_factor", 2.0),
+        ("downsample_type", "resnet"),
+        ("upsample_type", "resnet"),
+        ("attn_norm_num_groups", 8),
+        ("add_attention", False),
+        ("mid_block_type", None),
+        ("num_class_embeds", 10),
+        ("out_channels", 6),
+        ("down_block_types", ("DownBlock2D", "AttnSkipDownBlock2D")),
+        ("up_block_types", ("UpBlock2D", "AttnUpBlock2D")),
+        ("time_embedding_dim", 64),
+        ("block_out_channels", (32, 48)),
+    ],
+)
 def test_import_refuses_what_it_would_compute_differently(field, value, tmp_path):
     torch.manual_seed(0)
-    changes = {field: value, **({"up_block_types": ("AttnUpBlock2D", "SkipUpBlock2D")} if field == "down_block_types" else {})}
+    changes = {
+        field: value,
+        **({"up_block_types": ("AttnUpBlock2D", "SkipUpBlock2D")} if field == "down_block_types" else {}),
+    }
     changes = {**changes, **({"norm_num_groups": 16} if field == "block_out_channels" else {})}
     theirs = UNet2DModel(**{**DDPM, **changes})
     theirs.save_pretrained(tmp_path)
@@ -127,6 +182,7 @@ def _equal_outputs_ignoring_config(theirs) -> None:
 
 def test_a_config_json_missing_fields_means_diffusers_defaults(tmp_path):
     import json
+
     torch.manual_seed(0)
     UNet2DModel(**DDPM).save_pretrained(tmp_path)
     dcfg = json.loads((tmp_path / "config.json").read_text())

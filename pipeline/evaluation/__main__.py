@@ -1,4 +1,5 @@
 """`python -m pipeline.evaluation`: score samples against a shard split (see pipeline.evaluation.evaluate)."""
+
 import sys
 
 from pipeline.evaluation.evaluate import main

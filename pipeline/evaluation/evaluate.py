@@ -28,6 +28,7 @@ from pipeline.fileio import NoSpaceError, atomic_write_json
 
 # ---------------------------------------------------------------- the API the demo calls
 
+
 def scores(real: np.ndarray, fake: np.ndarray, fd_name: str, k: int = K_NEAREST) -> dict:
     """Features (N, D), (M, D) -> {fd_name: Fréchet distance, precision, recall, density, coverage}."""
     fd = frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
@@ -35,8 +36,16 @@ def scores(real: np.ndarray, fake: np.ndarray, fd_name: str, k: int = K_NEAREST)
     return {fd_name: round(fd, 4), **{m: round(v, 4) for m, v in knn.items()}}
 
 
-def evaluate(samples: np.ndarray, shards_dir, split: str = "train", max_real: int | None = 10000,
-             feature_net=None, features: str = "classifier", inception=None, featurizer=None) -> dict:
+def evaluate(
+    samples: np.ndarray,
+    shards_dir,
+    split: str = "train",
+    max_real: int | None = 10000,
+    feature_net=None,
+    features: str = "classifier",
+    inception=None,
+    featurizer=None,
+) -> dict:
     """Score generated uint8 (N, H, W, 3|1) samples against a shard split.
 
     Pass one `featurizer` to several calls to load the network and embed the real images once.
@@ -45,18 +54,35 @@ def evaluate(samples: np.ndarray, shards_dir, split: str = "train", max_real: in
     featurizer = featurizer or Featurizer(features, shards_dir, feature_net, inception)
     real, real_hw = featurizer.real(shards_dir, split, max_real)
     if real_hw != samples.shape[1:3]:
-        print(f"evaluate: note: samples are {samples.shape[1]}x{samples.shape[2]} px, the '{split}' split "
-              f"{real_hw[0]}x{real_hw[1]}; both are resized for the feature network", file=sys.stderr)
+        print(
+            f"evaluate: note: samples are {samples.shape[1]}x{samples.shape[2]} px, the '{split}' split "
+            f"{real_hw[0]}x{real_hw[1]}; both are resized for the feature network",
+            file=sys.stderr,
+        )
     fake = featurizer(samples)
-    return {"metrics": scores(real, fake, featurizer.metric), "k": K_NEAREST, "n_real": len(real),
-            "n_fake": len(fake), "features": featurizer.kind,
-            ("feature_net" if featurizer.kind == "classifier" else "inception"): featurizer.info,
-            "split": split, "shards": str(shards_dir),
-            "real_size": list(real_hw), "fake_size": list(samples.shape[1:3])}
+    return {
+        "metrics": scores(real, fake, featurizer.metric),
+        "k": K_NEAREST,
+        "n_real": len(real),
+        "n_fake": len(fake),
+        "features": featurizer.kind,
+        ("feature_net" if featurizer.kind == "classifier" else "inception"): featurizer.info,
+        "split": split,
+        "shards": str(shards_dir),
+        "real_size": list(real_hw),
+        "fake_size": list(samples.shape[1:3]),
+    }
 
 
-def reference_floor(shards_dir, n: int | None = None, max_real: int | None = 10000, feature_net=None,
-                    features: str = "classifier", inception=None, featurizer=None) -> dict:
+def reference_floor(
+    shards_dir,
+    n: int | None = None,
+    max_real: int | None = 10000,
+    feature_net=None,
+    features: str = "classifier",
+    inception=None,
+    featurizer=None,
+) -> dict:
     """The val split (or n images of it) scored as if it were samples, against train: the best a model can do.
 
     Pass n = the number of generated samples, since the Fréchet distance depends on N.
@@ -75,29 +101,50 @@ def format_table(result: dict) -> str:
         label = name if name == fd_name else f"{name} (k={result['k']})"
         lines.append(f"{label:<24}{value:>10.4f}")
     net = result.get("feature_net") or result.get("inception")
-    lines.append(f"N real {result['n_real']} ({result['split']} split), N fake {result['n_fake']}, "
-                 f"features: {result['features']} ({net['path']})")
+    lines.append(
+        f"N real {result['n_real']} ({result['split']} split), N fake {result['n_fake']}, "
+        f"features: {result['features']} ({net['path']})"
+    )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", required=True, action="append", metavar="[NAME=]PATH",
-                   help="npz with `images` uint8 (N, H, W, C); repeat with NAME=PATH to compare several")
+        prog="python -m pipeline.evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--samples",
+        required=True,
+        action="append",
+        metavar="[NAME=]PATH",
+        help="npz with `images` uint8 (N, H, W, C); repeat with NAME=PATH to compare several",
+    )
     p.add_argument("--shards", required=True, help="shard directory with manifest.json (from data_prep)")
     p.add_argument("--split", default="train", choices=("train", "val"), help="real images to compare with")
-    p.add_argument("--features", choices=("classifier", "inception"),
-                   help="default: inception if --inception is given, else classifier")
-    p.add_argument("--inception", help=f"path to {fid_inception.WEIGHTS_NAME} (pytorch-fid's FID weights; "
-                                       "never downloaded here)")
-    p.add_argument("--feature-net", help=f"classifier feature net (default: SHARDS/{FEATURE_NET_NAME}; "
-                                         "trained and saved there if absent)")
-    p.add_argument("--feature-net-steps", type=int, default=FEATURE_NET_STEPS,
-                   help="training steps, used only when the feature net is trained")
+    p.add_argument(
+        "--features",
+        choices=("classifier", "inception"),
+        help="default: inception if --inception is given, else classifier",
+    )
+    p.add_argument(
+        "--inception", help=f"path to {fid_inception.WEIGHTS_NAME} (pytorch-fid's FID weights; never downloaded here)"
+    )
+    p.add_argument(
+        "--feature-net",
+        help=f"classifier feature net (default: SHARDS/{FEATURE_NET_NAME}; trained and saved there if absent)",
+    )
+    p.add_argument(
+        "--feature-net-steps",
+        type=int,
+        default=FEATURE_NET_STEPS,
+        help="training steps, used only when the feature net is trained",
+    )
     p.add_argument("--max-real", type=int, default=10000, help="at most this many real images (seeded subset)")
-    p.add_argument("--floor", action="store_true",
-                   help="also score the val split against train, at the samples' N: the best a model can do")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also score the val split against train, at the samples' N: the best a model can do",
+    )
     p.add_argument("--out", help="write the result as JSON here (atomically)")
     return p.parse_args(argv)
 
@@ -120,11 +167,14 @@ def format_comparison(results: dict[str, dict]) -> str:
     width = max(12, *(len(n) for n in results)) + 2
     lines = [f"{'samples':<{width}}{'N':>6}" + "".join(f"{c:>16}" for c in columns)]
     for name, result in results.items():
-        lines.append(f"{name:<{width}}{result['n_fake']:>6}"
-                     + "".join(f"{result['metrics'][c]:>16.4f}" for c in columns))
+        lines.append(
+            f"{name:<{width}}{result['n_fake']:>6}" + "".join(f"{result['metrics'][c]:>16.4f}" for c in columns)
+        )
     net = first.get("feature_net") or first.get("inception")
-    lines.append(f"against {first['n_real']} real images ({first['split']} split); features: "
-                 f"{first['features']} ({net['path']}); precision/recall/density/coverage at k={first['k']}")
+    lines.append(
+        f"against {first['n_real']} real images ({first['split']} split); features: "
+        f"{first['features']} ({net['path']}); precision/recall/density/coverage at k={first['k']}"
+    )
     return "\n".join(lines)
 
 
@@ -141,8 +191,13 @@ def main(argv=None) -> int:
         paths = named_samples(args.samples)
         named = {name: load_samples(path) for name, path in paths.items()}
         featurizer = Featurizer(features, args.shards, args.feature_net, args.inception, args.feature_net_steps)
-        results = {name: {**evaluate(samples, args.shards, args.split, args.max_real, featurizer=featurizer),
-                          "samples": str(paths[name])} for name, samples in named.items()}
+        results = {
+            name: {
+                **evaluate(samples, args.shards, args.split, args.max_real, featurizer=featurizer),
+                "samples": str(paths[name]),
+            }
+            for name, samples in named.items()
+        }
         if args.floor:
             n = max(len(samples) for samples in named.values())
             results["val split (floor)"] = reference_floor(args.shards, n, args.max_real, featurizer=featurizer)

@@ -49,8 +49,11 @@ class FeatureNet(torch.nn.Module):
         layers, c_in = [], 3
         for i in range(n_down + 1):  # the first stage keeps the resolution, the rest halve it
             c_out = widths[i]
-            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1),
-                       torch.nn.GroupNorm(8, c_out), torch.nn.SiLU()]
+            layers += [
+                torch.nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1),
+                torch.nn.GroupNorm(8, c_out),
+                torch.nn.SiLU(),
+            ]
             c_in = c_out
         self.trunk = torch.nn.Sequential(*layers)
         self.to_features = torch.nn.Linear(c_in * 16, feature_dim)
@@ -78,11 +81,12 @@ def to_input(images: np.ndarray, image_size: int) -> torch.Tensor:
 # ---------------------------------------------------------------- the proxy task's degradations
 # Each takes a batch x (B, 3, S, S) in [-1, 1], the whole training batch `pool`, and a generator.
 
+
 def _blur(x, pool, g):
     sigma = float(torch.empty(1).uniform_(0.6, 2.0, generator=g))
     radius = min(int(math.ceil(2.5 * sigma)), x.shape[-1] // 2 - 1)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    k = torch.exp(-t**2 / (2 * sigma**2))
+    k = torch.exp(-(t**2) / (2 * sigma**2))
     k = (k / k.sum()).repeat(3, 1)
     x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
     x = F.conv2d(x, k[:, None, None, :], groups=3)  # separable: rows, then columns
@@ -123,8 +127,9 @@ def make_batch(images: torch.Tensor, batch_size: int, g: torch.Generator):
     flip = torch.rand(batch_size, generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     n_deg = len(DEGRADATIONS) - 1
-    degradation = torch.where(torch.rand(batch_size, generator=g) < 0.5, 0,
-                              torch.randint(1, n_deg + 1, (batch_size,), generator=g))
+    degradation = torch.where(
+        torch.rand(batch_size, generator=g) < 0.5, 0, torch.randint(1, n_deg + 1, (batch_size,), generator=g)
+    )
     out = x.clone()
     for d in range(1, n_deg + 1):
         idx = (degradation == d).nonzero().squeeze(1)
@@ -139,8 +144,16 @@ def make_batch(images: torch.Tensor, batch_size: int, g: torch.Generator):
 
 # ---------------------------------------------------------------- training, saving, loading
 
-def train_feature_net(images: np.ndarray, image_size: int = 32, steps: int = 400, batch_size: int = 64,
-                      lr: float = 2e-3, seed: int = 0, log_every: float = 10.0) -> tuple[FeatureNet, dict]:
+
+def train_feature_net(
+    images: np.ndarray,
+    image_size: int = 32,
+    steps: int = 400,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log_every: float = 10.0,
+) -> tuple[FeatureNet, dict]:
     """images: uint8 (N, H, W, 3) real training images -> (trained net, summary with accuracies)."""
     threads = torch.get_num_threads()
     # The net is so small that intra-op threads cost more than they give (5x the CPU time on a busy 2-core box).
@@ -176,14 +189,26 @@ def _train(images, image_size, steps, batch_size, lr, seed, log_every):
             bar.update(1)
         elif time.monotonic() - last >= log_every:
             last = time.monotonic()
-            print(f"feature net: step {step + 1}/{steps} loss {loss.item():.3f} rotation acc {acc_rot:.2f} "
-                  f"degradation acc {acc_deg:.2f}", file=sys.stderr, flush=True)
+            print(
+                f"feature net: step {step + 1}/{steps} loss {loss.item():.3f} rotation acc {acc_rot:.2f} "
+                f"degradation acc {acc_deg:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
     if bar is not None:
         bar.close()
     net.eval()
-    summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "train_images": len(images),
-               "final_loss": round(loss.item(), 4), "rotation_accuracy": round(acc_rot, 3),
-               "degradation_accuracy": round(acc_deg, 3), "seconds": round(time.monotonic() - start, 1)}
+    summary = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_images": len(images),
+        "final_loss": round(loss.item(), 4),
+        "rotation_accuracy": round(acc_rot, 3),
+        "degradation_accuracy": round(acc_deg, 3),
+        "seconds": round(time.monotonic() - start, 1),
+    }
     return net, summary
 
 
@@ -191,6 +216,7 @@ def _progress(total: int):
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
+
     return tqdm(total=total, desc="feature net", unit="step", dynamic_ncols=True)
 
 
@@ -203,9 +229,15 @@ def save_feature_net(net: FeatureNet, path: Path, info: dict) -> None:
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     atomic_write_bytes(path, save(state))
-    meta = {"format_version": FORMAT_VERSION, "image_size": net.image_size, "widths": list(net.widths),
-            "feature_dim": net.feature_dim, "tasks": ["rotation", "degradation"],
-            "degradations": list(DEGRADATIONS), **info}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "image_size": net.image_size,
+        "widths": list(net.widths),
+        "feature_dim": net.feature_dim,
+        "tasks": ["rotation", "degradation"],
+        "degradations": list(DEGRADATIONS),
+        **info,
+    }
     atomic_write_json(sidecar_path(path), meta)
 
 
@@ -219,8 +251,10 @@ def load_feature_net(path: Path) -> tuple[FeatureNet, dict]:
         net = FeatureNet(meta["image_size"], meta["widths"], meta["feature_dim"])
         net.load_state_dict(load_file(str(path)))
     except Exception as e:  # json, safetensors and shape errors all mean: not a usable net
-        raise FeatureNetError(f"{path}: not a usable feature net ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); delete it to retrain") from e
+        raise FeatureNetError(
+            f"{path}: not a usable feature net ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); delete it to retrain"
+        ) from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise FeatureNetError(f"{meta_path}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return net.eval(), meta
@@ -229,6 +263,8 @@ def load_feature_net(path: Path) -> tuple[FeatureNet, dict]:
 @torch.no_grad()
 def embed(net: FeatureNet, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """uint8 (N, H, W, 3) -> float64 (N, feature_dim)."""
-    out = [net.features(to_input(images[i:i + batch_size], net.image_size)).double()
-           for i in range(0, len(images), batch_size)]
+    out = [
+        net.features(to_input(images[i : i + batch_size], net.image_size)).double()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out).numpy()

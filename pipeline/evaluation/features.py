@@ -1,4 +1,5 @@
 """Feature spaces: the FID Inception network when its weights are given, else a classifier trained on the shards."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,22 +42,32 @@ def get_feature_net(shards_dir, path=None, train_steps: int = FEATURE_NET_STEPS,
         print(f"evaluate: {target} was trained on an older manifest; retraining", file=sys.stderr)
     image_size = 64 if int(manifest.get("resolution", 32)) >= 64 else 32
     images = read_split(shards_dir, "train", FEATURE_NET_TRAIN_IMAGES, seed=seed + 1)
-    print(f"evaluate: training the classifier feature net on {len(images)} train images "
-          f"({image_size} px, {train_steps} steps) -> {target}", file=sys.stderr)
+    print(
+        f"evaluate: training the classifier feature net on {len(images)} train images "
+        f"({image_size} px, {train_steps} steps) -> {target}",
+        file=sys.stderr,
+    )
     net, summary = fnet.train_feature_net(images, image_size=image_size, steps=train_steps, seed=seed)
     try:
         fnet.save_feature_net(net, target, {**summary, "shards": str(shards_dir), "manifest_sha256": digest})
     except OSError as e:
-        raise EvaluateError(f"{target}: cannot save the feature net ({e}); pass --feature-net PATH "
-                            "somewhere writable") from e
+        raise EvaluateError(
+            f"{target}: cannot save the feature net ({e}); pass --feature-net PATH somewhere writable"
+        ) from e
     return (*fnet.load_feature_net(target), target)
 
 
 class Featurizer:
     """One feature space: the Fréchet metric's name, images -> (N, D) features, and cached real features."""
 
-    def __init__(self, kind: str = "classifier", shards_dir=None, feature_net=None, inception=None,
-                 train_steps: int = FEATURE_NET_STEPS):
+    def __init__(
+        self,
+        kind: str = "classifier",
+        shards_dir=None,
+        feature_net=None,
+        inception=None,
+        train_steps: int = FEATURE_NET_STEPS,
+    ):
         if kind not in ("classifier", "inception"):
             raise EvaluateError(f"--features {kind}: must be 'classifier' or 'inception'")
         if kind == "inception":
@@ -69,12 +80,20 @@ class Featurizer:
             # Only the published weights give FID; any other inception-shaped file gets its own name.
             self.metric = "FID" if self.info["sha256_matches"] else "inception-FID-unverified-weights"
             if not self.info["sha256_matches"]:
-                print(f"evaluate: warning: {inception} sha256 {self.info['sha256'][:16]}... is not the published "
-                      f"{fid_inception.WEIGHTS_NAME}; reporting '{self.metric}', not FID", file=sys.stderr)
+                print(
+                    f"evaluate: warning: {inception} sha256 {self.info['sha256'][:16]}... is not the published "
+                    f"{fid_inception.WEIGHTS_NAME}; reporting '{self.metric}', not FID",
+                    file=sys.stderr,
+                )
         else:
             self.net, meta, path = get_feature_net(shards_dir, feature_net, train_steps)
-            self.info = {"path": str(path), **{k: meta.get(k) for k in (
-                "image_size", "feature_dim", "steps", "rotation_accuracy", "degradation_accuracy")}}
+            self.info = {
+                "path": str(path),
+                **{
+                    k: meta.get(k)
+                    for k in ("image_size", "feature_dim", "steps", "rotation_accuracy", "degradation_accuracy")
+                },
+            }
             self.metric = "classifier-FID"
         self.kind = kind
         self._real = {}

@@ -21,9 +21,11 @@ from pipeline.fileio import sha256_file
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch.hub names files <name>-<first digits of sha256>.pth; anything else gives other numbers.
 WEIGHTS_SHA256_PREFIX = "6726825d"
-NOT_DOWNLOADABLE = (f"the FID Inception weights ({WEIGHTS_NAME}, from pytorch-fid's GitHub release) are not "
-                    "on this machine and it cannot download them: fetch the file elsewhere and pass "
-                    "--inception PATH, or use --features classifier (reported as classifier-FID, not FID)")
+NOT_DOWNLOADABLE = (
+    f"the FID Inception weights ({WEIGHTS_NAME}, from pytorch-fid's GitHub release) are not "
+    "on this machine and it cannot download them: fetch the file elsewhere and pass "
+    "--inception PATH, or use --features classifier (reported as classifier-FID, not FID)"
+)
 
 
 class InceptionWeightsError(Exception):
@@ -45,8 +47,13 @@ class FIDInceptionC(tv.InceptionC):
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         b7d = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                     self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for conv in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             b7d = conv(b7d)
         return torch.cat([self.branch1x1(x), b7, b7d, self.branch_pool(_tf_avg_pool(x))], 1)
 
@@ -89,8 +96,9 @@ def load_fid_inception(path) -> tuple[tv.Inception3, dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors all mean "not this file"
-        raise InceptionWeightsError(f"--inception {path}: not a PyTorch state dict "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+        raise InceptionWeightsError(
+            f"--inception {path}: not a PyTorch state dict ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InceptionWeightsError(f"--inception {path}: holds a {type(state).__name__}, not a state dict of tensors")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -103,11 +111,11 @@ def load_fid_inception(path) -> tuple[tv.Inception3, dict]:
         first = (missing or unexpected or wrong)[0]
         raise InceptionWeightsError(
             f"--inception {path}: not the FID Inception ({WEIGHTS_NAME}) state dict: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(wrong)} wrongly shaped tensors (first: {first!r})")
+            f"{len(unexpected)} unexpected, {len(wrong)} wrongly shaped tensors (first: {first!r})"
+        )
     net.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent (old checkpoints)
     digest = sha256_file(path)
-    return net.eval(), {"path": str(path), "sha256": digest,
-                        "sha256_matches": digest.startswith(WEIGHTS_SHA256_PREFIX)}
+    return net.eval(), {"path": str(path), "sha256": digest, "sha256_matches": digest.startswith(WEIGHTS_SHA256_PREFIX)}
 
 
 @torch.no_grad()
@@ -116,7 +124,7 @@ def inception_features(net, images: np.ndarray, batch_size: int = 50, device: st
     net = net.to(device)
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
         x = x.permute(0, 3, 1, 2).float() / 255
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         out.append(net(2 * x - 1).double().cpu())

@@ -1,4 +1,5 @@
 """Images in: generated samples from an .npz, real ones decoded straight from a shard split's tars."""
+
 from __future__ import annotations
 
 import io
@@ -63,8 +64,10 @@ def read_split(shards_dir, split: str, max_images: int | None = None, seed: int 
     shards_dir = Path(shards_dir)
     splits = read_manifest(shards_dir).get("splits", {})
     if split not in splits or not splits[split].get("shards"):
-        raise EvaluateError(f"{shards_dir}/manifest.json: no '{split}' split with shards "
-                            f"(has: {', '.join(s for s in splits if splits[s].get('shards')) or 'none'})")
+        raise EvaluateError(
+            f"{shards_dir}/manifest.json: no '{split}' split with shards "
+            f"(has: {', '.join(s for s in splits if splits[s].get('shards')) or 'none'})"
+        )
     check_split(shards_dir, split)
     shards = splits[split]["shards"]
     total = sum(s["num_samples"] for s in shards)

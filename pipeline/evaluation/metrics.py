@@ -1,4 +1,5 @@
 """The metrics on features: Fréchet distance, and k-NN precision / recall / density / coverage."""
+
 from __future__ import annotations
 
 import warnings
@@ -38,7 +39,7 @@ def _distance_blocks(a: np.ndarray, b: np.ndarray, max_elements: int = 1 << 24):
     a_t, b_t = torch.from_numpy(a).double(), torch.from_numpy(b).double()
     rows = max(1, max_elements // len(b))
     for i in range(0, len(a), rows):
-        yield slice(i, i + rows), torch.cdist(a_t[i:i + rows], b_t).numpy()
+        yield slice(i, i + rows), torch.cdist(a_t[i : i + rows], b_t).numpy()
 
 
 def knn_radii(features: np.ndarray, k: int = K_NEAREST) -> np.ndarray:
@@ -63,5 +64,9 @@ def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int
         real_balls_per_fake += inside_real.sum(0)
         covered[rows] = inside_real.any(1)
         recalled[rows] = (d <= fake_radii[None, :]).any(1)
-    return {"precision": float(fake_in_real.mean()), "recall": float(recalled.mean()),
-            "density": float(real_balls_per_fake.mean() / k), "coverage": float(covered.mean())}
+    return {
+        "precision": float(fake_in_real.mean()),
+        "recall": float(recalled.mean()),
+        "density": float(real_balls_per_fake.mean() / k),
+        "coverage": float(covered.mean()),
+    }
