@@ -12,9 +12,11 @@ import json
 import multiprocessing
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.fileio import atomic_write_bytes, atomic_write_json, name_disk_full
+from pipeline.progress import Progress
 
 from . import images, shards, sources, synthetic
 
@@ -123,49 +125,13 @@ def _append_journal(out: Path, entry: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise shards.disk_full(e, out / JOURNAL_NAME) from None
+        raise name_disk_full(e, out / JOURNAL_NAME) from None
 
 
 def _start_journal(out: Path, config: dict, entries: list[dict]) -> None:
     """Rewrite the journal with its header and the entries that survived verification."""
     lines = [json.dumps({"config": config}, sort_keys=True)] + [json.dumps(e, sort_keys=True) for e in entries]
-    shards.atomic_write_bytes(out / JOURNAL_NAME, ("\n".join(lines) + "\n").encode())
-
-
-# ---------------------------------------------------------------- progress
-
-
-class Progress:
-    """tqdm on a terminal, otherwise a log line every `interval` seconds."""
-
-    def __init__(self, total: int, done: int, interval: float = 10.0):
-        self.total, self.done, self.interval = total, done, interval
-        self.start = self.last = time.monotonic()
-        self.bar = None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True)
-            except ImportError:
-                pass
-        self.first = done
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.last = now
-            rate = (self.done - self.first) / (now - self.start)
-            print(f"data_prep: {self.done}/{self.total} images, {rate:.0f} images/s", file=sys.stderr, flush=True)
-
-    def close(self) -> float:
-        if self.bar is not None:
-            self.bar.close()
-        return time.monotonic() - self.start
+    atomic_write_bytes(out / JOURNAL_NAME, ("\n".join(lines) + "\n").encode())
 
 
 # ---------------------------------------------------------------- the run
@@ -194,12 +160,14 @@ def build(opts: Options, source: dict, names: list[str], worker_cfg: dict) -> di
 
     tasks = make_tasks(names, opts.seed, opts.val_fraction)
     start = entries[-1]["next_task"] if entries else 0
-    progress = Progress(len(tasks), start)
+    progress = Progress(
+        len(tasks), lambda p: f"data_prep: {p.done}/{p.total} images, {p.rate:.0f} images/s", unit="img", initial=start
+    )
     _run_tasks(opts, tasks, start, entries, worker_cfg, progress)
     elapsed = progress.close()
 
     manifest = _manifest(config, entries)
-    shards.atomic_write_json(out / shards.MANIFEST_NAME, manifest)
+    atomic_write_json(out / shards.MANIFEST_NAME, manifest)
     (out / JOURNAL_NAME).unlink()
     t = manifest["totals"]
     print(
@@ -273,7 +241,7 @@ def _run_tasks(opts, tasks, start, entries, worker_cfg, progress) -> None:
     except BaseException as e:
         if writer is not None:
             writer.abort()
-            raise shards.disk_full(e, writer.path) from None
+            raise name_disk_full(e, writer.path) from None
         raise
     finally:
         if pool is not None:

@@ -7,7 +7,6 @@ Shards and the manifest appear under their final name only when whole (tmp, fsyn
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -15,6 +14,9 @@ import os
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+# The file helpers are pipeline's, which import nothing but the standard library (data_prep stays free of torch).
+from pipeline.fileio import fsync_dir, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -40,54 +42,10 @@ def tmp_path(path: Path) -> Path:
 
 
 def remove_stale_tmp(out_dir: Path) -> None:
-    """Delete temporaries left behind by a killed run."""
-    for p in out_dir.glob(f".*{_TMP_MARK}*"):
-        p.unlink(missing_ok=True)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def disk_full(error: BaseException, path: Path) -> BaseException:
-    """A full disk (or quota) while writing `path` as an OSError naming it; other errors unchanged.
-
-    Python's ENOSPC from write() or fsync() carries no file name, and a user needs to know which.
-    """
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) and error.filename is None:
-        return OSError(error.errno, "no space left on device (the partial file was removed)", str(path))
-    return error
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """tmp, fsync, rename; on failure the temporary is removed (created 0666 & ~umask by open())."""
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        raise disk_full(e, path) from None
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Delete temporaries left behind by a killed run: shards' and pipeline.fileio's (manifest, journal)."""
+    for pattern in (f".*{_TMP_MARK}*", ".*.tmp"):
+        for p in out_dir.glob(pattern):
+            p.unlink(missing_ok=True)
 
 
 class _HashingFile:

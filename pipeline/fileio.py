@@ -1,4 +1,7 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never half of it."""
+"""Atomic file writes: a reader sees the old file or the whole new one, never half of it.
+
+The standard library only: data_prep (free of torch) writes its manifest and journal through it too.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +40,14 @@ class NoSpaceError(OSError):
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def name_disk_full(error: BaseException, path: str | os.PathLike) -> BaseException:
+    """A full disk (or quota) as NoSpaceError(path); any other error unchanged.
+
+    Python's ENOSPC from write() or fsync() carries no file name, and a user needs to know which.
+    """
+    return NoSpaceError(path) if getattr(error, "errno", None) in _DISK_FULL else error
 
 
 class _RecordingFile:

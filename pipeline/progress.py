@@ -1,7 +1,7 @@
 """Progress of long work: tqdm on a terminal, otherwise a log line at most every `interval` seconds.
 
 Imports neither torch nor (without a terminal) tqdm: the standalone sampler runs with numpy and
-an engine alone. data_prep keeps a copy of its own, being free of every other part of the project.
+an engine alone, and data_prep, free of torch, reports its images through it too.
 """
 
 from __future__ import annotations

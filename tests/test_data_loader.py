@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
-from data_prep.shards import ShardWriter, atomic_write_json
+from data_prep.shards import ShardWriter
 from pipeline.data import DataError, check_shards, make_loader, read_manifest
+from pipeline.fileio import atomic_write_json
 
 SIZE = 16
 torch.set_num_threads(1)

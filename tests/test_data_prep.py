@@ -310,8 +310,7 @@ def test_data_prep_imports_no_torch():
 
 
 def test_data_prep_writes_what_pipeline_reads(tmp_path):
-    """data_prep stands alone (it imports nothing of pipeline), so the shard contract is written down
-    on both sides: the names, versions, image types and hashes must agree."""
+    """data_prep writes the shard contract pipeline reads; the names, versions, image types and hashes agree."""
     from data_prep import images, shards
     from pipeline import fileio, manifest
 
@@ -324,14 +323,15 @@ def test_data_prep_writes_what_pipeline_reads(tmp_path):
 
 
 def test_data_prep_atomic_writer_behaves_like_pipelines(tmp_path):
-    """data_prep keeps its own atomic writer (it imports nothing of pipeline); it must not drift from
-    pipeline.fileio's: same permissions as a plain file, nothing left behind by a failed write."""
-    from data_prep import shards
+    """data_prep writes its manifest and journal through pipeline.fileio (one writer, no drifted copy):
+    same permissions as a plain file, nothing left behind by a failed write."""
+    from data_prep import build
     from pipeline import fileio
 
+    assert build.atomic_write_bytes is fileio.atomic_write_bytes
     umask = os.umask(0)
     os.umask(umask)
-    for name, write in (("data_prep", shards.atomic_write_bytes), ("pipeline", fileio.atomic_write_bytes)):
+    for name, write in (("data_prep", build.atomic_write_bytes), ("pipeline", fileio.atomic_write_bytes)):
         folder = tmp_path / name
         folder.mkdir()
         write(folder / "f.bin", b"whole")
