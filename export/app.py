@@ -18,22 +18,25 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from export.backends import BackendUnavailable, ModelError, SidecarError, load_denoiser
 from export.editing import X0Trajectory, inpaint, sdedit
-from pipeline.sampling import (
-    DEFAULT_SAMPLER,
-    SAMPLERS,
-    STOCHASTIC_SAMPLERS,
-    default_steps,
-    generate,
-    sampler_timesteps,
-    to_uint8,
+from export.uploads import (
+    MAX_SEED,
+    MAX_UPLOAD_BYTES,
+    UserInputError,
+    check_range,
+    check_seed,
+    image_to_model,
+    keep_mask_from_layers,
+    model_to_pil,
+    open_upload,
+    timing,
+    trajectory_strip,
 )
+from pipeline.sampling import DEFAULT_SAMPLER, SAMPLERS, STOCHASTIC_SAMPLERS, default_steps, generate, sampler_timesteps
 
 # Set before gradio is imported: it reads them at import and Blocks() time (telemetry, version check).
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -41,13 +44,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
-MAX_UPLOAD_BYTES = 20 * 2**20
-MAX_SIDE = 4096  # px; bigger uploads are refused before they are decoded
 DEFAULT_MAX_BATCH = 16  # engines without a batch maximum (ONNX) still get bounded batches
 TRAJECTORY_FRAMES = 8
 TRAJECTORY_ROWS = 4
 IMAGE_HEIGHT = 256  # px on the page for single results
-MAX_SEED = 2**32 - 1
 SAMPLER_LABELS = {"unipc": "UniPC", "dpmpp_2m": "DPM-Solver++(2M)", "ddim": "DDIM", "ddpm": "DDPM"}
 SAMPLER_NAMES = {label: name for name, label in SAMPLER_LABELS.items()}
 DEFAULT_WHY = (
@@ -55,124 +55,6 @@ DEFAULT_WHY = (
     "model it scored classifier-FID 81.6, level with DDPM-250 (82.4, 25x the calls) and ahead of "
     "DDIM-50 with eta 1 (113, 5x the calls); 5 calls blur the faces."
 )
-
-
-class UserInputError(ValueError):
-    """Something in the request the page cannot use; the message is shown to the user."""
-
-
-# --- images in and out ---------------------------------------------------------------------
-
-
-def open_upload(source) -> Image.Image:
-    """A PIL image from an upload (path or PIL image), checked for size before decoding."""
-    if source is None:
-        raise UserInputError("Upload an image first.")
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        path = Path(source["path"] if isinstance(source, dict) else source)  # dict: gradio's FileData
-        if path.stat().st_size > MAX_UPLOAD_BYTES:
-            raise UserInputError(
-                f"The file is {path.stat().st_size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB."
-            )
-        try:
-            image = Image.open(path)  # reads the header only
-        except (UnidentifiedImageError, OSError):
-            raise UserInputError("That file is not an image this page can read (use PNG, JPEG or WebP).") from None
-    if max(image.size) > MAX_SIDE:
-        raise UserInputError(f"The image is {image.size[0]}x{image.size[1]} px; the limit is {MAX_SIDE} px a side.")
-    try:
-        image.load()
-    except (OSError, Image.DecompressionBombError) as e:
-        raise UserInputError(f"The image could not be decoded ({e}).") from None
-    return ImageOps.exif_transpose(image)
-
-
-def to_model_mode(image: Image.Image, channels: int) -> Image.Image:
-    """RGB (or L for 1-channel models); transparency is flattened onto white, CMYK/16-bit converted."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = Image.fromarray((np.asarray(image, np.float64) / 257.0).clip(0, 255).astype(np.uint8))
-    return image.convert("L" if channels == 1 else "RGB")
-
-
-def center_square(image: Image.Image, size: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
-    """The largest centered square, resized to size x size."""
-    return ImageOps.fit(image, (size, size), method=resample, centering=(0.5, 0.5))
-
-
-def image_to_model(image: Image.Image, size: int, channels: int) -> np.ndarray:
-    """(1, C, size, size) float32 in [-1, 1]."""
-    pixels = np.asarray(center_square(to_model_mode(image, channels), size), np.float32)
-    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-    return (pixels.transpose(2, 0, 1)[None] / 127.5 - 1.0).astype(np.float32)
-
-
-def model_to_pil(x: np.ndarray) -> list[Image.Image]:
-    """(B, C, H, W) in [-1, 1] -> B PIL images."""
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(x)]
-
-
-def keep_mask_from_layers(layers, canvas_size: tuple[int, int], size: int) -> np.ndarray:
-    """(1, 1, size, size) float32, 1 = keep: the painted strokes (alpha > 0) are what to regenerate."""
-    painted = np.zeros(canvas_size[::-1], bool)
-    for layer in layers or []:
-        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
-        if alpha.shape != painted.shape:
-            layer_img = Image.fromarray(alpha.astype(np.uint8) * 255).resize(canvas_size, Image.Resampling.NEAREST)
-            alpha = np.asarray(layer_img) > 0
-        painted |= alpha
-    if not painted.any():
-        raise UserInputError("Paint over the region to regenerate first: the mask is empty.")
-    # Same crop as the image; a model pixel is regenerated when any part of it was painted.
-    small = center_square(Image.fromarray(painted.astype(np.uint8) * 255), size, Image.Resampling.BOX)
-    keep = (np.asarray(small) == 0).astype(np.float32)
-    if keep.all():
-        raise UserInputError(f"The painted region vanishes at the model's {size} px (paint a larger area).")
-    return keep[None, None]
-
-
-def trajectory_strip(frames, rows: int, min_tile: int = 64) -> Image.Image:
-    """x0 predictions as a grid: one row per image (up to `rows`), one column per recorded step.
-    Small models' tiles are enlarged by an integer factor (nearest) so the strip is legible."""
-    tiles = [model_to_pil(x0[:rows]) for _, x0 in frames]
-    factor = max(1, -(-min_tile // tiles[0][0].size[0]))
-    tiles = [
-        [t.resize((t.size[0] * factor, t.size[1] * factor), Image.Resampling.NEAREST) for t in column]
-        for column in tiles
-    ]
-    w, h = tiles[0][0].size
-    strip = Image.new(tiles[0][0].mode, (w * len(tiles), h * len(tiles[0])))
-    for col, column in enumerate(tiles):
-        for row, tile in enumerate(column):
-            strip.paste(tile, (col * w, row * h))
-    return strip
-
-
-def check_range(name: str, value, lo: float, hi: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not lo <= number <= hi:  # also False for NaN
-        raise UserInputError(f"{name} must be from {lo:g} to {hi:g}; got {value}.")
-    return number
-
-
-def check_seed(seed) -> int:
-    number = check_range("The seed", seed, 0, MAX_SEED)
-    if not number.is_integer():
-        raise UserInputError(f"The seed must be a whole number; got {seed}.")
-    return int(number)
-
-
-def timing(n: int, seconds: float, what: str) -> str:
-    per_second = n / max(seconds, 1e-9)
-    return f"{n} image{'s' if n != 1 else ''} in {seconds:.2f} s ({per_second:.2f} images/s) · {what}"
 
 
 # --- the handlers --------------------------------------------------------------------------
@@ -278,6 +160,13 @@ class Demo:
         return model_to_pil(np.where(keep > 0, x, 0.0))[0], model_to_pil(out)[0], status
 
 
+# Nothing leaves the host and nothing runs beside the page: no share link, browser tab, server-side
+# rendering, MCP server, PWA, monitoring page or run history.
+LAUNCH_OFF = ("share", "inbrowser", "ssr_mode", "mcp_server", "pwa", "enable_monitoring", "run_history")
+LAUNCH_OPTIONS = dict(
+    show_error=True, max_file_size=MAX_UPLOAD_BYTES, footer_links=["settings"], **dict.fromkeys(LAUNCH_OFF, False)
+)
+
 # --- the page ------------------------------------------------------------------------------
 
 CSS = """
@@ -291,6 +180,14 @@ def result_image(label: str, elem_id: str) -> gr.Image:
     return gr.Image(
         label=label, format="png", interactive=False, elem_id=elem_id, elem_classes="pixelated", height=IMAGE_HEIGHT
     )
+
+
+def before_after_status(tab: str, before_label: str) -> tuple[gr.Image, gr.Image, gr.Textbox]:
+    """An edit tab's outputs, in a column: what the model was given, the result, the status line."""
+    with gr.Column(scale=1):
+        before = result_image(before_label, f"{tab}-before")
+        after = result_image("Result", f"{tab}-result")
+        return before, after, gr.Textbox(label="Time", interactive=False, elem_id=f"{tab}-status")
 
 
 def build_ui(demo: Demo) -> gr.Blocks:
@@ -363,27 +260,15 @@ def build_ui(demo: Demo) -> gr.Blocks:
                         0.0, 1.0, value=0.5, step=0.05, label="Strength (0 = keep the image, 1 = a new face)"
                     )
                     edit_sampler = gr.Radio(samplers, value=first, label="Sampler")
-                    edit_steps = gr.Slider(
-                        1,
-                        max_steps,
-                        value=first_steps,
-                        step=1,
-                        label="Steps (of the whole chain; strength x steps are run)",
-                    )
+                    chain_note = "Steps (of the whole chain; strength x steps are run)"
+                    edit_steps = gr.Slider(1, max_steps, value=first_steps, step=1, label=chain_note)
                     edit_seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                     edit_run = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                with gr.Column(scale=1):
-                    edit_before = result_image(f"Input at {info.image_size} px", "edit-before")
-                    edit_after = result_image("Result", "edit-result")
-                    edit_status = gr.Textbox(label="Time", interactive=False, elem_id="edit-status")
+                edit_outputs = before_after_status("edit", f"Input at {info.image_size} px")
             # preprocess=False: the handler gets the upload's (validated) path, not gradio's decode of it,
             # so a file that is not an image is reported by open_upload like any other bad input.
-            edit_run.click(
-                on_edit,
-                [upload, strength, edit_sampler, edit_steps, edit_seed],
-                [edit_before, edit_after, edit_status],
-                preprocess=False,
-            )
+            edit_inputs = [upload, strength, edit_sampler, edit_steps, edit_seed]
+            edit_run.click(on_edit, edit_inputs, edit_outputs, preprocess=False)
         with gr.Tab("Inpaint", id="inpaint"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -405,24 +290,12 @@ def build_ui(demo: Demo) -> gr.Blocks:
                         [SAMPLER_LABELS[s] for s in STOCHASTIC_SAMPLERS], value=SAMPLER_LABELS["ddpm"], label="Sampler"
                     )
                     paint_steps = gr.Slider(1, max_steps, value=min(50, max_steps), step=1, label="Steps")
-                    resample = gr.Slider(
-                        1,
-                        10,
-                        value=2,
-                        step=1,
-                        label="Resampling per step (RePaint; more blends the seam better, costs linearly)",
-                    )
+                    repaint_note = "Resampling per step (RePaint; more blends the seam better, costs linearly)"
+                    resample = gr.Slider(1, 10, value=2, step=1, label=repaint_note)
                     paint_seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                     paint_run = gr.Button("Inpaint", variant="primary", elem_id="inpaint-button")
-                with gr.Column(scale=1):
-                    paint_before = result_image("Kept region", "inpaint-before")
-                    paint_after = result_image("Result", "inpaint-result")
-                    paint_status = gr.Textbox(label="Time", interactive=False, elem_id="inpaint-status")
-            paint_run.click(
-                on_inpaint,
-                [editor, paint_sampler, paint_steps, resample, paint_seed],
-                [paint_before, paint_after, paint_status],
-            )
+                paint_outputs = before_after_status("inpaint", "Kept region")
+            paint_run.click(on_inpaint, [editor, paint_sampler, paint_steps, resample, paint_seed], paint_outputs)
     # One request at a time: the engine runs one batch at once; a bounded queue refuses the rest.
     return page.queue(default_concurrency_limit=1, max_size=32)
 
@@ -445,21 +318,7 @@ def main(argv=None) -> None:
     demo = Demo(denoiser, max_images=args.max_images)
     print(f"export.app: {denoiser.name}, {demo.info.image_size} px, batches of up to {demo.batch}", flush=True)
     try:
-        build_ui(demo).launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=False,
-            inbrowser=False,
-            show_error=True,
-            max_file_size=MAX_UPLOAD_BYTES,
-            ssr_mode=False,
-            mcp_server=False,
-            pwa=False,
-            enable_monitoring=False,
-            run_history=False,
-            footer_links=["settings"],
-            css=CSS,
-        )
+        build_ui(demo).launch(server_name=args.host, server_port=args.port, css=CSS, **LAUNCH_OPTIONS)
     except OSError as e:  # port taken, address not on this host
         raise SystemExit(f"export.app: cannot serve on {args.host}:{args.port} ({e})") from None
 

@@ -133,12 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             check_output(Path(args.grid), "--grid", (".png",))
         denoiser = load_denoiser(args.model, provider=args.provider, threads=args.threads)
         batch = check_args(args, denoiser.info)
-    except (UsageError, ModelError, SidecarError) as e:
+    except (UsageError, ModelError, SidecarError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BackendUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, BackendUnavailable) else 2
     info = denoiser.info
     steps = args.steps or default_steps(info.schedule(), args.sampler)
     print(

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from export.backends import BackendUnavailable, ModelError, TrtDenoiser, require_tensorrt
-from export.sidecar import Sidecar, SidecarError, read_sidecar, write_sidecar
+from export.sidecar import Sidecar, read_sidecar, write_sidecar
 from pipeline.fileio import NoSpaceError, atomic_write_bytes
 
 # Max |TensorRT - onnxruntime(CPU)| on a random batch. TensorRT's fp32 uses TF32 matmuls/convs.
@@ -233,15 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         print(message)
         return 0
-    except (BackendUnavailable, NoSpaceError) as e:
+    except (ValueError, BackendUnavailable, BuildError, NoSpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, ModelError, SidecarError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ValueError) else 1  # ModelError, SidecarError: ValueErrors, the input is wrong
 
 
 if __name__ == "__main__":

@@ -52,17 +52,10 @@ def model_samples(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """num samples of a torch model from the core's per-image noise -> (num, C, H, W) float32 in [-1, 1]."""
-    cfg = model.cfg
+    denoiser = ModelDenoiser(model, device)
+    shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
     x = generate(
-        ModelDenoiser(model, device),
-        num,
-        batch=num,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        seed=seed,
-        schedule=schedule,
-        shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+        denoiser, num, batch=num, sampler=sampler, steps=steps, eta=eta, seed=seed, schedule=schedule, shape=shape
     )
     return np.clip(x, -1.0, 1.0)
 

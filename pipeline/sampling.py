@@ -192,6 +192,10 @@ def _unipc_corrector(schedule, ts, i, order):
     return qx, (c_t, w - c_t - c_2, c_2)
 
 
+def _floats(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
 def plan_steps(
     schedule: DiffusionSchedule, timesteps: Sequence[int] | np.ndarray, sampler: str, eta: float = 0.0, t_end: int = -1
 ) -> list[Step]:
@@ -219,19 +223,8 @@ def plan_steps(
             if i > 0:
                 qx, q0 = _unipc_corrector(schedule, ts, i, min(2, i, n - i + 1))
         cx, co = _x0_coefficients(schedule, t)
-        plan.append(
-            Step(
-                t,
-                t_prev,
-                float(cx),
-                float(co),
-                float(px),
-                tuple(map(float, p0)),
-                float(sigma),
-                None if qx is None else float(qx),
-                tuple(map(float, q0)),
-            )
-        )
+        qx = None if qx is None else float(qx)  # Python floats: numpy scalars would promote float32 x
+        plan.append(Step(t, t_prev, float(cx), float(co), float(px), _floats(p0), float(sigma), qx, _floats(q0)))
     return plan
 
 
@@ -397,14 +390,8 @@ def generate(
     for first in range(0, num, batch):
         count = min(batch, num - first)
         rngs = image_rngs(seed, first, count)
+        x_T = initial_noise(rngs, shape)
         out[first : first + count] = sample_loop(
-            denoiser,
-            schedule,
-            initial_noise(rngs, shape),
-            timesteps,
-            sampler=sampler,
-            eta=eta,
-            rngs=rngs,
-            callback=callback,
+            denoiser, schedule, x_T, timesteps, sampler=sampler, eta=eta, rngs=rngs, callback=callback
         )
     return out

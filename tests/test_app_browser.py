@@ -21,16 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.app import (
-    MAX_SIDE,
-    SAMPLER_LABELS,
-    Demo,
-    UserInputError,
-    image_to_model,
-    keep_mask_from_layers,
-    open_upload,
-    shown_to_user,
-)
+from export.app import SAMPLER_LABELS, Demo, shown_to_user
+from export.uploads import MAX_SIDE, UserInputError, image_to_model, keep_mask_from_layers, open_upload
 from export.backends import load_denoiser
 from pipeline.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 from test_editing import SIZE, make_tiny_checkpoint  # tests/ is on sys.path (pytest's rootdir-less import)

@@ -311,7 +311,7 @@ def test_damaged_onnx_or_sidecar_through_sample_app_and_trt(which, kind, exporte
 @pytest.mark.parametrize("kind", DAMAGES)
 def test_damaged_upload_to_the_app_is_a_message(kind, tmp_path):
     from PIL import Image
-    from export.app import UserInputError, open_upload
+    from export.uploads import UserInputError, open_upload
 
     upload = tmp_path / "face.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(upload)

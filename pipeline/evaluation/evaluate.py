@@ -74,23 +74,16 @@ def evaluate(
     }
 
 
-def reference_floor(
-    shards_dir,
-    n: int | None = None,
-    max_real: int | None = 10000,
-    feature_net=None,
-    features: str = "classifier",
-    inception=None,
-    featurizer=None,
-) -> dict:
+def reference_floor(shards_dir, n: int | None = None, max_real: int | None = 10000, **options) -> dict:
     """The val split (or n images of it) scored as if it were samples, against train: the best a model can do.
 
-    Pass n = the number of generated samples, since the Fréchet distance depends on N.
+    Pass n = the number of generated samples, since the Fréchet distance depends on N; `options` are
+    evaluate()'s (feature_net, features, inception, featurizer).
     """
     val = read_split(shards_dir, "val", n, seed=1)
     if n is not None and len(val) < n:
         print(f"evaluate: note: val has only {len(val)} images, fewer than the {n} asked for", file=sys.stderr)
-    result = evaluate(val, shards_dir, "train", max_real, feature_net, features, inception, featurizer)
+    result = evaluate(val, shards_dir, "train", max_real, **options)
     return {**result, "samples": "val split"}
 
 
