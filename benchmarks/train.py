@@ -27,7 +27,8 @@ from benchmarks import common, train_report
 from pipeline.config import Config, ModelConfig, load_config
 from pipeline.diffusion import GaussianDiffusion, schedule_from_config
 from pipeline.distributed import free_port
-from pipeline.unet import UNet, count_parameters, import_diffusers_unet
+from pipeline.diffusers_unet import import_diffusers_unet
+from pipeline.unet import UNet, count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,14 +5,8 @@ import torch
 from diffusers import UNet2DModel
 
 from pipeline.config import ModelConfig, load_config
-from pipeline.unet import (
-    DiffusersConfigError,
-    GroupNorm32,
-    UNet,
-    count_parameters,
-    import_diffusers_unet,
-    model_config_from_diffusers,
-)
+from pipeline.diffusers_unet import DiffusersConfigError, import_diffusers_unet, model_config_from_diffusers
+from pipeline.unet import GroupNorm32, UNet, count_parameters
 
 TINY = ModelConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
 
