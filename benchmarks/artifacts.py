@@ -120,7 +120,8 @@ def tensorrt_engine(cfg: Config, batch: tuple[int, int, int], fp16: bool = True,
 def tensorrt_available() -> str | None:
     """None when TensorRT can run here, else the reason it cannot."""
     try:
-        from export.backends import BackendUnavailable, require_tensorrt
+        from export.backends import BackendUnavailable
+        from export.trt_runtime import require_tensorrt
 
         require_tensorrt()
         return None

@@ -378,7 +378,8 @@ def _denoiser(kind: str, ckpt: Path, cfg, p: dict):
     """(denoiser, batches it can take) for a backend name; Skipped where it cannot run here."""
     import torch
     from benchmarks import artifacts
-    from export.backends import BackendUnavailable, OrtDenoiser, TorchDenoiser, TrtDenoiser
+    from export.backends import BackendUnavailable, OrtDenoiser, TorchDenoiser
+    from export.trt_runtime import TrtDenoiser
 
     if kind == "torch-eager":
         device = "cuda" if torch.cuda.is_available() else "cpu"

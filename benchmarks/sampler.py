@@ -37,7 +37,7 @@ METHOD = """
 `export.backends.OrtDenoiser` exactly as `export.sample` builds it (NumPy in, NumPy out, all graph
 optimisations, intra-op threads = usable cores). torch eager is `pipeline.unet.UNet` in `inference_mode` on
 tensors that are already on the device (fp16 weights and inputs on CUDA; fp32 on CPU), with the same number
-of threads, both NCHW-contiguous and channels_last; the faster of the two is the baseline. TensorRT is `export.backends.TrtDenoiser` on an engine from `export.trt` (fp16), host copies
+of threads, both NCHW-contiguous and channels_last; the faster of the two is the baseline. TensorRT is `export.trt_runtime.TrtDenoiser` on an engine from `export.trt` (fp16), host copies
 included. On CPU a fourth column is a candidate improvement of ours: an ORT session whose batch dimension is
 fixed (`add_free_dimension_override_by_name`), one per batch size. All backends run the same random weights. After one warm-up call each, rounds alternate their order;
 the repeat count is chosen so each case takes a few seconds. The speed-up is the median of per-round ratios.
@@ -136,7 +136,8 @@ class TimedDenoiser:
 
 def backends_for(name: str, args) -> tuple[dict, list[str]]:
     """{label: backend} for one config, and notes on what could not run."""
-    from export.backends import OrtDenoiser, TrtDenoiser
+    from export.backends import OrtDenoiser
+    from export.trt_runtime import TrtDenoiser
 
     cfg, notes = artifacts.config(name), []
     ckpt = artifacts.random_checkpoint(cfg)

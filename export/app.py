@@ -21,8 +21,9 @@ import traceback
 
 import numpy as np
 
-from export.backends import BackendUnavailable, ModelError, SidecarError, load_denoiser
+from export.backends import BackendUnavailable, ModelError, load_denoiser
 from export.editing import X0Trajectory, inpaint, sdedit
+from export.sidecar import SidecarError
 from export.uploads import (
     MAX_SEED,
     MAX_UPLOAD_BYTES,

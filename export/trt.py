@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.backends import BackendUnavailable, ModelError, TrtDenoiser, require_tensorrt
+from export.backends import BackendUnavailable, ModelError
 from export.sidecar import Sidecar, read_sidecar, write_sidecar
+from export.trt_runtime import TrtDenoiser, require_tensorrt
 from pipeline.fileio import NoSpaceError, atomic_write_bytes
 
 # Max |TensorRT - onnxruntime(CPU)| on a random batch. TensorRT's fp32 uses TF32 matmuls/convs.

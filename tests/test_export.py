@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from export import sample as sample_cli
-from export.backends import BackendUnavailable, ModelError, OrtDenoiser, require_tensorrt
+from export.backends import BackendUnavailable, ModelError, OrtDenoiser
+from export.trt_runtime import require_tensorrt
 from pipeline.sampling import image_rngs, initial_noise, sample_loop, sampler_timesteps
 from export.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
 
@@ -457,7 +458,7 @@ def test_trt_engine_matches_torch_and_samples(fp16, onnx32, onnx16, torch_denois
     reason = trt_missing_reason()
     if reason:
         pytest.skip(reason)
-    from export.backends import TrtDenoiser
+    from export.trt_runtime import TrtDenoiser
     from export.trt import build_engine
 
     src = onnx16 if fp16 else onnx32

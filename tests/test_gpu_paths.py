@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from export.backends import BackendUnavailable, ModelError, OrtDenoiser, check_batch, require_cuda_runtime
+from export.backends import BackendUnavailable, ModelError, OrtDenoiser
+from export.trt_runtime import check_batch, require_cuda_runtime
 from export.sidecar import Sidecar, SidecarError, read_sidecar, sidecar_path, write_sidecar
 from pipeline.config import ConfigError
 from pipeline.distributed import accelerator_mismatch, cuda_device_index, read_env
@@ -130,7 +131,7 @@ def test_native_handle_reads_a_stream_without_int():
     pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
     import warnings
     from cuda.bindings import runtime as cudart
-    from export.backends import native_handle
+    from export.trt_runtime import native_handle
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
@@ -138,7 +139,7 @@ def test_native_handle_reads_a_stream_without_int():
 
 
 def test_trt_denoiser_refuses_an_onnx_before_touching_cuda(tmp_path):
-    from export.backends import TrtDenoiser
+    from export.trt_runtime import TrtDenoiser
 
     model = tmp_path / "d.onnx"
     model.write_bytes(b"graph")
