@@ -204,7 +204,7 @@ CHOICES = {
 
 def validate(cfg: Config) -> None:
     """Reject impossible values; each message names the key."""
-    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    m, d, train = cfg.model, cfg.diffusion, cfg.train
     levels = len(m.ch_mult)
     checks = [
         (
@@ -222,22 +222,26 @@ def validate(cfg: Config) -> None:
         (0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout} must be in [0, 1)"),
         (d.num_timesteps >= 2, "diffusion.num_timesteps", f"{d.num_timesteps} must be >= 2"),
         (0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", "need 0 < beta_start < beta_end < 1"),
-        (t.lr > 0, "train.lr", f"{t.lr} must be > 0"),
-        (t.max_steps >= 1, "train.max_steps", f"{t.max_steps} must be >= 1"),
-        (t.batch_size >= 1, "train.batch_size", f"{t.batch_size} must be >= 1"),
-        (t.micro_batch_size >= 0, "train.micro_batch_size", f"{t.micro_batch_size} must be >= 0"),
-        (t.warmup_steps >= 0, "train.warmup_steps", f"{t.warmup_steps} must be >= 0"),
-        (t.grad_clip >= 0, "train.grad_clip", f"{t.grad_clip} must be >= 0"),
-        (t.checkpoint_every >= 1, "train.checkpoint_every", f"{t.checkpoint_every} must be >= 1"),
-        (t.keep_checkpoints >= 1, "train.keep_checkpoints", f"{t.keep_checkpoints} must be >= 1"),
+        (train.lr > 0, "train.lr", f"{train.lr} must be > 0"),
+        (train.max_steps >= 1, "train.max_steps", f"{train.max_steps} must be >= 1"),
+        (train.batch_size >= 1, "train.batch_size", f"{train.batch_size} must be >= 1"),
+        (train.micro_batch_size >= 0, "train.micro_batch_size", f"{train.micro_batch_size} must be >= 0"),
+        (train.warmup_steps >= 0, "train.warmup_steps", f"{train.warmup_steps} must be >= 0"),
+        (train.grad_clip >= 0, "train.grad_clip", f"{train.grad_clip} must be >= 0"),
+        (train.checkpoint_every >= 1, "train.checkpoint_every", f"{train.checkpoint_every} must be >= 1"),
+        (train.keep_checkpoints >= 1, "train.keep_checkpoints", f"{train.keep_checkpoints} must be >= 1"),
         (
-            len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+            len(train.adam_betas) == 2 and all(0 <= b < 1 for b in train.adam_betas),
             "train.adam_betas",
-            f"{list(t.adam_betas)} must be two values in [0, 1)",
+            f"{list(train.adam_betas)} must be two values in [0, 1)",
         ),
-        (t.snr_gamma > 0, "train.snr_gamma", f"{t.snr_gamma} must be > 0"),
+        (train.snr_gamma > 0, "train.snr_gamma", f"{train.snr_gamma} must be > 0"),
         (cfg.zero.stage in (0, 1, 2, 3), "zero.stage", f"{cfg.zero.stage} not in 0..3"),
-        (t.precision != "fp16" or cfg.zero.stage >= 1 or bool(t.deepspeed_config), "train.precision", FP16_NEEDS_ZERO),
+        (
+            train.precision != "fp16" or cfg.zero.stage >= 1 or bool(train.deepspeed_config),
+            "train.precision",
+            FP16_NEEDS_ZERO,
+        ),
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", f"{cfg.ema.decay} must be in [0, 1)"),
         # sigma_rel 0.2887 is the power exponent 0 (a plain running mean): no narrower profile is wider
         (0.0 < cfg.ema.sigma_rel < 0.28, "ema.sigma_rel", f"{cfg.ema.sigma_rel} must be in (0, 0.28)"),

@@ -40,20 +40,20 @@ def batch_sizes(train: TrainConfig, world_size: int) -> tuple[int, int]:
 
 def build_ds_config(cfg: Config, world_size: int) -> dict:
     """DeepSpeed config for cfg; optimizer and lr schedule are built in train.py (torch objects)."""
-    t = cfg.train
-    micro, accum = batch_sizes(t, world_size)
+    train = cfg.train
+    micro, accum = batch_sizes(train, world_size)
     ds = {
-        "train_batch_size": t.batch_size,
+        "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": cfg.zero.stage},
         "steps_per_print": 2**31 - 1,  # train.py logs; DeepSpeed's own lines would interleave
         "wall_clock_breakdown": False,
     }
-    if t.precision == "fp16":
+    if train.precision == "fp16":
         ds["fp16"] = {"enabled": True, **FP16_LOSS_SCALING}
-    elif t.precision == "bf16":
+    elif train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     if cfg.zero.offload_optimizer:
         if cfg.zero.stage == 0:
@@ -63,7 +63,12 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         # built from this block (the torch optimizer would be refused).
         ds["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay},
+            "params": {
+                "lr": train.lr,
+                "betas": list(train.adam_betas),
+                "eps": train.adam_eps,
+                "weight_decay": train.weight_decay,
+            },
         }
     return ds
 

@@ -10,7 +10,6 @@ Screenshots go to the test's tmp dir, and are copied to $SCREENSHOTS_DIR when th
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from PIL import Image
 from export.app import SAMPLER_LABELS, Demo, shown_to_user
 from export.uploads import MAX_SIDE, UserInputError, image_to_model, keep_mask_from_layers, open_upload
 from export.backends import load_denoiser
+from pipeline.distributed import free_port
 from pipeline.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 from test_editing import SIZE, make_tiny_checkpoint  # tests/ is on sys.path (pytest's rootdir-less import)
 
@@ -160,12 +160,6 @@ def chromium():
             if done.returncode != 0:
                 pytest.skip(f"`{' '.join(cmd)}` failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
     return CHROMIUM
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
