@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.backends import BackendUnavailable, ModelError
+from export.backends import BackendUnavailable, ModelError, OrtDenoiser
 from export.sidecar import Sidecar, read_sidecar, write_sidecar
 from export.trt_runtime import TrtDenoiser, require_tensorrt
 from pipeline.fileio import NoSpaceError, atomic_write_bytes
@@ -177,7 +177,6 @@ def default_plan_path(onnx_path: Path, out: str | None) -> Path:
 
 def max_error_vs_onnx(plan: Path, onnx_path: Path, batch: int, seed: int = 0) -> float:
     """max |TensorRT - onnxruntime(CPU)| on a random batch at random timesteps."""
-    from export.backends import OrtDenoiser
 
     engine, reference = TrtDenoiser(plan), OrtDenoiser(onnx_path, provider="cpu")
     info = engine.info

@@ -26,6 +26,7 @@ import torch
 
 from pipeline.config import Config, ConfigError, DiffusionConfig, ModelConfig, build_dataclass
 from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.unet import UNet
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -255,7 +256,6 @@ class Checkpoint:
 
     def load_unet(self, device: str | torch.device = "cpu", weights: str = "ema"):
         """The U-Net in eval mode on `device`, with the chosen weights."""
-        from pipeline.unet import UNet
 
         file = self.weights_file(weights)
         model = UNet(self.model)

@@ -17,6 +17,7 @@ How long a rank waits for a dead peer: see `init`.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -168,7 +169,6 @@ def import_deepspeed():
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    import logging
 
     if cpu and "__compatible_ops__" not in vars(deepspeed.ops):
         # On CPU, DeepSpeed's comm backend probes every op (spawning compilers) and JIT-builds a

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.checkpoint import CheckpointError, load_unet
 from pipeline.fileio import atomic_write_bytes
 from pipeline.grid import image_grid
 from pipeline.sampling import DEFAULT_SAMPLER, SAMPLERS, SamplerError, check_sampler, generate
-from pipeline.schedule import DiffusionSchedule
+from pipeline.schedule import DiffusionSchedule, schedule_from_config
 
 NOISE_SEED = 1234
 
@@ -99,8 +100,6 @@ def save_preview(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.checkpoint import CheckpointError, load_unet
-    from pipeline.schedule import schedule_from_config
 
     p = argparse.ArgumentParser(prog="python -m pipeline.sample_grid", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (newest checkpoint)")

@@ -33,6 +33,8 @@ import torch.distributed as dist
 from pipeline import distributed, stop_signals
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config, ConfigError, load_config_or_report, save_config
+from pipeline.data import make_loader
+from pipeline.diffusion import GaussianDiffusion
 from pipeline.distributed import DistEnv, LaunchError
 from pipeline.ema import EMA
 from pipeline.ds_config import batch_sizes, check_offload_build, ds_config_for, precision_of
@@ -40,6 +42,9 @@ from pipeline.fileio import NoSpaceError, atomic_write_json
 from pipeline.manifest import DataError, check_shards, read_manifest
 from pipeline.metrics_log import MetricsLog, loss_scale
 from pipeline.resume import TrainError, TrainState, on_all_ranks, resume, save_checkpoint, use_weights_only_loading
+from pipeline.sample_grid import save_preview
+from pipeline.schedule import schedule_from_config
+from pipeline.unet import UNet
 
 REQUEUE_EXIT_CODE = 3  # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
 EXIT_DIVERGED = 1
@@ -81,7 +86,6 @@ def image_stream(cfg: Config, env: DistEnv, micro_batch: int, start_step: int, s
     """Endless (micro_batch, C, H, W) batches in [-1, 1] for this rank, seeded by (seed, start_step),
     less the first `skip` (the ones a resumed run had already trained on). The loader checks the
     shards against the manifest again: after `check_data`, a stat per shard."""
-    from pipeline.data import make_loader
 
     loader = make_loader(
         cfg.data.shards,
@@ -105,7 +109,6 @@ def warmup_lambda(warmup_steps: int):
 
 def build_engine(cfg: Config, ds_config: dict, deepspeed):
     """The DeepSpeed engine around a freshly initialised U-Net (same weights on every rank)."""
-    from pipeline.unet import UNet
 
     torch.manual_seed(cfg.train.seed)
     model = UNet(cfg.model)
@@ -255,8 +258,6 @@ def train_step(engine, diffusion, batches, state: TrainState, seed: int, env: Di
 
 
 def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batches, log: MetricsLog) -> int:
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.schedule import schedule_from_config
 
     train_cfg = cfg.train
     diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion), train_cfg.loss_weighting, train_cfg.snr_gamma)
@@ -355,8 +356,6 @@ def too_many_corrupt(cfg: Config, env: DistEnv, last: str, count: int) -> TrainE
 
 def preview(cfg: Config, ema, diffusion, step: int, env: DistEnv) -> Path:
     """EMA samples drawn with the sampling core into run.dir/samples/ (rank 0)."""
-    from pipeline.sample_grid import save_preview
-    from pipeline.unet import UNet
 
     model = ema.copy_to(UNet(cfg.model).to(env.device))
     return save_preview(

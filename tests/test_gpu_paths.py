@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -129,7 +130,6 @@ def test_no_cuda_device_is_backend_unavailable_not_a_crash():
 
 def test_native_handle_reads_a_stream_without_int():
     pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
-    import warnings
     from cuda.bindings import runtime as cudart
     from export.trt_runtime import native_handle
 

@@ -1,5 +1,7 @@
 """The DDPM U-Net: the paper's parameter count, diffusers equivalence, checkpointing, fp32 norms."""
 
+import json
+
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -175,8 +177,6 @@ def _equal_outputs_ignoring_config(theirs) -> None:
 
 
 def test_a_config_json_missing_fields_means_diffusers_defaults(tmp_path):
-    import json
-
     torch.manual_seed(0)
     UNet2DModel(**DDPM).save_pretrained(tmp_path)
     dcfg = json.loads((tmp_path / "config.json").read_text())
