@@ -16,6 +16,7 @@ How long a rank waits for a dead peer: see `init`.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import os
@@ -232,6 +233,10 @@ def shutdown() -> None:
     """
     if not dist.is_initialized():
         return
+    # The DeepSpeed engine holds its groups inside reference cycles, so without a collection here its
+    # gloo groups (and their worker threads) would be freed only during interpreter finalization,
+    # where a rare "terminate called without an active exception" aborted a finished run (CI, rank 0).
+    gc.collect()
     ds_comm = sys.modules.get("deepspeed.comm")
     if ds_comm is not None and ds_comm.is_initialized():
         ds_comm.destroy_process_group()
