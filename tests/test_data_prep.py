@@ -307,6 +307,10 @@ def test_different_settings_refuse_to_mix(prepared, corpus):
 def test_data_prep_imports_no_torch():
     code = "import data_prep.__main__, data_prep.build, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    # of the project, only the stdlib-only file and progress helpers
+    code = "import data_prep.__main__, sys; print(sorted(m for m in sys.modules if m.startswith('pipeline')))"
+    found = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
+    assert found.stdout.strip() == "['pipeline', 'pipeline.fileio', 'pipeline.progress']"
 
 
 def test_data_prep_writes_what_pipeline_reads(tmp_path):
