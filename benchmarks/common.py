@@ -181,30 +181,18 @@ def target(
     name: str, description: str, value: float | None, threshold: float, op: str, *, unit: str = "x", detail: str = ""
 ) -> dict:
     """A target from the issue and whether this run met it; `missed_by` is relative to the threshold."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return {
-            "name": name,
-            "target": description,
-            "value": None,
-            "threshold": threshold,
-            "op": op,
-            "unit": unit,
-            "met": None,
-            "missed_by": None,
-            "detail": detail or "not measured on this machine",
-        }
-    met = value >= threshold if op == ">=" else value <= threshold
-    missed_by = 0.0 if met else abs(value - threshold) / threshold
+    measured = value is not None and not (isinstance(value, float) and math.isnan(value))
+    met = (value >= threshold if op == ">=" else value <= threshold) if measured else None
     return {
         "name": name,
         "target": description,
-        "value": value,
+        "value": value if measured else None,
         "threshold": threshold,
         "op": op,
         "unit": unit,
         "met": met,
-        "missed_by": missed_by,
-        "detail": detail,
+        "missed_by": (0.0 if met else abs(value - threshold) / threshold) if measured else None,
+        "detail": detail if measured else detail or "not measured on this machine",
     }
 
 
@@ -215,6 +203,24 @@ def target_verdict(t: dict) -> str:
 
 
 # --- results --------------------------------------------------------------------------------
+
+
+def size(args) -> str:
+    """The key of a benchmark's size tables for this command line: "quick" or "full"."""
+    return "quick" if args.quick else "full"
+
+
+def device_plan(plan: dict, args) -> list:
+    """plan[size][cpu|cuda]: the cases a benchmark runs at this size on this device."""
+    return plan[size(args)]["cuda" if args.device.startswith("cuda") else "cpu"]
+
+
+def start(name: str, args, method: str, config: dict, device: str | None = None) -> dict:
+    """new_result of a `python -m benchmarks NAME` run: its size and device (unless given) from the
+    command line; torch's threads are set (usable cores unless --threads) and recorded in the config."""
+    threads = set_threads(args.threads)
+    config = {**config, "threads": threads}
+    return new_result(name, quick=args.quick, device=device or args.device, config=config, method=method)
 
 
 def new_result(name: str, *, quick: bool, device: str, config: dict, method: str) -> dict:
@@ -238,6 +244,12 @@ def new_result(name: str, *, quick: bool, device: str, config: dict, method: str
 
 def table(title: str, columns: list[str], rows: list[list]) -> dict:
     return {"title": title, "columns": columns, "rows": rows}
+
+
+def spread(s: dict, digits: int = 2, percent: bool = False) -> str:
+    """A summarize() dict as "median [q1–q3]", in per cent where asked."""
+    scale, unit = (100, " %") if percent else (1, "")
+    return f"{scale * s['median']:.{digits}f}{unit} [{scale * s['q1']:.{digits}f}–{scale * s['q3']:.{digits}f}]"
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -335,6 +347,23 @@ def plot_curves(
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def plot_by_batch(
+    result: dict, path: Path, rows: list[dict], rates: Callable[[dict], dict], title: str, ylabel: str, logy: bool
+) -> None:
+    """Images/s against batch size, a line per label and config measured at two batches or more (rates(row):
+    {label: images/s}); written as PNG and named in the result's plots."""
+    series = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["batch"])
+        if len(mine) < 2:
+            continue
+        for label in rates(mine[0]):
+            series[f"{label} {name}"] = ([r["batch"] for r in mine], [rates(r)[label] for r in mine])
+    if series:
+        plot_curves(path, title, "batch size", ylabel, series, logx=2, logy=logy)
+        result["plots"].append(path.name)
 
 
 # --- progress -------------------------------------------------------------------------------

@@ -203,10 +203,7 @@ def measure(quick: bool, work: Path) -> dict:
 
 def run(args, progress=None) -> dict:
     progress = progress or common.no_progress()
-    common.set_threads(args.threads)
-    result = common.new_result(
-        "data", quick=args.quick, device=args.device, method=METHOD, config={"consumers": CONSUMER}
-    )
+    result = common.start("data", args, METHOD, {"consumers": CONSUMER})
     progress.describe("data: data_prep and loader")
     with tempfile.TemporaryDirectory() as tmp:
         measured = measure(args.quick, Path(tmp))

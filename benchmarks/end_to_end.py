@@ -51,7 +51,7 @@ def models_for(name: str, args) -> dict[str, Path]:
     if name in TORCH_SIDE_BY_SIDE:
         models["torch"] = artifacts.random_checkpoint(cfg)
     if cuda and artifacts.tensorrt_available() is None:
-        batch = {c: b for c, _, b, _ in PLAN["quick" if args.quick else "full"]["cuda"]}[name]
+        batch = {c: b for c, _, b, _ in PLAN[common.size(args)]["cuda"]}[name]
         models["tensorrt"] = artifacts.tensorrt_engine(cfg, (1, batch, batch), fp16=True)
     return models
 
@@ -100,31 +100,19 @@ def sample_once(model: Path, num: int, batch: int, args) -> dict:
     }
 
 
-def plan(args) -> list:
-    return PLAN["quick" if args.quick else "full"]["cuda" if args.device.startswith("cuda") else "cpu"]
-
-
 def steps(args) -> int:
     cuda = args.device.startswith("cuda")
-    return sum(runs * (1 + int(cuda) + int(name in TORCH_SIDE_BY_SIDE)) for name, _, _, runs in plan(args))
+    plan = common.device_plan(PLAN, args)
+    return sum(runs * (1 + int(cuda) + int(name in TORCH_SIDE_BY_SIDE)) for name, _, _, runs in plan)
 
 
 def run(args, progress=None) -> dict:
     progress = progress or common.no_progress()
-    result = common.new_result(
-        "end_to_end",
-        quick=args.quick,
-        device=args.device,
-        method=METHOD,
-        config={
-            "cases": [{"config": c, "num": n, "batch": b, "runs": r} for c, n, b, r in plan(args)],
-            "sampler": "ddim",
-            "steps": STEPS,
-            "threads": args.threads or common.usable_cores(),
-        },
-    )
+    plan = common.device_plan(PLAN, args)
+    cases = [{"config": c, "num": n, "batch": b, "runs": r} for c, n, b, r in plan]
+    result = common.start("end_to_end", args, METHOD, {"cases": cases, "sampler": "ddim", "steps": STEPS})
     rows = []
-    for name, num, batch, runs in plan(args):
+    for name, num, batch, runs in plan:
         models = models_for(name, args)
         samples = {label: [] for label in models}
         for r in range(runs):

@@ -57,16 +57,17 @@ batch (no data loading), median of the timed steps after a warm-up. Sampling tim
 calls. Nothing is faked: a runtime that is not installed is reported absent.
 """
 
-# name -> (kind, GPU only, time box in seconds)
+# The celebahq256 training steps, name -> (batch, gradient checkpointing): celebahq256_b16, _b16_ckpt, _b64, _b64_ckpt
+CELEBAHQ256_STEPS = {
+    f"celebahq256_b{b}{'_ckpt' if ckpt else ''}": (b, ckpt) for b in (16, 64) for ckpt in (False, True)
+}
+# name -> (kind, GPU only, time box in seconds), in the order they run
 STEPS = {
     "env": ("env", False, 60),
     "ds_fp16_zero2": ("ds_train", True, 240),
     "ds_bf16_zero2": ("ds_train", False, 90),
     "ds_fp16_zero3": ("ds_train", True, 90),
-    "celebahq256_b16": ("engine_steps", True, 90),
-    "celebahq256_b16_ckpt": ("engine_steps", True, 90),
-    "celebahq256_b64": ("engine_steps", True, 90),
-    "celebahq256_b64_ckpt": ("engine_steps", True, 90),
+    **dict.fromkeys(CELEBAHQ256_STEPS, ("engine_steps", True, 90)),
     "sampling_torch_eager": ("sampling", False, 120),
     "sampling_torch_graphs": ("sampling", True, 120),
     "unet_vs_diffusers": ("unet_vs_diffusers", False, 90),
@@ -123,10 +124,7 @@ def plan(smoke: bool, fast: tuple[str, int]) -> dict[str, dict]:
             "warmup": 1 if smoke else 3,
             "repeats": 2 if smoke else 10,
         },
-        "celebahq256_b16": dict(engine, batch=16, grad_checkpointing=False),
-        "celebahq256_b16_ckpt": dict(engine, batch=16, grad_checkpointing=True),
-        "celebahq256_b64": dict(engine, batch=64, grad_checkpointing=False),
-        "celebahq256_b64_ckpt": dict(engine, batch=64, grad_checkpointing=True),
+        **{name: dict(engine, batch=b, grad_checkpointing=ckpt) for name, (b, ckpt) in CELEBAHQ256_STEPS.items()},
         "sampling_torch_eager": dict(sample, backend="torch-eager"),
         "sampling_torch_graphs": dict(sample, backend="torch-graphs"),
         "sampling_onnxruntime_cuda": dict(sample, backend="onnxruntime-cuda"),
@@ -214,7 +212,7 @@ def render(result: dict) -> None:
     ]
     from benchmarks.gpu_steps import ENGINE_COLUMNS, SAMPLING_COLUMNS
 
-    engine_rows = [r for s in steps if s["name"].startswith("celebahq256") for r in s.get("rows", [])]
+    engine_rows = [r for s in steps if s["name"] in CELEBAHQ256_STEPS for r in s.get("rows", [])]
     sampling_rows = [r for s in steps if s["name"].startswith("sampling") for r in s.get("rows", [])]
     if engine_rows:
         result["tables"].append(common.table("celebahq256, fp16 ZeRO-2 training steps", ENGINE_COLUMNS, engine_rows))

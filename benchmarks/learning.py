@@ -13,7 +13,6 @@ runs trains on the grayscale faces (R = G = B) and reports the colour the sample
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, learning_report
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(tempfile.gettempdir()) / "ddpm-benchmarks" / "learning"
@@ -119,21 +118,10 @@ def shards(num: int, grayscale: bool) -> Path:
     """Synthetic 32 px faces (val 10 %, as `make demo`), built once into the cache."""
     out = CACHE / f"synthetic32-{num}{'-gray' if grayscale else ''}"
     if not (out / "manifest.json").is_file():
-        cmd = [
-            sys.executable,
-            "-m",
-            "data_prep",
-            "--synthetic",
-            str(num),
-            "--out",
-            str(out),
-            "--size",
-            "32",
-            "--val-fraction",
-            "0.1",
-            "--workers",
-            str(common.usable_cores()),
-        ] + (["--grayscale"] if grayscale else [])
+        cmd = [sys.executable, "-m", "data_prep", "--synthetic", str(num), "--out", str(out), "--size", "32"]
+        cmd += ["--val-fraction", "0.1", "--workers", str(common.usable_cores())] + (
+            ["--grayscale"] if grayscale else []
+        )
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     return out
 
@@ -176,21 +164,9 @@ def variant_overrides(name: str, plan: dict) -> tuple[list[str], int, int]:
 
 def train_variant(overrides: list[str], data: Path, run_dir: Path, procs: int) -> float:
     """Train in a fresh torchrun job, as the demo does; returns the wall seconds."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(procs),
-        "-m",
-        "pipeline.train",
-        "--config",
-        str(REPO / "configs" / "tiny_cpu.yaml"),
-        *overrides,
-        f"data.shards={data}",
-        f"run.dir={run_dir}",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    cmd += ["-m", "pipeline.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides]
+    cmd += [f"data.shards={data}", f"run.dir={run_dir}"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=7200)
@@ -272,7 +248,7 @@ def run_variant(
 
 
 def plan_of(args) -> dict:
-    plan = dict(PLAN["quick" if args.quick else "full"])
+    plan = dict(PLAN[common.size(args)])
     if args.variants:
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in names if v not in VARIANTS]
@@ -293,24 +269,17 @@ def run(args, progress=None) -> dict:
 
     progress = progress or common.no_progress()
     plan = plan_of(args)
-    threads = common.set_threads(args.threads)
-    kind = "quick" if args.quick else "full"
-    result = common.new_result(
-        "learning",
-        quick=args.quick,
-        device="cpu",
-        method=METHOD,
-        config={
-            **plan,
-            "baseline": BASELINE,
-            "variants": {v: VARIANTS[v][0] for v in plan["variants"]},
-            "batch_scale": {v: VARIANTS[v][1] for v in plan["variants"]},
-            "sampler": "ddim",
-            "eta": 1.0,
-            "feature_net_steps": FEATURE_NET_STEPS[kind],
-            "threads": threads,
-        },
-    )
+    config = {
+        **plan,
+        "baseline": BASELINE,
+        "variants": {v: VARIANTS[v][0] for v in plan["variants"]},
+        "batch_scale": {v: VARIANTS[v][1] for v in plan["variants"]},
+        "sampler": "ddim",
+        "eta": 1.0,
+        "feature_net_steps": FEATURE_NET_STEPS[common.size(args)],
+    }
+    result = common.start("learning", args, METHOD, config, device="cpu")
+    threads = result["config"]["threads"]
     samples_dir = Path(tempfile.mkdtemp(prefix="learning-samples-"))
     out: dict = {"faces": {}, "grayscale": {}}
     try:
@@ -319,7 +288,7 @@ def run(args, progress=None) -> dict:
                 continue
             gray = set_name == "grayscale"
             data = shards(plan["data"], gray)
-            featurizer = Featurizer("classifier", data, train_steps=FEATURE_NET_STEPS[kind])
+            featurizer = Featurizer("classifier", data, train_steps=FEATURE_NET_STEPS[common.size(args)])
             floor = reference_floor(data, plan["num"], featurizer=featurizer)["metrics"]
             if gray:
                 floor["colour_cast"] = colour_cast(read_split(data, "val", plan["num"], seed=1))
@@ -336,152 +305,10 @@ def run(args, progress=None) -> dict:
                     progress,
                 )
         result["results"] = out
-        report(result, plan, samples_dir, Path(args.out))
+        learning_report.report(result, plan, samples_dir, Path(args.out))
     finally:
         shutil.rmtree(samples_dir, ignore_errors=True)
     return result
-
-
-def report(result: dict, plan: dict, samples_dir: Path, out_dir: Path) -> None:
-    faces, gray = result["results"]["faces"], result["results"]["grayscale"]
-    metric = "classifier-FID"
-    runs = {k: v for k, v in faces.items() if "points" in v}
-    floor = faces["val split (floor)"]["floor"]
-    rows = []
-    for name, r in runs.items():
-        last = r["points"][-1]
-        rows.append(
-            [
-                name,
-                r["steps"],
-                r["batch"],
-                r["wall_seconds"],
-                r["images_per_second"],
-                min(p[metric] for p in r["points"]),
-                last[metric],
-                r["eta0"][metric],
-                r["eta0"][metric] / last[metric],
-                last["precision"],
-                last["recall"],
-                last["coverage"],
-            ]
-        )
-    rows.append(
-        [
-            "val split (floor)",
-            None,
-            None,
-            None,
-            None,
-            None,
-            floor[metric],
-            None,
-            None,
-            floor["precision"],
-            floor["recall"],
-            floor["coverage"],
-        ]
-    )
-    result["tables"].append(
-        common.table(
-            f"Faces: {plan['steps'] * plan['batch']:,} images per variant, {plan['num']} samples, DDIM-{plan['sampler_steps']}",
-            [
-                "variant",
-                "steps",
-                "batch",
-                "train s",
-                "images/s",
-                f"best {metric}",
-                f"last {metric} (eta 1)",
-                f"{metric} eta 0",
-                "eta 0 / eta 1",
-                "precision",
-                "recall",
-                "coverage",
-            ],
-            rows,
-        )
-    )
-    points = sorted({p["images_seen"] for r in runs.values() for p in r["points"]})
-    result["tables"].append(
-        common.table(
-            f"Faces: {metric} (eta 1) against images seen",
-            ["variant", *[f"{n:,}" for n in points]],
-            [
-                [name, *[next((p[metric] for p in r["points"] if p["images_seen"] == n), None) for n in points]]
-                for name, r in runs.items()
-            ],
-        )
-    )
-    gruns = {k: v for k, v in gray.items() if "points" in v}
-    if gruns:
-        gfloor = gray["val split (floor)"]["floor"]
-        result["tables"].append(
-            common.table(
-                "Grayscale faces: colour cast (0-255) and scores of the last checkpoint",
-                [
-                    "variant",
-                    "colour cast eta 1",
-                    "colour cast eta 0",
-                    f"{metric} eta 1",
-                    f"{metric} eta 0",
-                    "precision",
-                ],
-                [
-                    [
-                        n,
-                        r["points"][-1]["colour_cast"],
-                        r["eta0"]["colour_cast"],
-                        r["points"][-1][metric],
-                        r["eta0"][metric],
-                        r["points"][-1]["precision"],
-                    ]
-                    for n, r in gruns.items()
-                ]
-                + [["val split (data)", gfloor["colour_cast"], None, gfloor[metric], None, gfloor["precision"]]],
-            )
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    series = {
-        name: ([p["images_seen"] for p in r["points"]], [p[metric] for p in r["points"]]) for name, r in runs.items()
-    }
-    common.plot_curves(
-        out_dir / "learning_cfid.png",
-        f"Tiny model: {metric} (DDIM-{plan['sampler_steps']} eta 1, N={plan['num']}) against images seen",
-        "images seen",
-        metric,
-        series,
-        logy=True,
-    )
-    result["plots"].append("learning_cfid.png")
-    grid = sample_sheet(samples_dir, list(runs) + list(gruns), len(runs))
-    buf = io.BytesIO()
-    grid.save(buf, format="png")
-    common.atomic_write_bytes(out_dir / "learning_samples.png", buf.getvalue())
-    result["plots"].append("learning_samples.png")
-    result["notes"].append(
-        "learning_samples.png: the first 12 samples of each variant's last checkpoint, DDIM eta 1 "
-        "then eta 0 on each row; the face runs first, then the grayscale runs."
-    )
-
-
-def sample_sheet(samples_dir: Path, names: list[str], num_faces: int, per_row: int = 12):
-    """One row per variant: 12 eta-1 samples, a gap, 12 eta-0 samples (32 px, shown at 2x), with its name."""
-    from PIL import Image, ImageDraw
-
-    files = [samples_dir / f"faces-{i + 1}.npz" for i in range(num_faces)]
-    files += [samples_dir / f"grayscale-{i + 1}.npz" for i in range(len(names) - num_faces)]
-    cell, label_w = 64, 190
-    sheet = Image.new("RGB", (label_w + cell * (2 * per_row + 1), cell * len(names)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, (name, path) in enumerate(zip(names, files)):
-        with np.load(path) as npz:
-            for col, key in enumerate(("eta1", "eta0")):
-                for i, image in enumerate(npz[key][:per_row]):
-                    tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
-                    sheet.paste(tile, (label_w + cell * (i + col * (per_row + 1)), row * cell))
-        draw.text((4, row * cell + cell // 2 - 6), ("gray: " if row >= num_faces else "") + name, fill="black")
-    return sheet
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

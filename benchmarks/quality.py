@@ -87,7 +87,7 @@ def run(args) -> dict:
     from pipeline.evaluate import Featurizer, evaluate, reference_floor
     from pipeline.sampling import DEFAULT_SPACING
 
-    size = "quick" if args.quick else "full"
+    size = common.size(args)
     num = args.num or (64 if args.quick else 256)
     threads = common.set_threads(args.threads)
     plan = [(s, n, 0.0) for s in SOLVERS for n in (DDIM_STEPS if s == "ddim" else STEPS)[size]]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import artifacts, common
+from benchmarks import artifacts, common, sampler_report
 
 PLAN = {
     "quick": {"cpu": [("tiny_cpu", [1, 8])], "cuda": [("tiny_cpu", [1, 8])]},
@@ -152,7 +152,7 @@ def backends_for(name: str, args) -> tuple[dict, list[str]]:
         found["ort+static_batch"] = StaticBatchOrt(artifacts.onnx_model(cfg), args.threads)
     reason = artifacts.tensorrt_available() if cuda else "TensorRT needs a CUDA device (this run is on CPU)"
     if reason is None:
-        batches = dict(PLAN["quick" if args.quick else "full"]["cuda"])[name]
+        batches = dict(PLAN[common.size(args)]["cuda"])[name]
         plan = artifacts.tensorrt_engine(cfg, (1, min(batches[-1], TARGET_BATCH), batches[-1]), fp16=True)
         found["tensorrt"] = NumpyBackend(TrtDenoiser(plan))
     else:
@@ -174,7 +174,7 @@ def per_evaluation(name: str, batches: list[int], args, progress) -> tuple[list[
         t = np.full(b, 500.0, np.float32)
         calls = {label: backend.prepare(x, t) for label, backend in backends.items()}
         first = {label: common.time_call(call, sync) for label, call in calls.items()}  # also the warm-up
-        repeats = auto_repeats(sum(first.values()), SECONDS_PER_CASE["quick" if args.quick else "full"])
+        repeats = auto_repeats(sum(first.values()), SECONDS_PER_CASE[common.size(args)])
         progress.describe(f"sampler: {name} batch {b} ({repeats} rounds)")
         times = common.interleaved(calls, warmup=0, repeats=repeats, sync=sync)
         row = {
@@ -207,7 +207,7 @@ def loop_overhead(args, progress) -> dict:
     from pipeline.sampling import DEFAULT_SAMPLER as sampler
     from pipeline.sampling import generate
 
-    name, batch, steps, runs = LOOP["quick" if args.quick else "full"]
+    name, batch, steps, runs = LOOP[common.size(args)]
     cfg = artifacts.config(name)
     cuda = args.device.startswith("cuda")
     denoiser = OrtDenoiser(
@@ -296,39 +296,29 @@ def torch_profile(ckpt: Path, batch: int, calls: int = 5, top: int = 8) -> list[
 # --- the benchmark ----------------------------------------------------------------------------
 
 
-def plan(args) -> list:
-    return PLAN["quick" if args.quick else "full"]["cuda" if args.device.startswith("cuda") else "cpu"]
-
-
 def steps(args) -> int:
-    return sum(len(b) for _, b in plan(args)) + LOOP["quick" if args.quick else "full"][3] + 1
+    return sum(len(b) for _, b in common.device_plan(PLAN, args)) + LOOP[common.size(args)][3] + 1
 
 
 def run(args, progress=None) -> dict:
     progress = progress or common.no_progress()
-    common.set_threads(args.threads)
-    result = common.new_result(
-        "sampler",
-        quick=args.quick,
-        device=args.device,
-        method=METHOD,
-        config={
-            "cases": [{"config": c, "batches": b} for c, b in plan(args)],
-            "target_batch": TARGET_BATCH,
-            "loop": dict(zip(("config", "batch", "steps", "runs"), LOOP["quick" if args.quick else "full"])),
-            "threads": args.threads or common.usable_cores(),
-        },
-    )
+    plan = common.device_plan(PLAN, args)
+    config = {
+        "cases": [{"config": c, "batches": b} for c, b in plan],
+        "target_batch": TARGET_BATCH,
+        "loop": dict(zip(("config", "batch", "steps", "runs"), LOOP[common.size(args)])),
+    }
+    result = common.start("sampler", args, METHOD, config)
     evals = []
-    for name, batches in plan(args):
+    for name, batches in plan:
         rows, notes = per_evaluation(name, batches, args, progress)
         evals += rows
         result["notes"] += [n for n in notes if n not in result["notes"]]
     result["results"] = {"per_evaluation": evals, "loop": loop_overhead(args, progress)}
     if not args.device.startswith("cuda"):
         progress.describe("sampler: profiles (ORT and torch)")
-        name = "celebahq64" if any(c == "celebahq64" for c, _ in plan(args)) else plan(args)[0][0]
-        batch = min(4, max(plan(args)[-1][1]))
+        name = "celebahq64" if any(c == "celebahq64" for c, _ in plan) else plan[0][0]
+        batch = min(4, max(plan[-1][1]))
         cfg = artifacts.config(name)
         result["results"]["profiles"] = {
             "config": name,
@@ -337,163 +327,8 @@ def run(args, progress=None) -> dict:
             "torch": torch_profile(artifacts.random_checkpoint(cfg), batch),
         }
     progress.update()
-    report(result, Path(args.out))
+    sampler_report.report(result, Path(args.out))
     return result
-
-
-def report(result: dict, out_dir: Path) -> None:
-    res = result["results"]
-    labels = list(res["per_evaluation"][0]["seconds"])
-    rows = []
-    for r in res["per_evaluation"]:
-        row = [r["config"], r["batch"]] + [
-            1e3 * r["seconds"][label]["median"] if label in r["seconds"] else None for label in labels
-        ]
-        row += [r["torch_baseline"], _spread(r["ort_speedup_vs_torch"])]
-        if "ort+static_batch" in labels:
-            row.append(_spread(r["ort_static_speedup_vs_torch"]))
-        if "tensorrt" in labels:
-            row.append(_spread(r["tensorrt_speedup_vs_torch"]) if "tensorrt_speedup_vs_torch" in r else None)
-        rows.append(row)
-    names = res["per_evaluation"][0]["backends"]
-    result["tables"].append(
-        common.table(
-            "Per-evaluation time (ms, median)",
-            ["config", "batch"]
-            + [f"{names[label]} ms" for label in labels]
-            + ["torch baseline (the faster)", "ORT speed-up vs torch (median [IQR])"]
-            + (["batch-specialised ORT speed-up vs torch"] if "ort+static_batch" in labels else [])
-            + (["TensorRT speed-up vs torch"] if "tensorrt" in labels else []),
-            rows,
-        )
-    )
-    cuda = result["device"].startswith("cuda")
-    for name in dict.fromkeys(r["config"] for r in res["per_evaluation"]):
-        mine = [r for r in res["per_evaluation"] if r["config"] == name]
-        r = next((r for r in mine if r["batch"] == TARGET_BATCH), max(mine, key=lambda r: r["batch"]))
-        s = r["ort_speedup_vs_torch"]
-        if not cuda:
-            static = r.get("ort_static_speedup_vs_torch")
-            result["targets"].append(
-                common.target(
-                    f"ort_vs_torch_cpu[{name}]",
-                    f"ORT CPU >= 1.3x torch eager ({name}, batch {r['batch']})",
-                    s["median"],
-                    1.3,
-                    ">=",
-                    detail=f"OrtDenoiser as shipped, per-round ratios {_spread(s)}; all batches: "
-                    + ", ".join(f"b{x['batch']} {x['ort_speedup_vs_torch']['median']:.2f}x" for x in mine)
-                    + (f"; with a batch-specialised session {static['median']:.2f}x" if static else ""),
-                )
-            )
-        elif name == "celebahq256":
-            trt = r.get("tensorrt_speedup_vs_torch")
-            result["targets"].append(
-                common.target(
-                    "tensorrt_fp16_vs_torch_fp16[celebahq256]",
-                    f"TensorRT fp16 >= 2.5x torch eager fp16 (256², batch {r['batch']})",
-                    trt["median"] if trt else None,
-                    2.5,
-                    ">=",
-                    detail="" if trt else "; ".join(result["notes"]),
-                )
-            )
-    loop = res["loop"]
-    result["tables"].append(
-        common.table(
-            f"NumPy loop overhead: {loop['sampler']}-{loop['steps']}, {loop['config']}, batch {loop['batch']}, {loop['backend']}",
-            ["total s", "in network s", "overhead share", "overhead ms/step"],
-            [
-                [
-                    loop["total_seconds"]["median"],
-                    loop["network_seconds"]["median"],
-                    _spread(loop["overhead_share"], pct=True),
-                    loop["overhead_ms_per_step"]["median"],
-                ]
-            ],
-        )
-    )
-    result["targets"].append(
-        common.target(
-            "loop_overhead",
-            "NumPy loop overhead <= 3 % of a whole sampling run",
-            loop["overhead_share"]["median"],
-            0.03,
-            "<=",
-            unit="share",
-            detail=f"{loop['overhead_ms_per_step']['median']:.3f} ms per step outside the network",
-        )
-    )
-    if "profiles" in res:
-        prof = res["profiles"]
-        for side in ("ort", "torch"):
-            result["tables"].append(
-                common.table(
-                    f"Profile: {side} ({prof['config']}, batch {prof['batch']}), top operators by time",
-                    ["operator", "share", "ms per evaluation"],
-                    [[p["op"], f"{100 * p['share']:.1f} %", p["ms_per_call"]] for p in prof[side]],
-                )
-            )
-    _plot(result, out_dir)
-    result["notes"] += limits(result)
-
-
-def limits(result: dict) -> list[str]:
-    """What limits a missed ORT-vs-torch target, in numbers from this run."""
-    res = result["results"]
-    missed = [t for t in result["targets"] if t["name"].startswith("ort_vs_torch") and t["met"] is False]
-    if not missed or "profiles" not in res:
-        return []
-    prof = res["profiles"]
-    conv = {side: sum(p["share"] for p in prof[side] if "conv" in p["op"].lower()) for side in ("ort", "torch")}
-    by_batch = "; ".join(
-        f"{name}: "
-        + ", ".join(
-            f"b{r['batch']} {r['ort_speedup_vs_torch']['median']:.2f}x"
-            for r in res["per_evaluation"]
-            if r["config"] == name
-        )
-        for name in dict.fromkeys(r["config"] for r in res["per_evaluation"])
-    )
-    return [
-        f"ORT vs torch on CPU: ORT's lead is in per-operator overhead, so it is largest at batch 1 and shrinks as the "
-        f"batch grows ({by_batch}). At {prof['config']} batch {prof['batch']} convolutions are "
-        f"{100 * conv['ort']:.0f} % of ORT's time and {100 * conv['torch']:.0f} % of torch's: both are bound by the "
-        f"same convolution arithmetic (MLAS vs oneDNN fp32 kernels). Tried on our side while building this benchmark: "
-        f"ORT_ENABLE_ALL (OrtDenoiser's setting) is the fastest optimisation level, EXTENDED and BASIC were 20-40 % "
-        f"slower (they drop the NCHWc layout); a batch-specialised session is measured in the table above. fp16 or "
-        f"int8 on CPU would change the numbers being computed, so they are not a fair answer to this target."
-    ]
-
-
-def _plot(result: dict, out_dir: Path) -> None:
-    series = {}
-    for name in dict.fromkeys(r["config"] for r in result["results"]["per_evaluation"]):
-        mine = [r for r in result["results"]["per_evaluation"] if r["config"] == name]
-        if len(mine) < 2:
-            continue
-        for label in mine[0]["seconds"]:
-            series[f"{label} {name}"] = (
-                [r["batch"] for r in mine],
-                [r["batch"] / r["seconds"][label]["median"] for r in mine],
-            )
-    if series:
-        path = common.plot_curves(
-            out_dir / "sampler_throughput.png",
-            "Denoiser evaluations: images/s vs batch",
-            "batch size",
-            "images per second (one evaluation)",
-            series,
-            logx=2,
-            logy=True,
-        )
-        result["plots"].append(path.name)
-
-
-def _spread(s: dict, pct: bool = False) -> str:
-    if pct:
-        return f"{100 * s['median']:.2f} % [{100 * s['q1']:.2f}–{100 * s['q3']:.2f}]"
-    return f"{s['median']:.2f} [{s['q1']:.2f}–{s['q3']:.2f}]"
 
 
 if __name__ == "__main__":

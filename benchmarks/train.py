@@ -18,16 +18,15 @@ import os
 import subprocess
 import sys
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from benchmarks import common, train_report
-from pipeline.config import Config, ModelConfig, load_config
+from benchmarks.train_step import autocast, build_pair, make_batch, make_train_step
+from pipeline.config import Config, load_config
 from pipeline.diffusion import GaussianDiffusion, schedule_from_config
 from pipeline.distributed import free_port
-from pipeline.diffusers_unet import import_diffusers_unet
 from pipeline.unet import UNet, count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,105 +72,6 @@ parameters when they are not the model's; parameters = the model's (ZeRO-3: the 
 partition); gradients = `.grad` of both plus DeepSpeed's partitioned gradient buffers; bytes are counted
 per distinct storage. The ZeRO run feeds a small image (the state does not depend on the image size).
 """
-
-
-# --- the two models --------------------------------------------------------------------------
-
-
-def diffusers_twin(cfg: ModelConfig):
-    """The same network expressed as a diffusers UNet2DModel (the model people would otherwise use)."""
-    from diffusers import UNet2DModel
-
-    sizes = [cfg.image_size // 2**i for i in range(len(cfg.ch_mult))]
-    down = tuple("AttnDownBlock2D" if s in cfg.attn_resolutions else "DownBlock2D" for s in sizes)
-    up = tuple("AttnUpBlock2D" if s in cfg.attn_resolutions else "UpBlock2D" for s in reversed(sizes))
-    return UNet2DModel(
-        sample_size=cfg.image_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.in_channels,
-        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-        down_block_types=down,
-        up_block_types=up,
-        layers_per_block=cfg.num_res_blocks,
-        norm_num_groups=cfg.num_groups,
-        norm_eps=1e-6,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        dropout=cfg.dropout,
-        attention_head_dim=None,
-    )
-
-
-class SampleOutput(torch.nn.Module):
-    """diffusers returns a dataclass; the loss wants the tensor."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, t):
-        return self.model(x, t).sample
-
-
-def build_pair(cfg: ModelConfig, device: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, float]:
-    """(ours, theirs, max |difference| of outputs): ours carries theirs' random weights."""
-    torch.manual_seed(seed)
-    theirs = diffusers_twin(cfg)
-    with torch.no_grad():  # zero-initialised output layers would make the equivalence check vacuous
-        for p in theirs.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    ours = import_diffusers_unet(theirs.state_dict(), cfg)
-    if count_parameters(ours) != count_parameters(theirs):
-        raise RuntimeError("diffusers twin has a different parameter count: the comparison would be unfair")
-    ours, theirs = ours.to(device).eval(), theirs.to(device).eval()
-    x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
-    t = torch.tensor([10, 900], device=device)
-    with torch.no_grad():
-        diff = (ours(x, t) - theirs(x, t).sample).abs().max().item()
-    return ours.train(), SampleOutput(theirs).train(), diff
-
-
-# --- one training step ------------------------------------------------------------------------
-
-
-def make_batch(cfg: ModelConfig, batch: int, device: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
-    x0 = (torch.rand(shape, generator=g) * 2 - 1).to(device)
-    noise = torch.randn(shape, generator=g).to(device)
-    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    return x0, t, noise
-
-
-def autocast(device: str, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def make_train_step(model, diffusion: GaussianDiffusion, batch, device: str, precision: str, lr: float = 1e-4):
-    """A closure running one full training step on a fixed batch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    scaler = torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
-    x0, t, noise = batch
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            loss = diffusion.training_loss(model, x0, t, noise)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        return loss
-
-    return step
 
 
 # --- activation memory ------------------------------------------------------------------------
@@ -395,8 +295,7 @@ def precision_for(cfg: Config, device: str) -> str:
 
 
 def plan(args) -> tuple[list, list[str]]:
-    kind = "quick" if args.quick else "full"
-    return PLAN[kind]["cuda" if args.device.startswith("cuda") else "cpu"], ZERO_CONFIGS[kind]
+    return common.device_plan(PLAN, args), ZERO_CONFIGS[common.size(args)]
 
 
 def steps(args) -> int:
@@ -407,22 +306,15 @@ def steps(args) -> int:
 
 def run(args, progress=None) -> dict:
     progress = progress or common.no_progress()
-    common.set_threads(args.threads)
     cases, zero_configs = plan(args)
-    result = common.new_result(
-        "train",
-        quick=args.quick,
-        device=args.device,
-        method=METHOD,
-        config={
-            "cases": [{"config": c, "batches": b, "checkpointing_batch": cb} for c, b, cb in cases],
-            "zero_configs": zero_configs,
-            "zero_ranks": 2,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "threads": torch.get_num_threads(),
-        },
-    )
+    config = {
+        "cases": [{"config": c, "batches": b, "checkpointing_batch": cb} for c, b, cb in cases],
+        "zero_configs": zero_configs,
+        "zero_ranks": 2,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+    }
+    result = common.start("train", args, METHOD, config)
     throughput, checkpointing = [], []
     for name, batches, ckpt_batch in cases:
         cfg = load_config(REPO / "configs" / f"{name}.yaml")

@@ -18,8 +18,8 @@ def report(result: dict, out_dir: Path) -> None:
         + [r["images_per_second"][label] for label in labels]
         + [
             f"{r['best_ours']} / {r['best_diffusers']}",
-            _spread(r["speedup"]),
-            _spread(r["speedup_both_contiguous"]),
+            common.spread(r["speedup"], 3),
+            common.spread(r["speedup_both_contiguous"], 3),
             r["max_output_difference"],
         ]
         for r in res["throughput"]
@@ -80,7 +80,7 @@ def report(result: dict, out_dir: Path) -> None:
             c["batch"],
             c["plain_seconds"]["median"],
             c["checkpointed_seconds"]["median"],
-            _spread(c["time_ratio"]),
+            common.spread(c["time_ratio"], 3),
             c["memory"]["plain"]["peak_bytes"] / MiB,
             c["memory"]["checkpointed"]["peak_bytes"] / MiB,
             c["peak_memory_ratio"],
@@ -128,12 +128,20 @@ def report(result: dict, out_dir: Path) -> None:
                 c["time_ratio"]["median"],
                 1.35,
                 "<=",
-                detail=f"IQR {_spread(c['time_ratio'])}",
+                detail=f"IQR {common.spread(c['time_ratio'], 3)}",
             )
         )
     if res["zero"]:
         _report_zero(result, out_dir)
-    _plot_throughput(result, out_dir)
+    common.plot_by_batch(
+        result,
+        out_dir / "train_throughput.png",
+        res["throughput"],
+        lambda r: r["images_per_second"],
+        "Training step throughput",
+        "images/s",
+        logy=False,
+    )
     result["notes"] += limits(result)
 
 
@@ -248,30 +256,9 @@ def _report_zero(result: dict, out_dir: Path) -> None:
         result["plots"].append(path.name)
 
 
-def _plot_throughput(result: dict, out_dir: Path) -> None:
-    rows = result["results"]["throughput"]
-    series = {}
-    for name in dict.fromkeys(r["config"] for r in rows):
-        mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["batch"])
-        if len(mine) < 2:
-            continue
-        xs = [r["batch"] for r in mine]
-        for label in mine[0]["images_per_second"]:
-            series[f"{label} {name}"] = (xs, [r["images_per_second"][label] for r in mine])
-    if series:
-        path = common.plot_curves(
-            out_dir / "train_throughput.png", "Training step throughput", "batch size", "images/s", series, logx=2
-        )
-        result["plots"].append(path.name)
-
-
-def _spread(s: dict) -> str:
-    return f"{s['median']:.3f} [{s['q1']:.3f}–{s['q3']:.3f}]"
-
-
 def _speedup_detail(r: dict) -> str:
     return (
         f"fastest of each: {r['best_ours']} {r['ours_images_per_second']:.3g} vs {r['best_diffusers']} "
-        f"{r['diffusers_images_per_second']:.3g} images/s, per-round ratios {_spread(r['speedup'])}; "
-        f"both contiguous (NCHW): {_spread(r['speedup_both_contiguous'])}"
+        f"{r['diffusers_images_per_second']:.3g} images/s, per-round ratios {common.spread(r['speedup'], 3)}; "
+        f"both contiguous (NCHW): {common.spread(r['speedup_both_contiguous'], 3)}"
     )
