@@ -192,7 +192,7 @@ def target(
         "unit": unit,
         "met": met,
         "missed_by": (0.0 if met else abs(value - threshold) / threshold) if measured else None,
-        "detail": detail if measured else detail or "not measured on this machine",
+        "detail": detail if measured else (detail or "not measured on this machine"),
     }
 
 

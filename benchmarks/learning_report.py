@@ -11,6 +11,7 @@ from benchmarks import common
 
 
 def report(result: dict, plan: dict, samples_dir: Path, out_dir: Path) -> None:
+    """Tables, the curve and the sample sheet from result['results'] and the kept samples."""
     faces, gray = result["results"]["faces"], result["results"]["grayscale"]
     metric = "classifier-FID"
     runs = {k: v for k, v in faces.items() if "points" in v}

@@ -8,6 +8,7 @@ from benchmarks import common
 
 
 def report(result: dict, out_dir: Path) -> None:
+    """Tables, targets, limits and the throughput plot from result['results']."""
     res = result["results"]
     labels = list(res["per_evaluation"][0]["seconds"])
     rows = []
