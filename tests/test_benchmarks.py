@@ -15,6 +15,14 @@ from benchmarks import common
 BENCHMARKS = ("train", "data", "sampler", "end_to_end")
 
 
+def run_benchmarks(repo_root: str, *args: str, timeout: float, **env: str) -> None:
+    """`python -m benchmarks ARGS` from the repository root, `env` added to this one's; it must exit 0."""
+    cmd = [sys.executable, "-m", "benchmarks", *args]
+    full_env = dict(os.environ, PYTHONPATH=repo_root, **env)
+    proc = subprocess.run(cmd, cwd=repo_root, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
 def test_summarize_and_target_arithmetic():
     s = common.summarize([3.0, 1.0, 2.0, 10.0])
     assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0 and s["repeats"] == [3.0, 1.0, 2.0, 10.0]
@@ -36,16 +44,8 @@ def test_interleaved_alternates_order():
 @pytest.mark.integration
 def test_quick_run_writes_every_result(tmp_path, repo_root):
     out = tmp_path / "results"
-    env = dict(os.environ, PYTHONPATH=repo_root, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "all", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)],
-        cwd=repo_root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    quick = ["all", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    run_benchmarks(repo_root, *quick, timeout=1500, OMP_NUM_THREADS="1")
 
     for name in BENCHMARKS:
         result = json.loads((out / f"{name}.json").read_text())
@@ -95,16 +95,7 @@ def test_quick_run_writes_every_result(tmp_path, repo_root):
 @pytest.mark.integration
 def test_learning_quick_trains_scores_and_plots(tmp_path, repo_root):
     out = tmp_path / "learning"
-    env = dict(os.environ, PYTHONPATH=repo_root)
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "learning", "--quick", "--out", str(out)],
-        cwd=repo_root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_benchmarks(repo_root, "learning", "--quick", "--out", str(out), timeout=900)
     result = json.loads((out / "learning.json").read_text())
     faces, gray = result["results"]["faces"], result["results"]["grayscale"]
     assert set(faces) == {"val split (floor)", "today", "v-pred min-SNR"}

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from test_benchmarks import run_benchmarks
+
 GPU_ONLY = (
     "ds_fp16_zero2",
     "ds_fp16_zero3",
@@ -25,16 +27,7 @@ GPU_ONLY = (
 
 
 def run_gpu_benchmark(repo_root, out, *args):
-    env = dict(os.environ, PYTHONPATH=repo_root, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "gpu", "--cpu-smoke", "--out", str(out), *args],
-        cwd=repo_root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_benchmarks(repo_root, "gpu", "--cpu-smoke", "--out", str(out), *args, timeout=900, OMP_NUM_THREADS="1")
     return json.loads((out / "gpu.json").read_text()), (out / "gpu.md").read_text()
 
 

@@ -19,29 +19,11 @@ import torch
 
 from export.backends import BackendUnavailable, ModelError, OrtDenoiser
 from export.trt_runtime import check_batch, require_cuda_runtime
-from export.sidecar import Sidecar, SidecarError, read_sidecar, sidecar_path, write_sidecar
+from export.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
 from pipeline.config import ConfigError
 from pipeline.distributed import accelerator_mismatch, cuda_device_index, read_env
 from pipeline.ds_config import cpu_adam_build_missing, ds_config_for
-from test_export import make_checkpoint
-
-
-def tiny_sidecar(fmt="onnx", batch=(1, 1, None)) -> Sidecar:
-    return Sidecar(
-        format=fmt,
-        image_size=8,
-        channels=3,
-        dtype="float32",
-        timestep_dtype="float32",
-        batch_min=batch[0],
-        batch_opt=batch[1],
-        batch_max=batch[2],
-        betas=[0.1, 0.2],
-        num_timesteps=2,
-        prediction_type="epsilon",
-        variance_type="fixed_small",
-        clip_sample=True,
-    )
+from tiny_model import make_checkpoint, tiny_sidecar
 
 
 # --- sidecars: a graph and its engine each keep their own ----------------------------------------

@@ -14,7 +14,7 @@ import torch
 from pipeline.config import ConfigError, DiffusionConfig
 from pipeline.diffusion import GaussianDiffusion, schedule_from_config
 from pipeline.ema import EMA, power_exponent, power_sigma_rel
-from test_train import in_process, losses, shards16, tiny_config  # noqa: F401 (fixtures)
+from tiny_model import losses, tiny_config
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])

@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +24,9 @@ from safetensors.torch import load_file
 from pipeline.checkpoint import EMA_FILE, complete_checkpoints
 from pipeline.distributed import LaunchError, bind_interface, read_env
 from pipeline.launch import node_address
-from test_slurm import JOB_TIMEOUT_S, TINY, job_env, sacct_states, slurm_nodes, wait_for_job, wait_for_step
-from test_slurm import shards, steps_of  # noqa: F401 (fixtures, taken by name)
+from test_slurm import JOB_TIMEOUT_S, TINY, job_env, job_outcome, launcher_cmd, sacct_states, slurm_nodes, steps_of
+from test_slurm import submit_train, wait_for_step
+from tiny_model import torchrun_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 20, 4
@@ -120,19 +120,7 @@ def assert_same_training(run_dir: Path, reference: Path, log: str) -> None:
 def reference(tmp_path_factory, shards) -> Path:
     """The same training as 2 processes on this host (torchrun), uninterrupted."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "pipeline.train",
-        "--config",
-        "configs/tiny_cpu.yaml",
-        *overrides(run_dir, shards),
-    ]
+    cmd = torchrun_cmd(*overrides(run_dir, shards))
     done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [s for s, *_ in history(run_dir)] == list(range(1, STEPS + 1))
@@ -140,22 +128,15 @@ def reference(tmp_path_factory, shards) -> Path:
 
 
 def sbatch(tmp_path: Path, run_dir: Path, shards: Path) -> str:
-    cmd = [
-        "sbatch",
-        "--parsable",
-        *TWO_NODES,
-        f"--output={tmp_path}/slurm-%j.out",
-        "slurm/train.sh",
-        "configs/tiny_cpu.yaml",
-        *overrides(run_dir, shards),
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    assert done.stdout.strip(), done.stderr
-    return done.stdout.split(";")[0].strip()
+    return submit_train(tmp_path, TWO_NODES, overrides(run_dir, shards))[0]
 
 
-def job_log(tmp_path: Path, job_id: str) -> str:
-    return (tmp_path / f"slurm-{job_id}.out").read_text()
+def running_job(tmp_path: Path, shards: Path, step: int) -> tuple[Path, str]:
+    """Submit the two-node training and wait until it has logged `step`: its run directory and job id."""
+    run_dir = tmp_path / "run"
+    job_id = sbatch(tmp_path, run_dir, shards)
+    wait_for_step(run_dir, step, job_id)
+    return run_dir, job_id
 
 
 def training_pid_on(node: str) -> int:
@@ -184,8 +165,7 @@ def node_states() -> dict[str, str]:
 def test_sbatch_one_rank_per_node_equals_two_processes_on_one(tmp_path, shards, reference):
     run_dir = tmp_path / "run"
     job_id = sbatch(tmp_path, run_dir, shards)
-    state = wait_for_job(job_id)  # every 2 s; sbatch --wait polls at growing intervals
-    log = job_log(tmp_path, job_id)
+    state, log = job_outcome(tmp_path, job_id)  # every 2 s; sbatch --wait polls at growing intervals
     assert state == "COMPLETED", log
 
     # Each rank on its own node, bound to that node's own interface and address.
@@ -207,21 +187,7 @@ def test_sbatch_one_rank_per_node_equals_two_processes_on_one(tmp_path, shards, 
 @needs_two_nodes
 def test_submitit_launcher_on_two_nodes(tmp_path, shards, reference):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.launch",
-        "--config",
-        "configs/tiny_cpu.yaml",
-        "--nodes",
-        "2",
-        "--cpus-per-task",
-        "1",
-        "--time",
-        "30",
-        "--wait",
-        *overrides(run_dir, shards),
-    ]
+    cmd = launcher_cmd("--nodes", "2", *overrides(run_dir, shards))
     done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     logs = "\n".join(p.read_text() for p in sorted((run_dir / "submitit").glob("*_log.*")))
     assert done.returncode == 0, done.stdout + done.stderr + logs
@@ -237,14 +203,11 @@ def test_submitit_launcher_on_two_nodes(tmp_path, shards, reference):
 @pytest.mark.integration
 @needs_two_nodes
 def test_rank_killed_on_node2_ends_the_job_and_a_resubmission_resumes(tmp_path, shards, reference):
-    run_dir = tmp_path / "run"
-    job_id = sbatch(tmp_path, run_dir, shards)
-    wait_for_step(run_dir, CHECKPOINT_EVERY + 1, job_id)  # a complete checkpoint is behind it
+    run_dir, job_id = running_job(tmp_path, shards, CHECKPOINT_EVERY + 1)  # a complete checkpoint is behind it
     os.kill(training_pid_on("node2"), signal.SIGKILL)
     killed = time.monotonic()
-    state = wait_for_job(job_id, timeout=RANK_DEATH_BOUND_S)
+    state, log = job_outcome(tmp_path, job_id, timeout=RANK_DEATH_BOUND_S)
     ended_after = time.monotonic() - killed
-    log = job_log(tmp_path, job_id)
     assert state == "FAILED", log
     assert "srun: error: node2: task 1: Killed" in log, log
     assert ended_after < RANK_DEATH_BOUND_S
@@ -254,8 +217,7 @@ def test_rank_killed_on_node2_ends_the_job_and_a_resubmission_resumes(tmp_path, 
     resumed = steps_of(complete_checkpoints(run_dir))[-1]
     assert resumed >= CHECKPOINT_EVERY
     again = sbatch(tmp_path, run_dir, shards)
-    state = wait_for_job(again)
-    log = job_log(tmp_path, again)
+    state, log = job_outcome(tmp_path, again)
     assert state == "COMPLETED", log
     assert f"resumed from {run_dir}/checkpoints/step_{resumed:09d}" in log
     assert_same_training(run_dir, reference, log)
@@ -264,12 +226,9 @@ def test_rank_killed_on_node2_ends_the_job_and_a_resubmission_resumes(tmp_path, 
 @pytest.mark.integration
 @needs_two_nodes
 def test_usr1_reaches_both_nodes_checkpoints_requeues_and_resumes(tmp_path, shards, reference):
-    run_dir = tmp_path / "run"
-    job_id = sbatch(tmp_path, run_dir, shards)
-    wait_for_step(run_dir, 2, job_id)
+    run_dir, job_id = running_job(tmp_path, shards, 2)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-    state = wait_for_job(job_id)
-    log = job_log(tmp_path, job_id)
+    state, log = job_outcome(tmp_path, job_id)
     assert state == "COMPLETED", log
 
     assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"], log
@@ -285,9 +244,7 @@ def test_usr1_reaches_both_nodes_checkpoints_requeues_and_resumes(tmp_path, shar
 def test_node2_lost_job_requeued_waits_for_it_and_resumes(tmp_path, shards, reference):
     """node2 crashes (link cut, everything on it killed): Slurm marks it DOWN, ends the job with
     NODE_FAIL and requeues it (--requeue); with one node left the job waits. node2 back: it resumes."""
-    run_dir = tmp_path / "run"
-    job_id = sbatch(tmp_path, run_dir, shards)
-    wait_for_step(run_dir, CHECKPOINT_EVERY + 1, job_id)
+    run_dir, job_id = running_job(tmp_path, shards, CHECKPOINT_EVERY + 1)
     cluster = ["bash", "slurm/dev-cluster.sh"]
     subprocess.run([*cluster, "fail", "node2"], cwd=REPO, check=True, capture_output=True)
     failed = time.monotonic()
@@ -307,8 +264,7 @@ def test_node2_lost_job_requeued_waits_for_it_and_resumes(tmp_path, shards, refe
         print(f"job {job_id}: NODE_FAIL and requeued {down_after:.0f} s after node2 was lost; waits: {squeue(job_id)}")
     finally:
         subprocess.run([*cluster, "restore", "node2"], cwd=REPO, check=True, capture_output=True)
-    state = wait_for_job(job_id)
-    log = job_log(tmp_path, job_id)
+    state, log = job_outcome(tmp_path, job_id)
     assert state == "COMPLETED", log
     assert "DUE TO NODE FAILURE" in log
     resumed = int(re.search(r"resumed from .*/step_(\d+) ", log).group(1))

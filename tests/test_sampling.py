@@ -193,6 +193,23 @@ def _float64(scheduler, betas):
     return scheduler
 
 
+def float64_schedules(scheduler_class, kind, prediction, steps, variance_type=None, **options):
+    """diffusers' scheduler set to `steps`, its tables in float64, and ours on the same betas, both
+    clipping; variance_type goes to both, `options` to diffusers only."""
+    variance = {"variance_type": variance_type} if variance_type else {}
+    theirs = scheduler_class(
+        num_train_timesteps=1000,
+        beta_schedule=DIFFUSERS_KIND[kind],
+        prediction_type=prediction,
+        clip_sample=True,
+        **variance,
+        **options,
+    )
+    theirs.set_timesteps(steps)
+    ours = DiffusionSchedule(beta_schedule(kind, 1000), prediction_type=prediction, **variance)
+    return _float64(theirs, ours.betas), ours
+
+
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(
@@ -215,16 +232,7 @@ def one_step(schedule, sampler, model_output, t, t_prev, x, eta=0.0, noise=None)
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_ddim_step_matches_diffusers(kind, prediction, eta, spacing):
     steps = 20
-    theirs = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule=DIFFUSERS_KIND[kind],
-        prediction_type=prediction,
-        timestep_spacing=spacing,
-        clip_sample=True,
-    )
-    theirs.set_timesteps(steps)
-    ours = DiffusionSchedule(beta_schedule(kind, 1000), prediction_type=prediction)
-    _float64(theirs, ours.betas)
+    theirs, ours = float64_schedules(DDIMScheduler, kind, prediction, steps, timestep_spacing=spacing)
     ts = sampling_timesteps(1000, steps, spacing)
     x, _ = _batch(1)
     for i, t in enumerate(ts):
@@ -244,16 +252,7 @@ def test_ddim_step_matches_diffusers(kind, prediction, eta, spacing):
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("steps", [1000, 25])
 def test_ddpm_step_matches_diffusers(kind, prediction, variance, steps):
-    theirs = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule=DIFFUSERS_KIND[kind],
-        prediction_type=prediction,
-        variance_type=variance,
-        clip_sample=True,
-    )
-    theirs.set_timesteps(steps)
-    ours = DiffusionSchedule(beta_schedule(kind, 1000), prediction_type=prediction, variance_type=variance)
-    _float64(theirs, ours.betas)
+    theirs, ours = float64_schedules(DDPMScheduler, kind, prediction, steps, variance_type=variance)
     ts = sampling_timesteps(1000, steps, "leading")
     np.testing.assert_array_equal(ts, theirs.timesteps.numpy())
     x, _ = _batch(2)

@@ -63,32 +63,6 @@ def cluster():
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("slurm") / "shards"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_prep",
-            "--synthetic",
-            "64",
-            "--out",
-            str(out),
-            "--size",
-            "16",
-            "--workers",
-            "1",
-            "--shard-size",
-            "32",
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
 def job_env() -> dict:
     """The test's Python on PATH (sbatch exports the environment to the job), one thread per rank."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -147,21 +121,36 @@ def steps_of(checkpoints: list[Path]) -> list[int]:
     return [step_of(c) for c in checkpoints]
 
 
+def submit_train(tmp_path: Path, options: list[str], train_args: list[str]) -> tuple[str, subprocess.CompletedProcess]:
+    """`sbatch --parsable OPTIONS slurm/train.sh configs/tiny_cpu.yaml TRAIN_ARGS`: the job id and sbatch's result."""
+    script = ["slurm/train.sh", "configs/tiny_cpu.yaml", *train_args]
+    cmd = ["sbatch", "--parsable", *options, f"--output={tmp_path}/slurm-%j.out", *script]
+    done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert done.stdout.strip(), done.stderr
+    return done.stdout.split()[0].split(";")[0], done
+
+
+def job_log(tmp_path: Path, job_id: str) -> str:
+    return (tmp_path / f"slurm-{job_id}.out").read_text()
+
+
+def job_outcome(tmp_path: Path, job_id: str, timeout: float = JOB_TIMEOUT_S) -> tuple[str, str]:
+    """Wait for the job submitted by submit_train to end: its state and its log."""
+    state = wait_for_job(job_id, timeout)
+    return state, job_log(tmp_path, job_id)
+
+
+def launcher_cmd(*args: str) -> list[str]:
+    """`python -m pipeline.launch` on configs/tiny_cpu.yaml, one CPU per task, waiting for the job."""
+    options = ["--config", "configs/tiny_cpu.yaml", "--cpus-per-task", "1", "--time", "30", "--wait"]
+    return [sys.executable, "-m", "pipeline.launch", *options, *args]
+
+
 def test_sbatch_two_tasks_train_and_checkpoint(tmp_path, shards):
     run_dir = tmp_path / "run"
-    cmd = [
-        "sbatch",
-        "--parsable",
-        "--wait",
-        *TWO_TASKS,
-        f"--output={tmp_path}/slurm-%j.out",
-        "slurm/train.sh",
-        "configs/tiny_cpu.yaml",
-        *overrides(run_dir, shards, "train.max_steps=4", "train.checkpoint_every=2"),
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    job_id = done.stdout.split()[0].split(";")[0]
-    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    train_args = overrides(run_dir, shards, "train.max_steps=4", "train.checkpoint_every=2")
+    job_id, done = submit_train(tmp_path, ["--wait", *TWO_TASKS], train_args)
+    log = job_log(tmp_path, job_id)
     assert done.returncode == 0, f"{done.stderr}\n{log}"
 
     assert "2 process(es)" in log, log  # one world of 2 ranks, not 2 single-process runs
@@ -173,25 +162,13 @@ def test_sbatch_two_tasks_train_and_checkpoint(tmp_path, shards):
 
 def test_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, shards):
     run_dir, max_steps = tmp_path / "run", 30
-    cmd = [
-        "sbatch",
-        "--parsable",
-        *TWO_TASKS,
-        f"--output={tmp_path}/slurm-%j.out",
-        "slurm/train.sh",
-        "configs/tiny_cpu.yaml",
-        *overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000"),
-    ]
-    job_id = (
-        subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, check=True)
-        .stdout.split(";")[0]
-        .strip()
-    )
+    train_args = overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000")
+    job_id, done = submit_train(tmp_path, TWO_TASKS, train_args)
+    assert done.returncode == 0, done.stderr
     wait_for_step(run_dir, 2, job_id)
     # What Slurm does 120 s before the time limit (--signal=USR1@120): USR1 to every task.
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-    state = wait_for_job(job_id)
-    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    state, log = job_outcome(tmp_path, job_id)
     assert state == "COMPLETED", log
 
     assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"], log
@@ -206,21 +183,8 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, shards):
 
 def test_submitit_launcher_trains_and_survives_preemption(tmp_path, shards):
     run_dir, max_steps = tmp_path / "run", 30
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.launch",
-        "--config",
-        "configs/tiny_cpu.yaml",
-        "--tasks-per-node",
-        "2",
-        "--cpus-per-task",
-        "1",
-        "--time",
-        "30",
-        "--wait",
-        *overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000"),
-    ]
+    train_args = overrides(run_dir, shards, f"train.max_steps={max_steps}", "train.checkpoint_every=1000")
+    cmd = launcher_cmd("--tasks-per-node", "2", *train_args)
     launcher = subprocess.Popen(
         cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

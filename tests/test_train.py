@@ -9,9 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,53 +16,10 @@ import torch
 
 from pipeline.checkpoint import complete_checkpoints, step_of
 from pipeline.resume import load_rng, save_rng
-from pipeline.config import Config, ConfigError, TrainConfig, load_config
+from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.distributed import LaunchError, read_env
 from pipeline.ds_config import FP16_LOSS_SCALING, batch_sizes, build_ds_config, load_user_ds_config
-
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
-TINY = [
-    "model.image_size=16",
-    "model.ch=32",
-    "model.ch_mult=[1,2]",
-    "model.num_res_blocks=1",
-    "model.attn_resolutions=[8]",
-    "model.dropout=0.1",
-    "data.num_workers=0",
-    "data.shuffle_buffer=50",
-    "train.batch_size=8",
-    "train.lr=1e-3",
-    "train.warmup_steps=2",
-    "ema.decay=0.999",
-    "ema.warmup=true",
-    "log.every=1",
-    "log.sample_every=0",
-    "log.tensorboard=false",
-]
-
-
-def tiny_config(tmp_path: Path, shards: Path, *overrides: str) -> Config:
-    return load_config(
-        REPO / "configs" / "tiny_cpu.yaml", TINY + [f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", *overrides]
-    )
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def shards16(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "synthetic16"
-    subprocess.run(
-        [PYTHON, "-m", "data_prep", "--synthetic", "64", "--out", str(out), "--size", "16"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    return out
-
+from tiny_model import PYTHON, REPO, TINY_CPU_YAML, finish, kill_job, losses, tiny_config, torchrun, wait_for, workers
 
 # --- DeepSpeed config -----------------------------------------------------------------------------
 
@@ -211,43 +165,18 @@ def test_preview_grid_is_written_atomically(tmp_path):
 # --- the training loop, in this process (as the submitit launcher calls it) ------------------------
 
 
-@pytest.fixture(scope="module")
-def in_process():
-    """train() in the pytest process joins a one-process group and exports RANK, MASTER_PORT, ...:
-    leave neither behind for the tests that follow (their subprocesses would inherit the variables)."""
-    saved = dict(os.environ)
-    yield
-    from pipeline import distributed
-
-    distributed.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_fp16_without_cuda_is_refused_in_one_line(tmp_path, shards16, capsys, in_process):
     from pipeline.train import train
 
-    status = train(tiny_config(tmp_path, shards16, "train.precision=fp16", "zero.stage=2"))
+    fp16 = ["train.precision=fp16", "zero.stage=2"]
+    status = train(tiny_config(tmp_path, shards16, *fp16))
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1
     assert "fp16 needs a CUDA GPU" in err and "bf16" in err
     assert not (tmp_path / "run").exists()
-    cli = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "pipeline.train",
-            "--config",
-            str(REPO / "configs" / "tiny_cpu.yaml"),
-            f"run.dir={tmp_path / 'cli'}",
-            "train.precision=fp16",
-            "zero.stage=2",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    cmd = [PYTHON, "-m", "pipeline.train", "--config", str(TINY_CPU_YAML), f"run.dir={tmp_path / 'cli'}", *fp16]
+    cli = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [err], cli.stderr
 
 
@@ -299,78 +228,6 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards
 
 
 # --- real DeepSpeed, 2 processes ------------------------------------------------------------------
-
-
-@pytest.fixture
-def launched():
-    """Popen objects of torchrun runs; whatever still runs when the test ends (failed) is killed."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            for p in workers(proc, recursive=True).values():
-                p.kill()
-            proc.kill()
-            proc.communicate()
-
-
-def torchrun(
-    shards: Path, run_dir: Path, *overrides: str, env: dict | None = None, launched: list | None = None
-) -> subprocess.Popen:
-    """Start `torchrun --standalone --nproc_per_node 2 -m pipeline.train` with the tiny model."""
-    cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "pipeline.train",
-        "--config",
-        str(REPO / "configs" / "tiny_cpu.yaml"),
-        *TINY,
-        f"data.shards={shards}",
-        f"run.dir={run_dir}",
-        *overrides,
-    ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if launched is not None:
-        launched.append(proc)
-    return proc
-
-
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def workers(proc: subprocess.Popen, recursive: bool = False) -> dict:
-    """The training processes torchrun started, by rank (they live in sessions of their own);
-    recursive: their DataLoader workers too, keyed by pid."""
-    import psutil
-
-    found = {}
-    try:
-        children = psutil.Process(proc.pid).children(recursive=recursive)
-    except psutil.Error:
-        return found
-    for child in children:
-        try:
-            found[child.pid if recursive else int(child.environ()["RANK"])] = child
-        except (KeyError, psutil.Error):
-            pass
-    return found
-
-
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            out = proc.communicate()[0] if proc.poll() is not None else "(still running)"
-            pytest.fail(f"condition not reached before the run ended or timed out:\n{out[-3000:]}")
-        time.sleep(0.05)
 
 
 @pytest.mark.integration
@@ -446,10 +303,7 @@ def test_zero2_bf16_killed_while_checkpointing_resumes_from_the_previous_one(tmp
     step4 = run / "checkpoints" / "step_000000004"
     # rank 0 has written the DeepSpeed state and the export files and now sleeps before COMPLETE
     wait_for(lambda: (step4 / "model.json").exists() and (run / "checkpoints/step_000000002/COMPLETE").exists(), proc)
-    for p in [*workers(proc).values()]:
-        p.kill()
-    proc.kill()
-    proc.wait()
+    kill_job(proc)
     assert (step4 / "deepspeed").is_dir() and not (step4 / "COMPLETE").exists()
     assert [d.name for d in complete_checkpoints(run)] == ["step_000000002"]
 
