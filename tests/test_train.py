@@ -6,6 +6,7 @@ signalled and resumed.
 from __future__ import annotations
 
 import json
+import random
 import os
 import signal
 import subprocess
@@ -131,7 +132,6 @@ def test_ema_follows_the_formula_with_warmup():
 
 
 def test_rng_states_round_trip_through_weights_only_files(tmp_path):
-    import random
 
     save_rng(tmp_path, rank=1)
     before = (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn())
