@@ -181,18 +181,22 @@ def target(
     name: str, description: str, value: float | None, threshold: float, op: str, *, unit: str = "x", detail: str = ""
 ) -> dict:
     """A target from the issue and whether this run met it; `missed_by` is relative to the threshold."""
-    measured = value is not None and not (isinstance(value, float) and math.isnan(value))
-    met = (value >= threshold if op == ">=" else value <= threshold) if measured else None
+    met = missed_by = None
+    if value is not None and not (isinstance(value, float) and math.isnan(value)):
+        met = value >= threshold if op == ">=" else value <= threshold
+        missed_by = 0.0 if met else abs(value - threshold) / threshold
+    else:
+        value, detail = None, detail or "not measured on this machine"
     return {
         "name": name,
         "target": description,
-        "value": value if measured else None,
+        "value": value,
         "threshold": threshold,
         "op": op,
         "unit": unit,
         "met": met,
-        "missed_by": (0.0 if met else abs(value - threshold) / threshold) if measured else None,
-        "detail": detail if measured else (detail or "not measured on this machine"),
+        "missed_by": missed_by,
+        "detail": detail,
     }
 
 

@@ -261,7 +261,8 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_corrupt >= 0, "data.max_corrupt", f"{cfg.data.max_corrupt} must be >= 0"),
     ]
     for key, choices in CHOICES.items():
-        value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        section, field = key.split(".")
+        value = getattr(getattr(cfg, section), field)
         checks.append((value in choices, key, f"{value!r} not {'|'.join(choices)}"))
     resolutions = [m.image_size // 2**i for i in range(levels)]
     for r in m.attn_resolutions:
