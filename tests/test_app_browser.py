@@ -25,7 +25,8 @@ from export.uploads import MAX_SIDE, UserInputError, image_to_model, keep_mask_f
 from export.backends import load_denoiser
 from pipeline.distributed import free_port
 from pipeline.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
-from test_editing import SIZE, make_tiny_checkpoint  # tests/ is on sys.path (pytest's rootdir-less import)
+from test_editing import SIZE  # tests/ is on sys.path (pytest's rootdir-less import)
+from tiny_model import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -121,7 +122,7 @@ def tiny_checkpoint(tmp_path_factory):
     import torch
 
     torch.set_num_threads(2)
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+    return make_checkpoint(tmp_path_factory.mktemp("run"))
 
 
 def test_handlers_answer_bad_requests_with_a_status_line(tiny_checkpoint, tmp_path):

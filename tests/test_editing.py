@@ -4,41 +4,17 @@ The network is a tiny random U-Net (its zero-initialised layers given random wei
 path matters) exported with `export.onnx` and run by onnxruntime on the CPU: the real backend.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from export import editing
 from export.backends import OrtDenoiser
 from pipeline.sampling import generate, to_uint8
+from tiny_model import make_checkpoint
 
 THREADS = 2
 STEPS = 10
 SIZE = 16
-
-
-def make_tiny_checkpoint(run_dir: Path, seed: int = 0) -> Path:
-    """A complete checkpoint directory of a 16 px, ch 32 U-Net with random weights everywhere."""
-    import torch
-    from pipeline.checkpoint import checkpoint_dir, mark_complete, save_export_files
-    from pipeline.config import Config, ModelConfig
-    from pipeline.unet import UNet
-
-    torch.manual_seed(seed)
-    cfg = Config(
-        model=ModelConfig(image_size=SIZE, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
-    )
-    model = UNet(cfg.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():  # zero-initialised output convs: a zero network would hide everything
-                p.normal_(0.0, 0.05)
-    ckpt = checkpoint_dir(run_dir, 1)
-    ckpt.mkdir(parents=True)
-    save_export_files(ckpt, model.state_dict(), cfg, step=1, images_seen=0)
-    mark_complete(ckpt)
-    return ckpt
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +23,7 @@ def denoiser(tmp_path_factory):
     from export.onnx import main as export_main
 
     torch.set_num_threads(THREADS)
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("run"))
     out = tmp_path_factory.mktemp("onnx") / "denoiser.onnx"
     assert export_main(["--ckpt", str(ckpt), "--out", str(out)]) == 0
     return OrtDenoiser(out, provider="cpu", threads=THREADS)

@@ -14,7 +14,8 @@ from pipeline import evaluate
 
 @pytest.mark.integration
 def test_quick_quality_run_scores_every_set_and_draws_both_pictures(tmp_path):
-    from test_editing import SIZE, make_tiny_checkpoint
+    from test_editing import SIZE
+    from tiny_model import make_checkpoint
 
     shards = tmp_path / "shards"
     subprocess.run(
@@ -35,7 +36,7 @@ def test_quick_quality_run_scores_every_set_and_draws_both_pictures(tmp_path):
         capture_output=True,
     )
     evaluate.get_feature_net(shards, train_steps=20)  # trained once here; the benchmark reuses it
-    ckpt = make_tiny_checkpoint(tmp_path / "run")
+    ckpt = make_checkpoint(tmp_path / "run")
     out = tmp_path / "out"
     assert (
         quality.main(

@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.integration
 def test_serve_onnx_extra_alone_runs_export_sample(tmp_path):
     from export.onnx import main as export_onnx
-    from test_editing import make_tiny_checkpoint
+    from tiny_model import make_checkpoint
 
     onnx = tmp_path / "denoiser.onnx"
-    assert export_onnx(["--ckpt", str(make_tiny_checkpoint(tmp_path / "run")), "--out", str(onnx)]) == 0
+    assert export_onnx(["--ckpt", str(make_checkpoint(tmp_path / "run")), "--out", str(onnx)]) == 0
 
     env_dir = tmp_path / "serve-venv"
     venv.create(env_dir, with_pip=True)
