@@ -56,7 +56,7 @@ DEMO_EVAL_ARGS ?=
 # Images per scored sample set and of the val floor: Fréchet distances only compare at equal N.
 DEMO_NUM ?= 256
 # The sampler that holds quality at the fewest network calls (`python -m benchmarks quality` on the demo
-# model, benchmarks/results/cpu/quality): pipeline.sampling's default, written out for the set names.
+# model, benchmarks/results/cpu/quality): pipeline.core.sampling's default, written out for the set names.
 DEMO_SAMPLER ?= unipc
 DEMO_STEPS ?= 10
 DEMO_FAST := $(DEMO_SAMPLER)-$(DEMO_STEPS)

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     progress = common.run_progress(sum(module(n).steps(args) for n in names))
     start, results = time.monotonic(), {}
-    from pipeline.fileio import NoSpaceError
+    from pipeline.core.fileio import NoSpaceError
 
     try:
         for name in names:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks import common
 from pipeline.config import Config, config_to_dict, load_config
-from pipeline.fileio import sha256_file
+from pipeline.core.fileio import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(tempfile.gettempdir()) / "ddpm-benchmarks"
@@ -46,7 +46,7 @@ def random_checkpoint(cfg: Config, seed: int = 0) -> Path:
     """A complete checkpoint directory (ema.safetensors, model.json, COMPLETE) with random weights."""
     import torch
     from pipeline.checkpoint import checkpoint_dir, is_complete, mark_complete, save_export_files
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     run_dir = CACHE / _key(cfg, seed)
     ckpt = checkpoint_dir(run_dir, 0)
@@ -78,7 +78,7 @@ def _whole_checkpoint(ckpt: Path) -> bool:
 
 def _whole_model(path: Path) -> bool:
     """A cached .onnx / .plan whose sidecar is missing or stale, or whose bytes changed, is rebuilt."""
-    from export.sidecar import SidecarError, read_sidecar
+    from pipeline.core.sidecar import SidecarError, read_sidecar
 
     if not path.is_file():
         return False

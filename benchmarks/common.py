@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from export.backends import default_threads
-from pipeline import progress
-from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.core import progress
+from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 COMMAND = ""  # the command line of this run, set by benchmarks.__main__
 PACKAGES = (

@@ -1,4 +1,4 @@
-"""Benchmark the first arrow: data_prep images/s and the pipeline.data loader's, against the training step's appetite.
+"""Benchmark the first arrow: data_prep images/s and the pipeline.train.data loader's, against the training step's appetite.
 
   python -m benchmarks data [--quick] [--out DIR]
 
@@ -131,7 +131,7 @@ def bench_data_prep(quick: bool, work: Path) -> tuple[list[dict], dict[str, Path
 
 def bench_loader(quick: bool, shards: dict[str, Path]) -> list[dict]:
     import torch
-    from pipeline.data import make_loader
+    from pipeline.train.data import make_loader
 
     plan = {"synthetic_32": (64, 10 if quick else 100), "jpg1024_to_256": (16, 5 if quick else 40)}
     repeats = 2 if quick else 3

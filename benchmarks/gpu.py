@@ -47,11 +47,11 @@ MIN_STEP_SECONDS = 5.0  # less is not worth starting a process for
 METHOD = """
 Each step is `python -m benchmarks.gpu --step KIND --params JSON` in a new process session, killed
 (with its children) when its time box or the remaining budget runs out; its output is appended to
-gpu.log. Training steps run the real `pipeline.train.train` (DeepSpeed engine, data loader, EMA,
+gpu.log. Training steps run the real `pipeline.train.loop.train` (DeepSpeed engine, data loader, EMA,
 checkpoints) and read its metrics.jsonl: images/s is the median over logged steps after the first
 five, peak memory `torch.cuda.max_memory_allocated`. The resume check copies the run without its
 last checkpoint, trains the copy from the middle checkpoint to the end, and compares the per-step
-losses and loss scales. The celebahq256 steps time `pipeline.train.train_step` on one in-memory
+losses and loss scales. The celebahq256 steps time `pipeline.train.loop.train_step` on one in-memory
 batch (no data loading), median of the timed steps after a warm-up. Sampling times a whole
 `generate` call (the one sampling loop) after a 2-step warm-up; evaluations/s counts batched network
 calls. Nothing is faked: a runtime that is not installed is reported absent.
@@ -147,7 +147,7 @@ def run_step(kind: str, params: dict, work: Path, out_file: Path) -> int:
         result = {"status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
     finally:
         if "torch" in sys.modules:  # NCCL wants its process group destroyed before the process exits
-            from pipeline import distributed
+            from pipeline.train import distributed
 
             distributed.shutdown()
     out_file.write_text(json.dumps(result, default=str))

@@ -113,7 +113,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def _train(p: dict, run_dir: Path, shards: Path, max_steps: int) -> int:
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     overrides = [
         f"data.shards={shards}",
@@ -219,11 +219,11 @@ def engine_steps(p: dict, work: Path) -> dict:
     """p: config, precision, stage, batch, grad_checkpointing, warmup, steps. pipeline.train's
     engine and train_step on one synthetic batch held in memory (no data loading)."""
     import torch
-    from pipeline import distributed
+    from pipeline.train import distributed
     from pipeline.config import load_config
-    from pipeline.diffusion import GaussianDiffusion, schedule_from_config
-    from pipeline.ds_config import build_ds_config
-    from pipeline.train import TrainState, build_engine, train_step
+    from pipeline.train.diffusion import GaussianDiffusion, schedule_from_config
+    from pipeline.train.ds_config import build_ds_config
+    from pipeline.train.loop import TrainState, build_engine, train_step
 
     if p["precision"] == "fp16":
         need_cuda()
@@ -294,7 +294,7 @@ def unet_vs_diffusers(p: dict, work: Path) -> dict:
     import torch
     from benchmarks.train_step import build_pair, make_batch, make_train_step
     from pipeline.config import load_config
-    from pipeline.diffusion import GaussianDiffusion, schedule_from_config
+    from pipeline.train.diffusion import GaussianDiffusion, schedule_from_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_config(REPO / "configs" / f"{p['config']}.yaml")
@@ -337,7 +337,7 @@ def sampling(p: dict, work: Path) -> dict:
     from benchmarks import artifacts
     from benchmarks.gpu_backends import denoiser_for  # it imports Skipped from here
 
-    core = importlib.import_module("pipeline.sampling")
+    core = importlib.import_module("pipeline.core.sampling")
     cfg = artifacts.config(p["config"])
     denoiser, batches = denoiser_for(p["backend"], artifacts.random_checkpoint(cfg), cfg, p)
     rows, data = [], []

@@ -5,7 +5,7 @@
 Every variant trains the tiny model (configs/tiny_cpu.yaml, pinned to the recipe it had before this
 benchmark, plus the variant's overrides) on the same synthetic faces, from the same seed, for the same
 number of images, launched as the demo is (torchrun, 2 processes, fp32). Its EMA checkpoints at
-several points are scored with pipeline.evaluate (classifier-FID, precision, recall, coverage) on
+several points are scored with pipeline.evaluation (classifier-FID, precision, recall, coverage) on
 samples of one fixed sampler; the last one also with deterministic DDIM (eta 0). A second set of
 runs trains on the grayscale faces (R = G = B) and reports the colour the samples have anyway.
 """
@@ -99,9 +99,9 @@ each variant adds its overrides. Same seed (train.seed=0), same shards, same num
 -m pipeline.train`, OMP_NUM_THREADS=1 per process, fp32, on the machine's cores while nothing else of this
 benchmark runs. Wall time is the whole training process (start-up and checkpoints included).
 
-Scoring: the EMA weights of each checkpoint, `pipeline.sampling.generate` with DDIM (eta 1, leading spacing,
+Scoring: the EMA weights of each checkpoint, `pipeline.core.sampling.generate` with DDIM (eta 1, leading spacing,
 `config.sampler_steps` steps, seed 0, the same initial noise for every variant), `config.num` samples,
-`pipeline.evaluate.evaluate` against the train split (classifier-FID, k-NN precision / recall / coverage,
+`pipeline.evaluation.evaluate.evaluate` against the train split (classifier-FID, k-NN precision / recall / coverage,
 k = 3). The last checkpoint is also sampled with deterministic DDIM (eta 0). The floor row scores
 `config.num` val images the same way. Fréchet distance depends on N: compare only rows of equal N.
 
@@ -180,7 +180,7 @@ def train_variant(overrides: list[str], data: Path, run_dir: Path, procs: int) -
 def sample(ckpt, plan: dict, eta: float, threads: int) -> np.ndarray:
     """uint8 samples of a checkpoint (a directory or a pipeline.checkpoint.Checkpoint record)."""
     from export.backends import TorchDenoiser
-    from pipeline.sampling import generate, to_uint8
+    from pipeline.core.sampling import generate, to_uint8
 
     denoiser = TorchDenoiser(ckpt, threads=threads)
     return to_uint8(
@@ -198,7 +198,7 @@ def sample(ckpt, plan: dict, eta: float, threads: int) -> np.ndarray:
 
 
 def score(images: np.ndarray, data: Path, featurizer) -> dict:
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.evaluate import evaluate
 
     return evaluate(images, data, featurizer=featurizer)["metrics"]
 
@@ -265,7 +265,9 @@ def steps(args) -> int:
 
 
 def run(args, progress=None) -> dict:
-    from pipeline.evaluate import Featurizer, read_split, reference_floor
+    from pipeline.evaluation.evaluate import reference_floor
+    from pipeline.evaluation.features import Featurizer
+    from pipeline.evaluation.images import read_split
 
     progress = progress or common.no_progress()
     plan = plan_of(args)

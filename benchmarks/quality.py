@@ -4,7 +4,7 @@
 
 For one trained model (exported to ONNX on the spot, run by onnxruntime on the CPU), N images per
 sampler at 5, 10, 15, 25 and 50 network evaluations, plus DDPM-250 and DDIM-50 with eta 1 as the
-references, all from the same seeds; each set scored by `pipeline.evaluate` against the train
+references, all from the same seeds; each set scored by `pipeline.evaluation` against the train
 split (classifier-FID, precision, recall), the val split at equal N as the floor. Writes
 quality.json, quality.md, quality.png (cFID against evaluations) and quality_strip.png (the same
 seeds across samplers and step counts).
@@ -52,7 +52,7 @@ def export_denoiser(ckpt: str, workdir: Path, threads: int):
 
 
 def sample_set(denoiser, num: int, sampler: str, steps: int, eta: float, spacing: str) -> tuple[np.ndarray, float]:
-    from pipeline.sampling import generate, to_uint8
+    from pipeline.core.sampling import generate, to_uint8
 
     start = time.perf_counter()
     images = to_uint8(
@@ -64,8 +64,8 @@ def sample_set(denoiser, num: int, sampler: str, steps: int, eta: float, spacing
 def strip(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
     """One row per set (its first STRIP_SEEDS images), a label column on the left; written atomically."""
     from PIL import Image, ImageDraw
-    from pipeline.fileio import atomic_write_bytes
-    from pipeline.sample_grid import png_bytes
+    from pipeline.core.fileio import atomic_write_bytes
+    from pipeline.train.previews import png_bytes
 
     h, w = rows[0][1].shape[1:3]
     scale = max(1, 64 // h)
@@ -84,8 +84,9 @@ def strip(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
 
 
 def run(args) -> dict:
-    from pipeline.evaluate import Featurizer, evaluate, reference_floor
-    from pipeline.sampling import DEFAULT_SPACING
+    from pipeline.evaluation.evaluate import evaluate, reference_floor
+    from pipeline.evaluation.features import Featurizer
+    from pipeline.core.sampling import DEFAULT_SPACING
 
     size = common.size(args)
     num = args.num or (64 if args.quick else 256)

@@ -5,7 +5,7 @@
 1. One denoiser evaluation (B images at one timestep) through `export.backends.OrtDenoiser` (the
    backend `export.sample` uses), the U-Net in torch eager (tensors in, tensors out: the baseline is
    not charged for NumPy conversions) and, where TensorRT and a GPU are present, `TrtDenoiser`.
-2. The NumPy sampling loop's overhead: a whole `pipeline.sampling.generate` run with the network calls
+2. The NumPy sampling loop's overhead: a whole `pipeline.core.sampling.generate` run with the network calls
    timed inside it; overhead = (total - sum of network time) / total.
 """
 
@@ -35,14 +35,14 @@ SECONDS_PER_CASE = {"quick": 2.0, "full": 20.0}
 METHOD = """
 **Per evaluation.** x ~ N(0, I) of shape (B, C, H, W) and B timesteps, the same for every backend. ORT is
 `export.backends.OrtDenoiser` exactly as `export.sample` builds it (NumPy in, NumPy out, all graph
-optimisations, intra-op threads = usable cores). torch eager is `pipeline.unet.UNet` in `inference_mode` on
+optimisations, intra-op threads = usable cores). torch eager is `pipeline.model.unet.UNet` in `inference_mode` on
 tensors that are already on the device (fp16 weights and inputs on CUDA; fp32 on CPU), with the same number
 of threads, both NCHW-contiguous and channels_last; the faster of the two is the baseline. TensorRT is `export.trt_runtime.TrtDenoiser` on an engine from `export.trt` (fp16), host copies
 included. On CPU a fourth column is a candidate improvement of ours: an ORT session whose batch dimension is
 fixed (`add_free_dimension_override_by_name`), one per batch size. All backends run the same random weights. After one warm-up call each, rounds alternate their order;
 the repeat count is chosen so each case takes a few seconds. The speed-up is the median of per-round ratios.
 
-**Loop overhead.** `pipeline.sampling.generate` (the default sampler `export.sample` runs) over an ORT
+**Loop overhead.** `pipeline.core.sampling.generate` (the default sampler `export.sample` runs) over an ORT
 denoiser wrapped in a timer; overhead = (wall time of the whole run - time inside the network calls) / wall
 time. It includes the initial noise, the per-step schedule arithmetic, and the uint8 conversion.
 """
@@ -204,8 +204,8 @@ def auto_repeats(seconds_per_round: float, budget: float, lo: int = 3, hi: int =
 def loop_overhead(args, progress) -> dict:
     """Share of a whole run of the default sampler spent outside the network calls (ORT backend)."""
     from export.backends import OrtDenoiser
-    from pipeline.sampling import DEFAULT_SAMPLER as sampler
-    from pipeline.sampling import generate
+    from pipeline.core.sampling import DEFAULT_SAMPLER as sampler
+    from pipeline.core.sampling import generate
 
     name, batch, steps, runs = LOOP[common.size(args)]
     cfg = artifacts.config(name)
@@ -244,7 +244,7 @@ def ort_profile(onnx_path: Path, batch: int, threads: int | None, calls: int = 5
     """Share of ORT node time by operator type, from onnxruntime's own profiler."""
     import onnxruntime as ort
     from export.backends import default_threads
-    from export.sidecar import read_sidecar
+    from pipeline.core.sidecar import read_sidecar
 
     info = read_sidecar(onnx_path)
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
   python -m benchmarks train [--quick] [--device cpu|cuda] [--out DIR]
 
 1. images/s of one full training step (q_sample, forward, MSE loss, backward, AdamW step) for
-   `pipeline.unet.UNet` and the same architecture built as `diffusers.UNet2DModel`, at the same
+   `pipeline.model.unet.UNet` and the same architecture built as `diffusers.UNet2DModel`, at the same
    config, batch and precision; the two are timed interleaved and shown to compute the same function.
 2. Our U-Net with and without gradient checkpointing: time ratio and peak activation memory ratio.
 3. ZeRO stage 0 / 2 / 3 per-rank bytes with 2 ranks of real DeepSpeed (benchmarks.zero_memory).
@@ -25,9 +25,9 @@ import torch
 from benchmarks import common, train_report
 from benchmarks.train_step import autocast, build_pair, make_batch, make_train_step
 from pipeline.config import Config, load_config
-from pipeline.diffusion import GaussianDiffusion, schedule_from_config
-from pipeline.distributed import free_port
-from pipeline.unet import UNet, count_parameters
+from pipeline.train.diffusion import GaussianDiffusion, schedule_from_config
+from pipeline.train.distributed import free_port
+from pipeline.model.unet import UNet, count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ ZERO_CONFIGS = {"quick": ["tiny_cpu"], "full": ["tiny_cpu", "celebahq64", "celeb
 METHOD = """
 **Training step.** One step = `optimizer.zero_grad()`, `GaussianDiffusion.training_loss` (q_sample, forward,
 MSE against the noise), `backward()`, `AdamW.step()` (the optimizer pipeline.train builds). The batch is
-fixed and already in memory: data loading is the `data` benchmark's business. Ours is `pipeline.unet.UNet`;
+fixed and already in memory: data loading is the `data` benchmark's business. Ours is `pipeline.model.unet.UNet`;
 the baseline is `diffusers.UNet2DModel` with the same config (block_out_channels = ch x ch_mult,
 Attn*Block2D at the attention resolution, single-head attention, layers_per_block, norm_eps=1e-6,
 downsample_padding=0, flip_sin_to_cos=False, freq_shift=1); before timing, the diffusers weights are
@@ -65,7 +65,7 @@ is that total just before `backward()` starts (what autograd keeps for backward)
 separate from the timed ones.
 
 **ZeRO.** `torchrun --nproc_per_node 2 -m benchmarks.zero_memory`: each rank builds the engine exactly as
-pipeline.train does (`pipeline.ds_config.build_ds_config` + `pipeline.train.build_engine`), takes one
+pipeline.train does (`pipeline.train.ds_config.build_ds_config` + `pipeline.train.loop.build_engine`), takes one
 training step so Adam's state exists, then walks the tensors it holds: optimizer state = the tensors in the
 inner torch optimizer's `state` (exp_avg, exp_avg_sq); fp32 master partition = the optimizer's own
 parameters when they are not the model's; parameters = the model's (ZeRO-3: the rank's `ds_tensor`

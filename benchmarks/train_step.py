@@ -10,9 +10,9 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.diffusers_unet import import_diffusers_unet
-from pipeline.diffusion import GaussianDiffusion
-from pipeline.unet import count_parameters
+from pipeline.model.diffusers_unet import import_diffusers_unet
+from pipeline.train.diffusion import GaussianDiffusion
+from pipeline.model.unet import count_parameters
 
 
 # --- the two models --------------------------------------------------------------------------

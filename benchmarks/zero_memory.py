@@ -15,10 +15,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed
+from pipeline.train import distributed
 from pipeline.config import load_config
-from pipeline.ds_config import build_ds_config
-from pipeline.fileio import atomic_write_json
+from pipeline.train.ds_config import build_ds_config
+from pipeline.core.fileio import atomic_write_json
 
 
 def _storage_key(t: torch.Tensor):
@@ -89,7 +89,7 @@ def count_bytes(engine) -> dict:
 
 def one_step(engine, cfg, micro_batch: int, size: int) -> dict:
     """Forward, backward (bytes counted here, gradients alive), step (bytes counted again)."""
-    from pipeline.diffusion import GaussianDiffusion, schedule_from_config
+    from pipeline.train.diffusion import GaussianDiffusion, schedule_from_config
 
     diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
     device = engine.device
@@ -106,7 +106,7 @@ def one_step(engine, cfg, micro_batch: int, size: int) -> dict:
 
 
 def measure(config_path: str, stage: int, device: str, env, deepspeed) -> dict:
-    from pipeline.train import build_engine
+    from pipeline.train.loop import build_engine
 
     precision = "fp32" if device == "cpu" else None
     overrides = [

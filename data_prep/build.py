@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.fileio import atomic_write_bytes, atomic_write_json, name_disk_full
-from pipeline.progress import Progress
+from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, name_disk_full
+from pipeline.core.progress import Progress
 
 from . import images, shards, sources, synthetic
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # The file helpers are pipeline's, which import nothing but the standard library (data_prep stays free of torch).
-from pipeline.fileio import fsync_dir, sha256_file
+from pipeline.core.fileio import fsync_dir, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -42,7 +42,7 @@ def tmp_path(path: Path) -> Path:
 
 
 def remove_stale_tmp(out_dir: Path) -> None:
-    """Delete temporaries left behind by a killed run: shards' and pipeline.fileio's (manifest, journal)."""
+    """Delete temporaries left behind by a killed run: shards' and pipeline.core.fileio's (manifest, journal)."""
     for pattern in (f".*{_TMP_MARK}*", ".*.tmp"):
         for p in out_dir.glob(pattern):
             p.unlink(missing_ok=True)

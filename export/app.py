@@ -22,8 +22,8 @@ import traceback
 import numpy as np
 
 from export.backends import BackendUnavailable, ModelError, load_denoiser
-from export.editing import X0Trajectory, inpaint, sdedit
-from export.sidecar import SidecarError
+from pipeline.core.editing import X0Trajectory, inpaint, sdedit
+from pipeline.core.sidecar import SidecarError
 from export.uploads import (
     MAX_SEED,
     MAX_UPLOAD_BYTES,
@@ -37,7 +37,14 @@ from export.uploads import (
     timing,
     trajectory_strip,
 )
-from pipeline.sampling import DEFAULT_SAMPLER, SAMPLERS, STOCHASTIC_SAMPLERS, default_steps, generate, sampler_timesteps
+from pipeline.core.sampling import (
+    DEFAULT_SAMPLER,
+    SAMPLERS,
+    STOCHASTIC_SAMPLERS,
+    default_steps,
+    generate,
+    sampler_timesteps,
+)
 
 # Set before gradio is imported: it reads them at import and Blocks() time (telemetry, version check).
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

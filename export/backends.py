@@ -4,7 +4,7 @@
     TrtDenoiser    denoiser.plan + sidecar, TensorRT with cuda.bindings buffers (export/trt_runtime.py)
     TorchDenoiser  a checkpoint directory, PyTorch eager (the reference)
 
-Each exposes `info` (an `export.sidecar.Sidecar`) and `name` (what actually ran). Heavy modules
+Each exposes `info` (an `pipeline.core.sidecar.Sidecar`) and `name` (what actually ran). Heavy modules
 are imported inside the class that needs them, so the ORT and TensorRT paths never import torch.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.sidecar import SUFFIX_FORMATS, read_sidecar, sidecar_from_config
+from pipeline.core.sidecar import SUFFIX_FORMATS, read_sidecar, sidecar_from_config
 
 
 class ModelError(ValueError):
@@ -212,7 +212,7 @@ class TorchDenoiser:
     def __init__(self, ckpt: str | Path, device: str = "cpu", threads: int | None = None, half: bool = False):
         import torch
         from pipeline.checkpoint import CheckpointError, read_checkpoint
-        from pipeline.schedule import schedule_from_config
+        from pipeline.core.schedule import schedule_from_config
 
         if threads:
             torch.set_num_threads(threads)

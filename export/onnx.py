@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.sidecar import INPUT_NAMES, OUTPUT_NAMES, Sidecar, sidecar_from_config, sidecar_path, write_sidecar
-from pipeline.fileio import NoSpaceError, atomic_write_bytes
+from pipeline.core.sidecar import INPUT_NAMES, OUTPUT_NAMES, Sidecar, sidecar_from_config, sidecar_path, write_sidecar
+from pipeline.core.fileio import NoSpaceError, atomic_write_bytes
 
 # Max |ORT - torch fp32| on a random batch; a trained epsilon-model's outputs are ~N(0, 1).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
@@ -87,7 +87,7 @@ def export_onnx(
     import onnx
     import torch
     from pipeline.checkpoint import read_checkpoint
-    from pipeline.schedule import schedule_from_config
+    from pipeline.core.schedule import schedule_from_config
 
     if opset < MIN_OPSET:
         raise ValueError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")

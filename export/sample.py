@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from export.backends import BackendUnavailable, ModelError, load_denoiser
-from export.sidecar import SidecarError
-from pipeline.fileio import NoSpaceError, atomic_write_bytes
-from pipeline.grid import image_grid
-from pipeline.progress import Progress
-from pipeline.sampling import (
+from pipeline.core.sidecar import SidecarError
+from pipeline.core.fileio import NoSpaceError, atomic_write_bytes
+from pipeline.core.grid import image_grid
+from pipeline.core.progress import Progress
+from pipeline.core.sampling import (
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
@@ -36,7 +36,7 @@ from pipeline.sampling import (
     generate,
     to_uint8,
 )
-from pipeline.schedule import SPACINGS
+from pipeline.core.schedule import SPACINGS
 
 OUT_SUFFIXES = (".png", ".npz")
 GRID_IMAGES = 64  # what --grid draws: enough faces to judge, small enough to look at

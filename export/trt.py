@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from export.backends import BackendUnavailable, ModelError, OrtDenoiser
-from export.sidecar import Sidecar, read_sidecar, write_sidecar
+from pipeline.core.sidecar import Sidecar, read_sidecar, write_sidecar
 from export.trt_runtime import TrtDenoiser, require_tensorrt
-from pipeline.fileio import NoSpaceError, atomic_write_bytes
+from pipeline.core.fileio import NoSpaceError, atomic_write_bytes
 
 # Max |TensorRT - onnxruntime(CPU)| on a random batch. TensorRT's fp32 uses TF32 matmuls/convs.
 TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2}

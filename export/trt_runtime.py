@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from export.backends import BackendUnavailable, ModelError
-from export.sidecar import read_sidecar
+from pipeline.core.sidecar import read_sidecar
 
 
 def require_cuda_runtime(user: str = "the CUDA runtime"):

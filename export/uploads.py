@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.sampling import to_uint8
+from pipeline.core.sampling import to_uint8
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_SIDE = 4096  # px; bigger uploads are refused before they are decoded

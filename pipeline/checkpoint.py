@@ -2,7 +2,7 @@
 
     run.dir/checkpoints/step_000010000/
         deepspeed/          DeepSpeed engine state (model, optimizer, loss scaler), per rank
-        ema.safetensors     EMA weights, fp32, keys of `pipeline.unet.UNet.state_dict()`
+        ema.safetensors     EMA weights, fp32, keys of `pipeline.model.unet.UNet.state_dict()`
         model.safetensors   the online weights the network trains with (cast to fp32), same keys:
                             the non-EMA comparison
         model.json          model + diffusion config, step, images seen
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, ConfigError, DiffusionConfig, ModelConfig, build_dataclass
-from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from pipeline.unet import UNet
+from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.model.unet import UNet
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"

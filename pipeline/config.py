@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.fileio import atomic_write_text
-from pipeline.sampling import DEFAULT_SAMPLER, SAMPLERS
+from pipeline.core.fileio import atomic_write_text
+from pipeline.core.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 
 # DeepSpeed 0.19 scales the loss in engine.backward() only for ZeRO optimizers, while its plain fp16
@@ -105,7 +105,7 @@ class LogConfig:
     every: int = 100
     sample_every: int = 5000
     sample_steps: int = 10  # network calls per preview image
-    sample_sampler: str = DEFAULT_SAMPLER  # any of pipeline.sampling.SAMPLERS
+    sample_sampler: str = DEFAULT_SAMPLER  # any of pipeline.core.sampling.SAMPLERS
     num_samples: int = 16
     tensorboard: bool = True
 

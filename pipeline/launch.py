@@ -48,13 +48,13 @@ def node_address(node: str) -> str:
 
 
 class Train(submitit.helpers.Checkpointable):
-    """The job's callable: run `pipeline.train.main(argv)` on this task; requeue after a checkpoint."""
+    """The job's callable: run `pipeline.train.loop.main(argv)` on this task; requeue after a checkpoint."""
 
     def __init__(self, argv: list[str]):
         self.argv = list(argv)
 
     def __call__(self) -> int:
-        from pipeline import train  # imported in the job: torch and DeepSpeed are not needed to submit
+        from pipeline.train import loop  # imported in the job: torch and DeepSpeed are not needed to submit
 
         in_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
         if in_slurm:
@@ -66,10 +66,10 @@ class Train(submitit.helpers.Checkpointable):
                 MASTER_ADDR=node_address(env.hostnames[0]),
                 MASTER_PORT=str(master_port(env.raw_job_id)),
             )
-        status = train.main(self.argv)
+        status = loop.main(self.argv)
         if not in_slurm:  # --local: the caller gets the exit status (REQUEUE_EXIT_CODE: run it again)
             return status
-        if status == train.REQUEUE_EXIT_CODE:
+        if status == loop.REQUEUE_EXIT_CODE:
             self._requeue(status)
         if status != 0:  # submitit records the job as failed, with this message
             raise RuntimeError(f"pipeline.train exited with status {status}")

@@ -39,7 +39,7 @@ fi
 # Rendezvous for torch.distributed: the first node's address as Slurm reaches it (NodeAddr;
 # its name may resolve to 127.0.1.1 on that node), a port unique to the job (stable across
 # requeues, so a restarted job finds the same port free again). Each rank then binds gloo/NCCL
-# to its interface towards this address (pipeline/distributed.py; GLOO/NCCL_SOCKET_IFNAME win).
+# to its interface towards this address (pipeline/train/distributed.py; GLOO/NCCL_SOCKET_IFNAME win).
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_ADDR=$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 export MASTER_ADDR=${MASTER_ADDR:-$first_node}
@@ -65,7 +65,7 @@ srun --wait=60 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
 status=$?
 
 if ((status != 0)); then
-    requeue_status=$(python -c 'from pipeline.train import REQUEUE_EXIT_CODE; print(REQUEUE_EXIT_CODE)')
+    requeue_status=$(python -c 'from pipeline.train.loop import REQUEUE_EXIT_CODE; print(REQUEUE_EXIT_CODE)')
     if [[ $status == "$requeue_status" ]]; then
         echo "train.sh: checkpointed on signal; requeueing job $SLURM_JOB_ID, $(date -Is)"
         scontrol requeue "$SLURM_JOB_ID"

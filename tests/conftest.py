@@ -71,7 +71,7 @@ def in_process():
     leave neither behind for the tests that follow (their subprocesses would inherit the variables)."""
     saved = dict(os.environ)
     yield
-    from pipeline import distributed
+    from pipeline.train import distributed
 
     distributed.shutdown()
     os.environ.clear()

@@ -1,4 +1,4 @@
-"""pipeline.data on real shards written by data_prep: splitting, epochs, determinism, bad shards."""
+"""pipeline.train.data on real shards written by data_prep: splitting, epochs, determinism, bad shards."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
 from data_prep.shards import ShardWriter
-from pipeline.data import DataError, check_shards, make_loader, read_manifest
-from pipeline.fileio import atomic_write_json
+from pipeline.train.data import DataError, check_shards, make_loader, read_manifest
+from pipeline.core.fileio import atomic_write_json
 
 SIZE = 16
 torch.set_num_threads(1)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
+from pipeline.core.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent  # make's $(VENV): bin/python and bin/torchrun live here

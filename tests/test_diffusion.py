@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import DiffusionConfig
-from pipeline.diffusion import GaussianDiffusion, schedule_from_config
+from pipeline.train.diffusion import GaussianDiffusion, schedule_from_config
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])

@@ -7,9 +7,9 @@ path matters) exported with `export.onnx` and run by onnxruntime on the CPU: the
 import numpy as np
 import pytest
 
-from export import editing
+from pipeline.core import editing
 from export.backends import OrtDenoiser
-from pipeline.sampling import generate, to_uint8
+from pipeline.core.sampling import generate, to_uint8
 from tiny_model import make_checkpoint
 
 THREADS = 2

@@ -12,10 +12,8 @@ import torch
 from PIL import Image, ImageFilter
 from scipy.spatial.distance import cdist
 
-from pipeline import evaluate as ev
-from pipeline.evaluation import metrics
+from pipeline.evaluation import evaluate, features, fid_inception, images, metrics
 from pipeline.evaluation import feature_net as fnet
-from pipeline.evaluation import fid_inception
 
 torch.set_num_threads(2)
 
@@ -40,27 +38,31 @@ def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(0)
     d = 16
     mu, sigma = rng.normal(size=d), _random_cov(rng, d)
-    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
     shift = rng.normal(size=d)
-    assert ev.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(shift @ shift, rel=1e-6)
+    assert metrics.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(shift @ shift, rel=1e-6)
     a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)  # diagonal: sum of (sqrt(a) - sqrt(b))^2
-    assert ev.frechet_distance(mu, np.diag(a), mu, np.diag(b)) == pytest.approx(np.sum((np.sqrt(a) - np.sqrt(b)) ** 2))
+    assert metrics.frechet_distance(mu, np.diag(a), mu, np.diag(b)) == pytest.approx(
+        np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    )
     s2, mu2 = _random_cov(rng, d), rng.normal(size=d)
-    assert ev.frechet_distance(mu, sigma, mu2, s2) == pytest.approx(_reference_fd(mu, sigma, mu2, s2), rel=1e-6)
+    assert metrics.frechet_distance(mu, sigma, mu2, s2) == pytest.approx(_reference_fd(mu, sigma, mu2, s2), rel=1e-6)
 
 
 def test_frechet_distance_from_samples_and_singular_covariances():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(4000, 8)), rng.normal(size=(4000, 8)) + 2.0
-    assert ev.frechet_distance(*ev.gaussian_stats(x), *ev.gaussian_stats(y)) == pytest.approx(8 * 4.0, rel=0.05)
+    assert metrics.frechet_distance(*metrics.gaussian_stats(x), *metrics.gaussian_stats(y)) == pytest.approx(
+        8 * 4.0, rel=0.05
+    )
     few = rng.normal(size=(5, 32))  # fewer samples than dimensions: rank 4 covariance
     collapsed = np.repeat(few[:1], 10, 0)  # zero covariance
     for a, b in [(few, few[::-1] + 0.1), (few, collapsed), (collapsed, collapsed)]:
-        fd = ev.frechet_distance(*ev.gaussian_stats(a), *ev.gaussian_stats(b))
+        fd = metrics.frechet_distance(*metrics.gaussian_stats(a), *metrics.gaussian_stats(b))
         assert np.isfinite(fd) and fd > -1e-6
     # collapsed vs a spread set: the covariance term alone is Tr(S) of the spread set
-    mu, s = ev.gaussian_stats(few)
-    fd = ev.frechet_distance(mu, s, few[0], np.zeros_like(s))
+    mu, s = metrics.gaussian_stats(few)
+    fd = metrics.frechet_distance(mu, s, few[0], np.zeros_like(s))
     assert fd == pytest.approx(np.sum((mu - few[0]) ** 2) + np.trace(s), rel=1e-4)
 
 
@@ -70,16 +72,16 @@ def test_frechet_distance_from_samples_and_singular_covariances():
 def test_precision_recall_on_gaussians():
     rng = np.random.default_rng(2)
     real, same = rng.normal(size=(400, 8)), rng.normal(size=(300, 8))
-    m = ev.precision_recall_density_coverage(real, same)
+    m = metrics.precision_recall_density_coverage(real, same)
     assert m["precision"] > 0.8 and m["recall"] > 0.8 and m["coverage"] > 0.8 and 0.7 < m["density"] < 1.3
     collapsed = np.repeat(same[:1], 300, 0)
-    m = ev.precision_recall_density_coverage(real, collapsed)
+    m = metrics.precision_recall_density_coverage(real, collapsed)
     assert m["recall"] == 0.0 and m["coverage"] < 0.05
     narrow = 0.1 * rng.normal(size=(300, 8))  # mode-dropping: real-looking but covers a fraction
-    m = ev.precision_recall_density_coverage(real, narrow)
+    m = metrics.precision_recall_density_coverage(real, narrow)
     assert m["precision"] > 0.9 and m["recall"] < 0.2 and m["coverage"] < 0.2
     far = same + 10.0
-    m = ev.precision_recall_density_coverage(real, far)
+    m = metrics.precision_recall_density_coverage(real, far)
     assert m["precision"] == 0.0 and m["coverage"] == 0.0
 
 
@@ -97,7 +99,7 @@ def test_knn_metrics_match_brute_force_in_small_blocks(monkeypatch):
     }
     blocks = metrics._distance_blocks
     monkeypatch.setattr(metrics, "_distance_blocks", lambda a, b: blocks(a, b, max_elements=500))
-    assert ev.precision_recall_density_coverage(real, fake) == pytest.approx(expected)
+    assert metrics.precision_recall_density_coverage(real, fake) == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------- on real shards
@@ -128,33 +130,33 @@ def shards(tmp_path_factory):
         capture_output=True,
     )
     # A short run of the proxy task is enough to rank the cases below; the default is 400 steps.
-    net, meta, path = ev.get_feature_net(out, train_steps=50)
-    assert path == out / ev.FEATURE_NET_NAME and fnet.sidecar_path(path).is_file()
+    net, meta, path = features.get_feature_net(out, train_steps=50)
+    assert path == out / features.FEATURE_NET_NAME and fnet.sidecar_path(path).is_file()
     return out
 
 
 def test_read_split_subsets_are_seeded(shards):
-    full = ev.read_split(shards, "val")
+    full = images.read_split(shards, "val")
     manifest = json.loads((shards / "manifest.json").read_text())
     assert full.shape == (manifest["splits"]["val"]["num_samples"], 32, 32, 3) and full.dtype == np.uint8
-    a, b = ev.read_split(shards, "train", 50), ev.read_split(shards, "train", 50)
+    a, b = images.read_split(shards, "train", 50), images.read_split(shards, "train", 50)
     assert a.shape[0] == 50 and np.array_equal(a, b)
-    with pytest.raises(ev.EvaluateError, match="no 'test' split"):
-        ev.read_split(shards, "test")
+    with pytest.raises(images.EvaluateError, match="no 'test' split"):
+        images.read_split(shards, "test")
 
 
 def test_proxy_task_batches(shards):
-    images = fnet.to_input(ev.read_split(shards, "val", 32), 32)
+    batch = fnet.to_input(images.read_split(shards, "val", 32), 32)
     g = torch.Generator().manual_seed(0)
-    x, rotation, degradation = fnet.make_batch(images, 64, g)
+    x, rotation, degradation = fnet.make_batch(batch, 64, g)
     assert x.shape == (64, 3, 32, 32) and rotation.max() <= 3 and degradation.max() < len(fnet.DEGRADATIONS)
     assert (degradation == 0).any() and (degradation > 0).any()
-    shuffled = fnet._patch_shuffle(images[:4], images, g)  # same pixels, different places
-    assert torch.equal(shuffled.flatten(1).sort(1).values, images[:4].flatten(1).sort(1).values)
-    assert not torch.equal(shuffled, images[:4])
-    blurred = fnet._blur(images[:4], images, g)
+    shuffled = fnet._patch_shuffle(batch[:4], batch, g)  # same pixels, different places
+    assert torch.equal(shuffled.flatten(1).sort(1).values, batch[:4].flatten(1).sort(1).values)
+    assert not torch.equal(shuffled, batch[:4])
+    blurred = fnet._blur(batch[:4], batch, g)
     assert (
-        blurred.shape == images[:4].shape and blurred.diff(dim=-1).abs().mean() < images[:4].diff(dim=-1).abs().mean()
+        blurred.shape == batch[:4].shape and blurred.diff(dim=-1).abs().mean() < batch[:4].diff(dim=-1).abs().mean()
     )
 
 
@@ -164,14 +166,14 @@ def test_feature_net_is_reused_until_the_shards_change(shards, tmp_path, capsys)
     for p in shards.iterdir():
         if p.suffix in (".tar", ".json") and p.name != "feature_net.json":
             (local / p.name).write_bytes(p.read_bytes())
-    _, meta, path = ev.get_feature_net(local, train_steps=2)
+    _, meta, path = features.get_feature_net(local, train_steps=2)
     first = path.stat().st_mtime_ns
-    _, again, _ = ev.get_feature_net(local, train_steps=2)
+    _, again, _ = features.get_feature_net(local, train_steps=2)
     assert path.stat().st_mtime_ns == first and again == meta
     manifest = json.loads((local / "manifest.json").read_text())
     manifest["note"] = "rebuilt"
     (local / "manifest.json").write_text(json.dumps(manifest))
-    _, changed, _ = ev.get_feature_net(local, train_steps=2)
+    _, changed, _ = features.get_feature_net(local, train_steps=2)
     assert changed["manifest_sha256"] != meta["manifest_sha256"] and "retraining" in capsys.readouterr().err
 
 
@@ -180,14 +182,16 @@ def _blur(images, radius):
 
 
 def test_classifier_fid_ranks_real_above_broken_samples(shards):
-    featurizer = ev.Featurizer("classifier", shards)
-    val = ev.read_split(shards, "val")
+    featurizer = features.Featurizer("classifier", shards)
+    val = images.read_split(shards, "val")
     rng = np.random.default_rng(0)
     cases = {
-        "real (val vs train)": ev.reference_floor(shards, featurizer=featurizer),
-        "uniform noise": ev.evaluate(rng.integers(0, 256, val.shape, dtype=np.uint8), shards, featurizer=featurizer),
-        "blurred (r=1)": ev.evaluate(_blur(val, 1.0), shards, featurizer=featurizer),
-        "collapsed (1 image)": ev.evaluate(np.repeat(val[:1], len(val), 0), shards, featurizer=featurizer),
+        "real (val vs train)": evaluate.reference_floor(shards, featurizer=featurizer),
+        "uniform noise": evaluate.evaluate(
+            rng.integers(0, 256, val.shape, dtype=np.uint8), shards, featurizer=featurizer
+        ),
+        "blurred (r=1)": evaluate.evaluate(_blur(val, 1.0), shards, featurizer=featurizer),
+        "collapsed (1 image)": evaluate.evaluate(np.repeat(val[:1], len(val), 0), shards, featurizer=featurizer),
     }
     print()
     for name, r in cases.items():
@@ -204,12 +208,14 @@ def test_classifier_fid_ranks_real_above_broken_samples(shards):
 
 
 def test_cli_writes_table_and_json_and_reuses_the_net(shards, tmp_path, capsys):
-    net_path = shards / ev.FEATURE_NET_NAME
+    net_path = shards / features.FEATURE_NET_NAME
     before = net_path.stat().st_mtime_ns
     samples = tmp_path / "samples.npz"
-    np.savez(samples, images=ev.read_split(shards, "val", 40))
+    np.savez(samples, images=images.read_split(shards, "val", 40))
     out = tmp_path / "metrics.json"
-    assert ev.main(["--samples", str(samples), "--shards", str(shards), "--max-real", "200", "--out", str(out)]) == 0
+    assert (
+        evaluate.main(["--samples", str(samples), "--shards", str(shards), "--max-real", "200", "--out", str(out)]) == 0
+    )
     table = capsys.readouterr().out
     assert "classifier-FID" in table and "recall (k=3)" in table
     result = json.loads(out.read_text())
@@ -221,7 +227,7 @@ def test_cli_writes_table_and_json_and_reuses_the_net(shards, tmp_path, capsys):
 
 def test_cli_compares_named_sample_sets_with_the_floor(shards, tmp_path, capsys):
     real, noise = tmp_path / "real.npz", tmp_path / "noise.npz"
-    val = ev.read_split(shards, "val", 40)
+    val = images.read_split(shards, "val", 40)
     np.savez(real, images=val)
     np.savez(noise, images=np.random.default_rng(0).integers(0, 256, val.shape, dtype=np.uint8))
     out = tmp_path / "scores.json"
@@ -238,25 +244,25 @@ def test_cli_compares_named_sample_sets_with_the_floor(shards, tmp_path, capsys)
         "--out",
         str(out),
     ]
-    assert ev.main(argv) == 0
+    assert evaluate.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:4]] == ["real", "noise", "val"]
     runs = json.loads(out.read_text())["runs"]
     assert set(runs) == {"real", "noise", "val split (floor)"}
     assert runs["real"]["metrics"]["classifier-FID"] < runs["noise"]["metrics"]["classifier-FID"]
     assert runs["val split (floor)"]["n_fake"] == 40
-    assert ev.main(argv[:2] + ["--samples", f"a={real}", "--samples", f"a={noise}"]) == 2
+    assert evaluate.main(argv[:2] + ["--samples", f"a={real}", "--samples", f"a={noise}"]) == 2
     assert "the name 'a' is given twice" in capsys.readouterr().err
 
 
 def test_bad_samples_file_is_one_clear_line(shards, tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     np.savez(bad, pictures=np.zeros((4, 8, 8, 3), np.uint8))
-    assert ev.main(["--samples", str(bad), "--shards", str(shards)]) == 2
+    assert evaluate.main(["--samples", str(bad), "--shards", str(shards)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no 'images' array" in err and str(bad) in err
     np.savez(bad, images=np.zeros((4, 8, 8, 3), np.float32))
-    assert ev.main(["--samples", str(bad), "--shards", str(shards)]) == 2
+    assert evaluate.main(["--samples", str(bad), "--shards", str(shards)]) == 2
     assert "expected uint8" in capsys.readouterr().err
 
 
@@ -268,7 +274,7 @@ def test_broken_feature_net_is_one_clear_line(shards, tmp_path, capsys):
     )
     samples = tmp_path / "s.npz"
     np.savez(samples, images=np.zeros((4, 32, 32, 3), np.uint8))
-    assert ev.main(["--samples", str(samples), "--shards", str(shards), "--feature-net", str(broken)]) == 2
+    assert evaluate.main(["--samples", str(samples), "--shards", str(shards), "--feature-net", str(broken)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a usable feature net" in err and str(broken) in err
 
@@ -279,11 +285,11 @@ def test_broken_feature_net_is_one_clear_line(shards, tmp_path, capsys):
 def test_missing_inception_weights_say_so_plainly(shards, tmp_path, capsys):
     samples = tmp_path / "s.npz"
     np.savez(samples, images=np.zeros((4, 32, 32, 3), np.uint8))
-    assert ev.main(["--samples", str(samples), "--shards", str(shards), "--features", "inception"]) == 2
+    assert evaluate.main(["--samples", str(samples), "--shards", str(shards), "--features", "inception"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot download" in err and "--inception PATH" in err
     missing = tmp_path / fid_inception.WEIGHTS_NAME
-    assert ev.main(["--samples", str(samples), "--shards", str(shards), "--inception", str(missing)]) == 2
+    assert evaluate.main(["--samples", str(samples), "--shards", str(shards), "--inception", str(missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no such file" in err and "cannot download" in err
 
@@ -296,7 +302,7 @@ def test_wrong_inception_file_is_refused(shards, tmp_path, capsys):
     other = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, other)
     for path, message in [(garbage, "not a PyTorch state dict"), (other, "not the FID Inception")]:
-        assert ev.main(["--samples", str(samples), "--shards", str(shards), "--inception", str(path)]) == 2
+        assert evaluate.main(["--samples", str(samples), "--shards", str(shards), "--inception", str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err and str(path) in err
 
@@ -306,7 +312,7 @@ def test_inception_shaped_weights_give_pool3_features_but_not_the_fid_name(tmp_p
     # published file, so the metric must not be called FID.
     path = tmp_path / "random_inception.pth"
     torch.save(fid_inception.fid_inception_v3().state_dict(), path)
-    featurizer = ev.Featurizer("inception", inception=path)
+    featurizer = features.Featurizer("inception", inception=path)
     assert featurizer.metric == "inception-FID-unverified-weights" and not featurizer.info["sha256_matches"]
     assert "not the published" in capsys.readouterr().err
     feats = featurizer(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from export.backends import OrtDenoiser
-from export.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
-from pipeline.sampling import image_rngs, initial_noise, sample_loop, sampler_timesteps
+from pipeline.core.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
+from pipeline.core.sampling import image_rngs, initial_noise, sample_loop, sampler_timesteps
 from tiny_model import THREADS, tiny_sidecar
 
 

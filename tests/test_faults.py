@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.sidecar import sidecar_path
+from pipeline.core.sidecar import sidecar_path
 from pipeline.checkpoint import complete_checkpoints
 from tiny_model import PYTHON, REPO, TINY_CPU_YAML, losses, tiny_config
 
@@ -77,7 +77,7 @@ def one_line(err: str, *must_contain: str) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shards16, in_process) -> Path:
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     root = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(root, shards16, "train.max_steps=4", *EVERY_2)
@@ -87,7 +87,7 @@ def trained(tmp_path_factory, shards16, in_process) -> Path:
 
 
 def resume_from(run: Path, shards: Path, capsys, *overrides: str) -> tuple[int, str, str]:
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     cfg = tiny_config(run.parent, shards, "train.max_steps=6", *EVERY_2, f"run.dir={run}", *overrides)
     capsys.readouterr()
@@ -168,7 +168,7 @@ def test_benchmarks_rebuild_a_damaged_cached_checkpoint(trained, tmp_path, monke
 
 
 def test_a_flipped_byte_in_a_shard_never_reaches_an_optimizer_step(shards16, tmp_path, capsys, in_process):
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     shards = linked_copy(shards16, tmp_path / "shards")
     (shards / ".verified.json").unlink(missing_ok=True)
@@ -184,7 +184,7 @@ def test_a_flipped_byte_in_a_shard_never_reaches_an_optimizer_step(shards16, tmp
 
 
 def test_verified_shards_are_not_hashed_again(shards16, tmp_path, monkeypatch):
-    from pipeline import manifest
+    from pipeline.core import manifest
 
     shards = linked_copy(shards16, tmp_path / "shards")
     (shards / ".verified.json").unlink(missing_ok=True)
@@ -198,7 +198,7 @@ def test_verified_shards_are_not_hashed_again(shards16, tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", DAMAGES)
 @pytest.mark.parametrize("name", ("manifest.json", "train-000000.tar"))
 def test_damaged_manifest_or_shard_stops_training_in_one_line(name, kind, shards16, tmp_path, capsys, in_process):
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     shards = linked_copy(shards16, tmp_path / "shards")
     damage(shards / name, kind)
@@ -208,7 +208,7 @@ def test_damaged_manifest_or_shard_stops_training_in_one_line(name, kind, shards
 
 
 def test_rejected_samples_are_counted_and_stop_the_run_past_max_corrupt(tmp_path, capsys, caplog, in_process):
-    from pipeline.train import train
+    from pipeline.train.loop import train
     from test_data_loader import write_corrupt_shards
 
     write_corrupt_shards(tmp_path / "shards", good=40, corrupt=4)
@@ -246,7 +246,7 @@ def test_damaged_config_is_one_line_exit_2(kind, tmp_path):
 @pytest.mark.parametrize("kind", DAMAGES)
 @pytest.mark.parametrize("name", ("samples.npz", "manifest.json"))
 def test_damaged_input_through_evaluate(name, kind, shards16, tmp_path, capsys):
-    from pipeline.evaluate import main as evaluate
+    from pipeline.evaluation.evaluate import main as evaluate
 
     shards = linked_copy(shards16, tmp_path / "shards")
     samples = tmp_path / "samples.npz"

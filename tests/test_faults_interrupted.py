@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.sidecar import read_sidecar, sidecar_path
+from pipeline.core.sidecar import read_sidecar, sidecar_path
 from pipeline.checkpoint import complete_checkpoints
 from test_faults import EVERY_2, SEED, one_line
 from tiny_model import PYTHON, REPO, finish, kill_job, losses, tiny_config, torchrun, wait_for, workers
@@ -65,7 +65,7 @@ def no_temporaries(root: Path) -> None:
 
 def test_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(shards16, tmp_path, capsys, in_process):
     from pipeline.checkpoint import load_unet, verify_deepspeed_files
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     with small_tmpfs(tmp_path / "disk", "48m") as disk:
         run = disk / "run"
@@ -167,7 +167,7 @@ KILL_CASES = [
 def test_kill_9_at_a_seeded_point_resumes_bit_exact(victim, point, shards16, straight, tmp_path, launched):
     """SIGKILL the whole job (torchrun and every process under it) or rank 1 alone: mid-step, while
     DeepSpeed writes a checkpoint's per-rank files, or after the export files but before COMPLETE."""
-    from pipeline.resume import PAUSE_BEFORE_COMPLETE_ENV
+    from pipeline.train.resume import PAUSE_BEFORE_COMPLETE_ENV
 
     rng = random.Random(f"{SEED}/{victim}/{point}")
     at, rows, delay = rng.choice([2, 4]), rng.randint(1, 5), rng.uniform(0.0, 0.05)

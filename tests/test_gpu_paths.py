@@ -19,10 +19,10 @@ import torch
 
 from export.backends import BackendUnavailable, ModelError, OrtDenoiser
 from export.trt_runtime import check_batch, require_cuda_runtime
-from export.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
+from pipeline.core.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
 from pipeline.config import ConfigError
-from pipeline.distributed import accelerator_mismatch, cuda_device_index, read_env
-from pipeline.ds_config import cpu_adam_build_missing, ds_config_for
+from pipeline.train.distributed import accelerator_mismatch, cuda_device_index, read_env
+from pipeline.train.ds_config import cpu_adam_build_missing, ds_config_for
 from tiny_model import make_checkpoint, tiny_sidecar
 
 
@@ -151,9 +151,9 @@ def test_fp16_at_zero_stage_0_is_refused_with_the_reason(tmp_path):
 LOSS_SCALER_SCRIPT = """
 import json, torch
 from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
-from pipeline import distributed
-from pipeline.ds_config import FP16_LOSS_SCALING as ours
-from pipeline.train import is_min_loss_scale_error
+from pipeline.train import distributed
+from pipeline.train.ds_config import FP16_LOSS_SCALING as ours
+from pipeline.train.loop import is_min_loss_scale_error
 distributed.init(distributed.read_env({}, cuda=False))  # the scaler asks DeepSpeed's comm for the rank
 args = {"init_scale": 2 ** ours["initial_scale_power"], "scale_window": ours["loss_scale_window"],
         "min_scale": ours["min_loss_scale"], "delayed_shift": ours["hysteresis"], "consecutive_hysteresis": False}
@@ -184,7 +184,7 @@ def test_dynamic_loss_scaler_gives_up_on_the_18th_overflow_and_is_recognised(rep
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"overflows": 18, "scale": 1, "type": "Exception", "recognised": True}
-    from pipeline.train import is_min_loss_scale_error
+    from pipeline.train.loop import is_min_loss_scale_error
 
     assert not is_min_loss_scale_error(RuntimeError("CUDA out of memory"))
 
@@ -201,8 +201,8 @@ def test_leftover_ds_accelerator_on_a_cuda_machine_is_named():
 
 
 def test_offload_build_tools_are_checked(monkeypatch):
-    from pipeline.distributed import import_deepspeed
-    from pipeline.ds_config import check_offload_build
+    from pipeline.train.distributed import import_deepspeed
+    from pipeline.train.ds_config import check_offload_build
 
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # import_deepspeed sets it on CPU: restored after
     import_deepspeed()

@@ -4,8 +4,8 @@ import socket
 
 import numpy as np
 
-from pipeline.grid import image_grid
-from pipeline.progress import Progress
+from pipeline.core.grid import image_grid
+from pipeline.core.progress import Progress
 
 
 def test_image_grid_tiles_with_gutters():
@@ -18,7 +18,7 @@ def test_image_grid_tiles_with_gutters():
 
 
 def test_preview_grid_is_the_same_grid():
-    from pipeline.sample_grid import to_grid
+    from pipeline.train.previews import to_grid
 
     x = np.random.default_rng(0).uniform(-1, 1, (3, 1, 4, 4))
     pixels = np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1).repeat(3, axis=-1)
@@ -42,7 +42,7 @@ def test_progress_without_a_terminal_logs_lines(capsys):
 def test_free_port_is_bindable_and_cores_are_counted():
     from benchmarks.common import usable_cores
     from export.backends import default_threads
-    from pipeline.distributed import free_port
+    from pipeline.train.distributed import free_port
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", free_port()))

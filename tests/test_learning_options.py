@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, DiffusionConfig
-from pipeline.diffusion import GaussianDiffusion, schedule_from_config
-from pipeline.ema import EMA, power_exponent, power_sigma_rel
+from pipeline.train.diffusion import GaussianDiffusion, schedule_from_config
+from pipeline.train.ema import EMA, power_exponent, power_sigma_rel
 from tiny_model import losses, tiny_config
 
 
@@ -112,8 +112,8 @@ def test_option_trains_resumes_bit_exactly_and_exports(option, tmp_path, shards1
     from safetensors.torch import load_file
     from export.backends import OrtDenoiser
     from export.onnx import export_onnx
-    from pipeline.sampling import generate
-    from pipeline.train import train
+    from pipeline.core.sampling import generate
+    from pipeline.train.loop import train
 
     overrides = [*OPTIONS[option], "train.checkpoint_every=3", "data.num_workers=0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import EMA_FILE, complete_checkpoints
-from pipeline.distributed import LaunchError, bind_interface, read_env
+from pipeline.train.distributed import LaunchError, bind_interface, read_env
 from pipeline.launch import node_address
 from test_slurm import JOB_TIMEOUT_S, TINY, job_env, job_outcome, launcher_cmd, sacct_states, slurm_nodes, steps_of
 from test_slurm import submit_train, wait_for_step

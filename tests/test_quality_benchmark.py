@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import quality
-from pipeline import evaluate
+from pipeline.evaluation import features
 
 
 @pytest.mark.integration
@@ -35,7 +35,7 @@ def test_quick_quality_run_scores_every_set_and_draws_both_pictures(tmp_path):
         check=True,
         capture_output=True,
     )
-    evaluate.get_feature_net(shards, train_steps=20)  # trained once here; the benchmark reuses it
+    features.get_feature_net(shards, train_steps=20)  # trained once here; the benchmark reuses it
     ckpt = make_checkpoint(tmp_path / "run")
     out = tmp_path / "out"
     assert (

@@ -12,7 +12,7 @@ import pytest
 
 from export import sample as sample_cli
 from export.backends import BackendUnavailable, ModelError, OrtDenoiser
-from export.sidecar import sidecar_path, write_sidecar
+from pipeline.core.sidecar import sidecar_path, write_sidecar
 from export.trt_runtime import require_tensorrt
 from test_export import random_batch
 from tiny_model import REPO, THREADS, tiny_sidecar

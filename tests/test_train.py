@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from pipeline.checkpoint import complete_checkpoints, step_of
-from pipeline.resume import load_rng, save_rng
+from pipeline.train.resume import load_rng, save_rng
 from pipeline.config import Config, ConfigError, TrainConfig
-from pipeline.distributed import LaunchError, read_env
-from pipeline.ds_config import FP16_LOSS_SCALING, batch_sizes, build_ds_config, load_user_ds_config
+from pipeline.train.distributed import LaunchError, read_env
+from pipeline.train.ds_config import FP16_LOSS_SCALING, batch_sizes, build_ds_config, load_user_ds_config
 from tiny_model import PYTHON, REPO, TINY_CPU_YAML, finish, kill_job, losses, tiny_config, torchrun, wait_for, workers
 
 # --- DeepSpeed config -----------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def test_env_from_torchrun_slurm_or_alone():
 
 
 def test_ema_follows_the_formula_with_warmup():
-    from pipeline.ema import EMA
+    from pipeline.train.ema import EMA
 
     model = torch.nn.Linear(3, 2)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -140,7 +140,7 @@ def test_rng_states_round_trip_through_weights_only_files(tmp_path):
 
 
 def test_derived_seeds_are_stable_and_distinct():
-    from pipeline.train import derived_seed
+    from pipeline.train.loop import derived_seed
 
     assert derived_seed(0, 1, 2) == derived_seed(0, 1, 2)
     assert len({derived_seed(0, r, s) for r in range(4) for s in range(50)}) == 200
@@ -149,10 +149,10 @@ def test_derived_seeds_are_stable_and_distinct():
 
 def test_preview_grid_is_written_atomically(tmp_path):
     from pipeline.config import ModelConfig
-    from pipeline.sample_grid import save_preview
-    from pipeline.schedule import DiffusionSchedule, beta_schedule
+    from pipeline.train.previews import save_preview
+    from pipeline.core.schedule import DiffusionSchedule, beta_schedule
     from PIL import Image
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     model = UNet(ModelConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)))
     path = save_preview(model, DiffusionSchedule(beta_schedule("linear", 1000)), tmp_path, 7, num=6, steps=2)
@@ -167,7 +167,7 @@ def test_preview_grid_is_written_atomically(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_fp16_without_cuda_is_refused_in_one_line(tmp_path, shards16, capsys, in_process):
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     fp16 = ["train.precision=fp16", "zero.stage=2"]
     status = train(tiny_config(tmp_path, shards16, *fp16))
@@ -181,7 +181,7 @@ def test_fp16_without_cuda_is_refused_in_one_line(tmp_path, shards16, capsys, in
 
 
 def test_gradient_checkpointing_gives_the_same_loss_curve(tmp_path, shards16, in_process):
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     curves = []
     for flag in ("false", "true"):
@@ -199,7 +199,7 @@ def test_gradient_checkpointing_gives_the_same_loss_curve(tmp_path, shards16, in
 
 
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards16, capsys, in_process):
-    from pipeline.train import EXIT_DIVERGED, train
+    from pipeline.train.loop import EXIT_DIVERGED, train
 
     cfg = tiny_config(
         tmp_path,
@@ -233,7 +233,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards
 @pytest.mark.integration
 def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16, launched):
     from safetensors.torch import load_file
-    from pipeline.train import REQUEUE_EXIT_CODE
+    from pipeline.train.loop import REQUEUE_EXIT_CODE
 
     # adam_eps=1e-3: Adam's update g / (sqrt(v) + eps) then does not blow up the last-bit differences of
     # near-zero gradients between ZeRO-0's all-reduce and ZeRO-3's reduce-scatter.
@@ -285,7 +285,7 @@ def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16, l
 
 @pytest.mark.integration
 def test_zero2_bf16_killed_while_checkpointing_resumes_from_the_previous_one(tmp_path, shards16, launched):
-    from pipeline.resume import PAUSE_BEFORE_COMPLETE_ENV
+    from pipeline.train.resume import PAUSE_BEFORE_COMPLETE_ENV
 
     run = tmp_path / "run"
     args = [

@@ -7,8 +7,8 @@ import torch
 from diffusers import UNet2DModel
 
 from pipeline.config import ModelConfig, load_config
-from pipeline.diffusers_unet import DiffusersConfigError, import_diffusers_unet, model_config_from_diffusers
-from pipeline.unet import GroupNorm32, UNet, count_parameters
+from pipeline.model.diffusers_unet import DiffusersConfigError, import_diffusers_unet, model_config_from_diffusers
+from pipeline.model.unet import GroupNorm32, UNet, count_parameters
 
 TINY = ModelConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from export.sidecar import Sidecar
+from pipeline.core.sidecar import Sidecar
 from pipeline.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def make_checkpoint(run_dir: Path, step: int = 10) -> Path:
     import torch
     from pipeline.checkpoint import checkpoint_dir, mark_complete, save_export_files
     from pipeline.config import DiffusionConfig, ModelConfig
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     torch.manual_seed(0)
     cfg = Config(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from pipeline.fileio import atomic_write_bytes, atomic_write_json
+from pipeline.core.fileio import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
 FEATURE_DIM = 128

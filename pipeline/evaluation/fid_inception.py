@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import inception as tv
 
-from pipeline.fileio import sha256_file
+from pipeline.core.fileio import sha256_file
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch.hub names files <name>-<first digits of sha256>.pth; anything else gives other numbers.

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import manifest
+from pipeline.core import manifest
 
 
 class EvaluateError(Exception):

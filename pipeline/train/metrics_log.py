@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.fileio import atomic_write_text
+from pipeline.core.fileio import atomic_write_text
 
 
 class MetricsLog:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed
+from pipeline.train import distributed
 from pipeline.checkpoint import (
     EMA_FILE,
     CheckpointError,
@@ -40,10 +40,10 @@ from pipeline.checkpoint import (
     verify_export_files,
 )
 from pipeline.config import Config
-from pipeline.distributed import DistEnv
-from pipeline.ema import full_weights
-from pipeline.fileio import atomic_write_bytes, atomic_writer, fsync_dir
-from pipeline.manifest import DataError
+from pipeline.train.distributed import DistEnv
+from pipeline.train.ema import full_weights
+from pipeline.core.fileio import atomic_write_bytes, atomic_writer, fsync_dir
+from pipeline.core.manifest import DataError
 
 # Test hook: "STEP:SECONDS" makes rank 0 sleep after writing checkpoint STEP and before its
 # COMPLETE marker, so a test can SIGKILL the run in the middle of a checkpoint write.

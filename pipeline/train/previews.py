@@ -4,7 +4,7 @@ The noise is the same at every call (fixed seed), so successive grids in run.dir
 show the same faces taking shape. The sampler is `log.sample_sampler` (default: the core's
 default, the best score per network call in `benchmarks quality`).
 
-    python -m pipeline.sample_grid --ckpt runs/demo [--sampler unipc] [--steps 10] [--num 16] [--out grid.png]
+    python -m pipeline.train.previews --ckpt runs/demo [--sampler unipc] [--steps 10] [--num 16] [--out grid.png]
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 from pipeline.checkpoint import CheckpointError, load_unet
-from pipeline.fileio import atomic_write_bytes
-from pipeline.grid import image_grid
-from pipeline.sampling import DEFAULT_SAMPLER, SAMPLERS, SamplerError, check_sampler, generate
-from pipeline.schedule import DiffusionSchedule, schedule_from_config
+from pipeline.core.fileio import atomic_write_bytes
+from pipeline.core.grid import image_grid
+from pipeline.core.sampling import DEFAULT_SAMPLER, SAMPLERS, SamplerError, check_sampler, generate
+from pipeline.core.schedule import DiffusionSchedule, schedule_from_config
 
 NOISE_SEED = 1234
 
@@ -101,7 +101,7 @@ def save_preview(
 
 def main(argv: list[str] | None = None) -> int:
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.sample_grid", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.train.previews", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (newest checkpoint)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="|".join(SAMPLERS))
     p.add_argument("--steps", type=int, default=10, help="network calls per image")

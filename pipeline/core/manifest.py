@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.fileio import atomic_write_json, sha256_file
+from pipeline.core.fileio import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.fileio import atomic_write_json, sha256_file
-from pipeline.schedule import PREDICTION_TYPES, VARIANCE_TYPES, DiffusionSchedule
+from pipeline.core.fileio import atomic_write_json, sha256_file
+from pipeline.core.schedule import PREDICTION_TYPES, VARIANCE_TYPES, DiffusionSchedule
 
 SIDECAR_VERSION = 1
 FORMATS = ("onnx", "tensorrt", "torch")

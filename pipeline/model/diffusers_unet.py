@@ -1,6 +1,6 @@
 """diffusers' `UNet2DModel` as our UNet: its config mapped to a ModelConfig, its weights renamed.
 
-The module layout of pipeline.unet mirrors UNet2DModel level by level, so the import renames
+The module layout of pipeline.model.unet mirrors UNet2DModel level by level, so the import renames
 parameters (and fuses q/k/v into one 1x1 conv); every config field that changes the computation is
 honoured or refused with a DiffusersConfigError naming the file, field and value.
 """
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import ModelConfig
-from pipeline.unet import UNet
+from pipeline.model.unet import UNet
 
 _RESNET_NAMES = {
     "norm1": "norm1",

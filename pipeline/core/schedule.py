@@ -2,7 +2,7 @@
 
 This module imports no torch: the standalone samplers (ONNX Runtime, TensorRT) run the
 whole reverse process with numpy and the engine alone; the samplers' update rules are in
-`pipeline.sampling`. Notation follows Ho et al. 2020
+`pipeline.core.sampling`. Notation follows Ho et al. 2020
 and Song et al. 2021 (DDIM); timesteps index the arrays below, 0 <= t < T.
 """
 

@@ -1,6 +1,6 @@
 """Image editing on the NumPy sampler: SDEdit, RePaint-style inpainting, and the x0 trajectory.
 
-Built on `pipeline.sampling.sample_loop` (its per-image rngs and its step callback), so like the
+Built on `pipeline.core.sampling.sample_loop` (its per-image rngs and its step callback), so like the
 sampler it imports numpy and `pipeline`'s torch-free core only: no torch, no onnx. Images are float32
 (B, C, H, W) in [-1, 1]; masks are (B, 1, H, W) or (B, H, W) with 1 = keep, 0 = regenerate.
 
@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.sampling import (
+from pipeline.core.sampling import (
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     STOCHASTIC_SAMPLERS,

@@ -1,10 +1,10 @@
 """The one sampling core: DDPM, DDIM, DPM-Solver++(2M) and UniPC over any denoiser, in NumPy.
 
-Imports numpy and `pipeline.schedule` only (no torch, no onnx), so an ONNX Runtime or TensorRT
+Imports numpy and `pipeline.core.schedule` only (no torch, no onnx), so an ONNX Runtime or TensorRT
 engine plus numpy is a whole sampler; the training previews, `export.sample`, the app and the
 benchmarks all run this loop. A denoiser is any callable
 `denoiser(x (B,C,H,W) float32, t (B,) float32) -> model_output (B,C,H,W)` with an `info` giving
-`batch_min` / `batch_max` (`export.sidecar.Sidecar`, or anything with those two attributes).
+`batch_min` / `batch_max` (`pipeline.core.sidecar.Sidecar`, or anything with those two attributes).
 
 Every sampler is linear in what it has seen, so each step reduces to scalars computed once, in
 float64, before the loop (a "plan"):
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipeline.schedule import DiffusionSchedule, sampling_timesteps
+from pipeline.core.schedule import DiffusionSchedule, sampling_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc")
 STOCHASTIC_SAMPLERS = ("ddpm", "ddim")  # step-by-step samplers: inpainting pastes between their steps

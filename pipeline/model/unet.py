@@ -3,7 +3,7 @@
 Residual blocks with a projected timestep embedding, single-head self-attention at chosen
 resolutions and in the middle, strided-conv down-sampling, nearest+conv up-sampling, and a
 decoder that consumes the encoder's activations as skips. Module layout mirrors diffusers'
-`UNet2DModel` level by level so that importing one (pipeline.diffusers_unet) is a renaming, not a rewrite.
+`UNet2DModel` level by level so that importing one (pipeline.model.diffusers_unet) is a renaming, not a rewrite.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stream training images from the shards data_prep wrote: manifest check (pipeline.manifest), then WebDataset.
+"""Stream training images from the shards data_prep wrote: manifest check (pipeline.core.manifest), then WebDataset.
 
 Each (rank, worker) reads its own stream of shards, shuffles samples in a buffer, decodes
 them to float tensors in [-1, 1], flips at random and batches. With `resampled=True`
@@ -22,7 +22,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.manifest import IMAGE_EXTENSIONS, MANIFEST_NAME, DataError, check_shards, read_manifest
+from pipeline.core.manifest import IMAGE_EXTENSIONS, MANIFEST_NAME, DataError, check_shards, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _first_line(exn: Exception, last: bool = False) -> str:
     lines = [line for line in str(exn).splitlines() if line.strip()]
     if not lines:
         return type(exn).__name__
-    if last:  # "pipeline.data.DataError: <message>" is the last line of a re-raised worker traceback
+    if last:  # "pipeline.train.data.DataError: <message>" is the last line of a re-raised worker traceback
         return lines[-1].split("DataError: ", 1)[-1]
     return lines[0]
 

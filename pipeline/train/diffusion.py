@@ -1,6 +1,6 @@
 """The torch side of the diffusion process: q_sample on tensors and the training loss.
 
-All coefficients come from `pipeline.schedule.DiffusionSchedule` (NumPy, float64) so training
+All coefficients come from `pipeline.core.schedule.DiffusionSchedule` (NumPy, float64) so training
 and the NumPy samplers share one source of truth.
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.schedule import DiffusionSchedule, schedule_from_config  # noqa: F401  (callers import it from here too)
+from pipeline.core.schedule import DiffusionSchedule, schedule_from_config  # noqa: F401  (callers import it from here too)
 
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")

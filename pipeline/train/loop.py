@@ -30,21 +30,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed, stop_signals
+from pipeline.train import distributed, stop_signals
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config, ConfigError, load_config_or_report, save_config
-from pipeline.data import make_loader
-from pipeline.diffusion import GaussianDiffusion
-from pipeline.distributed import DistEnv, LaunchError
-from pipeline.ema import EMA
-from pipeline.ds_config import batch_sizes, check_offload_build, ds_config_for, precision_of
-from pipeline.fileio import NoSpaceError, atomic_write_json
-from pipeline.manifest import DataError, check_shards, read_manifest
-from pipeline.metrics_log import MetricsLog, loss_scale
-from pipeline.resume import TrainError, TrainState, on_all_ranks, resume, save_checkpoint, use_weights_only_loading
-from pipeline.sample_grid import save_preview
-from pipeline.schedule import schedule_from_config
-from pipeline.unet import UNet
+from pipeline.train.data import make_loader
+from pipeline.train.diffusion import GaussianDiffusion
+from pipeline.train.distributed import DistEnv, LaunchError
+from pipeline.train.ema import EMA
+from pipeline.train.ds_config import batch_sizes, check_offload_build, ds_config_for, precision_of
+from pipeline.core.fileio import NoSpaceError, atomic_write_json
+from pipeline.core.manifest import DataError, check_shards, read_manifest
+from pipeline.train.metrics_log import MetricsLog, loss_scale
+from pipeline.train.resume import (
+    TrainError,
+    TrainState,
+    on_all_ranks,
+    resume,
+    save_checkpoint,
+    use_weights_only_loading,
+)
+from pipeline.train.previews import save_preview
+from pipeline.core.schedule import schedule_from_config
+from pipeline.model.unet import UNet
 
 REQUEUE_EXIT_CODE = 3  # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
 EXIT_DIVERGED = 1
