@@ -155,9 +155,7 @@ def test_proxy_task_batches(shards):
     assert torch.equal(shuffled.flatten(1).sort(1).values, batch[:4].flatten(1).sort(1).values)
     assert not torch.equal(shuffled, batch[:4])
     blurred = fnet._blur(batch[:4], batch, g)
-    assert (
-        blurred.shape == batch[:4].shape and blurred.diff(dim=-1).abs().mean() < batch[:4].diff(dim=-1).abs().mean()
-    )
+    assert blurred.shape == batch[:4].shape and blurred.diff(dim=-1).abs().mean() < batch[:4].diff(dim=-1).abs().mean()
 
 
 def test_feature_net_is_reused_until_the_shards_change(shards, tmp_path, capsys):
