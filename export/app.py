@@ -21,7 +21,8 @@ import traceback
 
 import numpy as np
 
-from export.backends import BackendUnavailable, ModelError, load_denoiser
+from export.backends import load_denoiser
+from pipeline.core.denoiser import BackendUnavailable, ModelError
 from pipeline.core.editing import X0Trajectory, inpaint, sdedit
 from pipeline.core.sidecar import SidecarError
 from export.uploads import (
@@ -102,7 +103,7 @@ class Demo:
             raise UserInputError(
                 f"Unknown sampler {sampler!r}; choose {', '.join(SAMPLER_LABELS[c] for c in choices)}."
             )
-        return name, int(check_range("Steps", steps, 1, self.info.num_timesteps)), check_seed(seed)
+        return name, int(check_range("Steps", steps, 1, self.info.diffusion.num_timesteps)), check_seed(seed)
 
     @staticmethod
     def _progress(progress, total: int, desc: str):
@@ -203,7 +204,7 @@ def build_ui(demo: Demo) -> gr.Blocks:
     samplers = [SAMPLER_LABELS[s] for s in SAMPLERS]
     schedule = info.schedule()
     first, first_steps = SAMPLER_LABELS[DEFAULT_SAMPLER], default_steps(schedule, DEFAULT_SAMPLER)
-    max_steps = info.num_timesteps
+    max_steps = info.diffusion.num_timesteps
 
     @shown_to_user
     def on_generate(seed, sampler, steps, eta, num, progress=gr.Progress()):
@@ -220,8 +221,8 @@ def build_ui(demo: Demo) -> gr.Blocks:
     # delete_cache: uploads and results older than an hour are removed hourly (a long-running demo).
     with gr.Blocks(title="DDPM faces", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown(
-            f"## DDPM faces\n{info.image_size} px · {info.prediction_type} model · "
-            f"{info.num_timesteps} training steps · running on {demo.denoiser.name}\n\n{DEFAULT_WHY}"
+            f"## DDPM faces\n{info.image_size} px · {info.diffusion.prediction_type} model · "
+            f"{info.diffusion.num_timesteps} training steps · running on {demo.denoiser.name}\n\n{DEFAULT_WHY}"
         )
         with gr.Tab("Generate", id="generate"):
             with gr.Row():

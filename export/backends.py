@@ -1,11 +1,11 @@
-"""Denoiser backends behind one interface: `denoiser(x (B,C,H,W) f32, t (B,) f32) -> (B,C,H,W) f32`.
+"""Denoiser backends behind the one interface (pipeline.core.denoiser), and the factory that picks one.
 
-    OrtDenoiser    denoiser.onnx + sidecar, ONNX Runtime (CUDA provider when it really runs, else CPU)
-    TrtDenoiser    denoiser.plan + sidecar, TensorRT with cuda.bindings buffers (export/trt_runtime.py)
-    TorchDenoiser  a checkpoint directory, PyTorch eager (the reference)
+    onnxruntime  denoiser.onnx + sidecar, ONNX Runtime (CUDA provider when it really runs, else CPU)
+    tensorrt     denoiser.plan + sidecar, TensorRT with cuda.bindings buffers (export/trt_runtime.py)
+    torch        a checkpoint directory, pipeline.model.denoiser.TorchDenoiser (the reference)
 
-Each exposes `info` (an `pipeline.core.sidecar.Sidecar`) and `name` (what actually ran). Heavy modules
-are imported inside the class that needs them, so the ORT and TensorRT paths never import torch.
+The CLIs, the app and the benchmarks all build their denoiser with `load_denoiser`. onnxruntime and
+torch are imported when a backend that needs them is built, so serving an engine never imports torch.
 """
 
 from __future__ import annotations
@@ -16,37 +16,58 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.sidecar import SUFFIX_FORMATS, read_sidecar, sidecar_from_config
+from export.trt_runtime import TrtDenoiser
+from pipeline.core.denoiser import BackendUnavailable, Denoiser, ModelError
+from pipeline.core.sidecar import SUFFIX_FORMATS, read_sidecar
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+SUFFIX_BACKENDS = {suffix: "onnxruntime" if kind == "onnx" else kind for suffix, kind in SUFFIX_FORMATS.items()}
 
 
-class ModelError(ValueError):
-    """The model the user pointed at cannot be used as asked; the message names the file."""
-
-
-class BackendUnavailable(RuntimeError):
-    """A runtime the backend needs (TensorRT, a CUDA device, torch) is missing on this machine."""
-
-
-MODEL_SUFFIXES = SUFFIX_FORMATS  # .onnx -> ORT, .plan / .engine -> TensorRT
-
-
-def load_denoiser(path: str | Path, *, provider: str = "auto", threads: int | None = None, device: str = "cpu"):
-    """The backend for `path`: .onnx -> ORT, .plan/.engine -> TensorRT, a directory -> torch."""
+def load_denoiser(
+    path: str | Path,
+    *,
+    backend: str = "auto",
+    provider: str = "auto",
+    threads: int | None = None,
+    device: str = "cpu",
+    half: bool = False,
+    channels_last: bool = False,
+    cuda_graphs: bool = False,
+) -> Denoiser:
+    """The denoiser for `path`: .onnx -> onnxruntime, .plan / .engine -> TensorRT, a checkpoint or run
+    directory -> torch (where `device`, `half`, `channels_last` and `cuda_graphs` apply)."""
     path = Path(path)
-    if path.is_dir():
-        return TorchDenoiser(path, device=device, threads=threads)
-    kind = MODEL_SUFFIXES.get(path.suffix)
-    if kind is None:
+    if backend not in BACKENDS:
+        raise ModelError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    found = "torch" if path.is_dir() else SUFFIX_BACKENDS.get(path.suffix)
+    if found is None:
         raise ModelError(
             f"{path}: unknown model type {path.suffix!r}; expected .onnx, .plan, .engine or a checkpoint directory"
         )
+    if backend not in ("auto", found):
+        raise ModelError(f"{path}: a {found} model, not one for the {backend} backend")
+    if found == "torch":
+        return _torch_denoiser(
+            path, threads, device=device, half=half, channels_last=channels_last, cuda_graphs=cuda_graphs
+        )
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
-    if kind == "onnx":
+    if found == "onnxruntime":
         return OrtDenoiser(path, provider=provider, threads=threads)
-    from export.trt_runtime import TrtDenoiser  # it imports this module's errors
-
     return TrtDenoiser(path)
+
+
+def _torch_denoiser(ckpt: Path, threads: int | None, **options) -> Denoiser:
+    try:
+        from pipeline.checkpoint import CheckpointError  # torch: only for a checkpoint directory
+        from pipeline.model.denoiser import TorchDenoiser
+    except ImportError as e:
+        raise BackendUnavailable(f"{ckpt}: a checkpoint directory needs torch ({e}); pip install .[export]") from None
+    try:
+        return TorchDenoiser.from_checkpoint(ckpt, threads=threads, **options)
+    except CheckpointError as e:
+        raise ModelError(str(e)) from None
 
 
 def default_threads() -> int:
@@ -201,45 +222,3 @@ class OrtDenoiser:
         feeds = {self._in_sample: x.astype(self._dtype, copy=False), self._in_t: t.astype(np.float32, copy=False)}
         out = self.session.run([self._out], feeds)[0]
         return out.astype(np.float32, copy=False)
-
-
-# --- PyTorch (reference) -----------------------------------------------------------------
-
-
-class TorchDenoiser:
-    """The EMA U-Net of a checkpoint (or run) directory, in PyTorch eager mode."""
-
-    def __init__(self, ckpt: str | Path, device: str = "cpu", threads: int | None = None, half: bool = False):
-        import torch
-        from pipeline.checkpoint import CheckpointError, read_checkpoint
-        from pipeline.core.schedule import schedule_from_config
-
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            checkpoint = read_checkpoint(ckpt)
-            self.model = checkpoint.load_unet(device=device)
-        except CheckpointError as e:
-            raise ModelError(str(e)) from None
-        self.checkpoint = checkpoint.dir
-        if half:
-            self.model.half()
-        self._torch, self._device = torch, torch.device(device)
-        self._dtype = torch.float16 if half else torch.float32
-        self.info = sidecar_from_config(
-            checkpoint.model,
-            checkpoint.diffusion,
-            schedule_from_config(checkpoint.diffusion).betas,
-            fmt="torch",
-            dtype="float16" if half else "float32",
-            source=str(checkpoint.dir),
-            step=checkpoint.step,
-        )
-        self.name = f"torch {torch.__version__} eager {device}{' fp16' if half else ''}"
-
-    def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with torch.inference_mode():
-            xs = torch.from_numpy(np.ascontiguousarray(x)).to(self._device, self._dtype)
-            ts = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self._device)
-            return self.model(xs, ts).float().cpu().numpy()

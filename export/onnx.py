@@ -22,9 +22,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
 
-from pipeline.core.sidecar import INPUT_NAMES, OUTPUT_NAMES, Sidecar, sidecar_from_config, sidecar_path, write_sidecar
+from pipeline.checkpoint import CheckpointError, read_checkpoint
 from pipeline.core.fileio import NoSpaceError, atomic_write_bytes
+from pipeline.core.sidecar import INPUT_NAMES, OUTPUT_NAMES, Sidecar, sidecar_path, write_sidecar
 
 # Max |ORT - torch fp32| on a random batch; a trained epsilon-model's outputs are ~N(0, 1).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
@@ -38,8 +42,6 @@ class ExportError(RuntimeError):
 
 def to_onnx_bytes(model, fp16: bool, opset: int) -> bytes:
     """Serialized ONNX graph of `model` (an fp32 UNet in eval mode) with a dynamic batch."""
-    import torch
-
     cfg = model.cfg
     net = copy.deepcopy(model).half() if fp16 else model
     x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size, dtype=torch.float16 if fp16 else torch.float32)
@@ -66,12 +68,9 @@ def to_onnx_bytes(model, fp16: bool, opset: int) -> bytes:
 
 def max_error_vs_torch(onnx_bytes: bytes, model, info: Sidecar, batch: int = 2, seed: int = 0) -> float:
     """max |ORT(CPU) - torch fp32| over a random batch at random (fractional) timesteps."""
-    import onnxruntime as ort
-    import torch
-
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, info.channels, info.image_size, info.image_size)).astype(np.float32)
-    t = (rng.random(batch) * (info.num_timesteps - 1)).astype(np.float32)
+    t = (rng.random(batch) * (info.diffusion.num_timesteps - 1)).astype(np.float32)
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     feeds = {INPUT_NAMES[0]: x.astype(np.float16 if info.dtype == "float16" else np.float32), INPUT_NAMES[1]: t}
     got = session.run(None, feeds)[0].astype(np.float32)
@@ -84,11 +83,6 @@ def export_onnx(
     ckpt: str | Path, out: str | Path | None = None, fp16: bool = False, opset: int = MIN_OPSET, weights: str = "ema"
 ) -> tuple[Path, Sidecar, float]:
     """Export, check, verify, write. Returns (onnx path, sidecar, max error vs torch)."""
-    import onnx
-    import torch
-    from pipeline.checkpoint import read_checkpoint
-    from pipeline.core.schedule import schedule_from_config
-
     if opset < MIN_OPSET:
         raise ValueError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")
     checkpoint = read_checkpoint(ckpt)
@@ -98,23 +92,21 @@ def export_onnx(
     if out.suffix != ".onnx":
         raise ValueError(f"--out {out}: expected a .onnx file name")
     dtype = "float16" if fp16 else "float32"
-    info = sidecar_from_config(
-        checkpoint.model,
-        checkpoint.diffusion,
-        schedule_from_config(checkpoint.diffusion).betas,
-        fmt="onnx",
+    info = Sidecar(
+        format="onnx",
         dtype=dtype,
-        source=str(checkpoint.dir.resolve()),
+        model=checkpoint.model,
+        diffusion=checkpoint.diffusion,
+        source_checkpoint=str(checkpoint.dir.resolve()),
         step=checkpoint.step,
-        batch=(1, 1, None),
         weights=weights,
+        producer={
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "opset": opset,
+            "exporter": "torch.onnx.export(dynamo=True)",
+        },
     )
-    info.producer = {
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "opset": opset,
-        "exporter": "torch.onnx.export(dynamo=True)",
-    }
 
     data = to_onnx_bytes(model, fp16, opset)
     try:
@@ -145,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         help="ema (default) or model: the online weights, for the non-EMA comparison",
     )
     args = parser.parse_args(argv)
-    from pipeline.checkpoint import CheckpointError
-
     try:
         out, info, error = export_onnx(args.ckpt, args.out, args.fp16, args.opset, args.weights)
     except (CheckpointError, ValueError) as e:

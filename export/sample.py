@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.backends import BackendUnavailable, ModelError, load_denoiser
+from export.backends import load_denoiser
+from pipeline.core.denoiser import BackendUnavailable, ModelError
 from pipeline.core.sidecar import SidecarError
 from pipeline.core.fileio import NoSpaceError, atomic_write_bytes
 from pipeline.core.grid import image_grid
@@ -95,7 +96,7 @@ def check_args(args, info) -> int:
     if args.num < 1:
         raise UsageError(f"--num {args.num}: must be >= 1")
     try:
-        check_sampler(args.sampler, args.steps, args.eta, info.num_timesteps)
+        check_sampler(args.sampler, args.steps, args.eta, info.diffusion.num_timesteps)
     except SamplerError as e:
         raise UsageError(f"--{e.name} {getattr(args, e.name)}: {e}") from None
     if args.batch is None:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.backends import BackendUnavailable, ModelError, OrtDenoiser
+from export.backends import OrtDenoiser
+from pipeline.core.denoiser import BackendUnavailable, ModelError
 from pipeline.core.sidecar import Sidecar, read_sidecar, write_sidecar
 from export.trt_runtime import TrtDenoiser, require_tensorrt
 from pipeline.core.fileio import NoSpaceError, atomic_write_bytes
@@ -127,17 +128,18 @@ def engine_sidecar(
     build_seconds: float,
 ) -> Sidecar:
     """The engine's sidecar: the ONNX's, with the format, the profile's batch range and the build."""
-    info = dataclasses.replace(onnx_info)  # dtype stays the graph's I/O dtype (weak fp16 keeps fp32 I/O)
-    info.format = "tensorrt"
-    info.batch_min, info.batch_opt, info.batch_max = batch
-    info.producer = {
+    producer = {
         **onnx_info.producer,
         "tensorrt": trt_version,
         "onnx_file": onnx_name,
         "precision": precision,
         "build_seconds": round(build_seconds, 1),
     }
-    return info
+    # dtype stays the graph's I/O dtype (weak fp16 keeps fp32 I/O)
+    batch_min, batch_opt, batch_max = batch
+    return dataclasses.replace(
+        onnx_info, format="tensorrt", batch_min=batch_min, batch_opt=batch_opt, batch_max=batch_max, producer=producer
+    )
 
 
 def _attach_timing_cache(config, path: Path | None) -> None:
@@ -182,7 +184,7 @@ def max_error_vs_onnx(plan: Path, onnx_path: Path, batch: int, seed: int = 0) ->
     info = engine.info
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, info.channels, info.image_size, info.image_size)).astype(np.float32)
-    t = (rng.random(batch) * (info.num_timesteps - 1)).astype(np.float32)
+    t = (rng.random(batch) * (info.diffusion.num_timesteps - 1)).astype(np.float32)
     return float(np.abs(engine(x, t) - reference(x, t)).max())
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from export.backends import BackendUnavailable, ModelError
+from pipeline.core.denoiser import BackendUnavailable, ModelError
 from pipeline.core.sidecar import read_sidecar
 
 

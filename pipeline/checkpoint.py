@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, ConfigError, DiffusionConfig, ModelConfig, build_dataclass
+from pipeline.core.config import Config, ConfigError, DiffusionConfig, ModelConfig, from_dict
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.model.unet import UNet
 
@@ -148,8 +148,8 @@ def load_model_json(ckpt_dir: str | Path) -> tuple[ModelConfig, DiffusionConfig,
         if not isinstance(meta, dict):
             raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
         return (
-            build_dataclass(ModelConfig, meta["model"], "model"),
-            build_dataclass(DiffusionConfig, meta["diffusion"], "diffusion"),
+            from_dict(ModelConfig, meta["model"], "model"),
+            from_dict(DiffusionConfig, meta["diffusion"], "diffusion"),
             meta,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
@@ -280,17 +280,6 @@ def read_checkpoint(path: str | Path | Checkpoint) -> Checkpoint:
         model=model_cfg,
         diffusion=diffusion_cfg,
     )
-
-
-def load_unet(path: str | Path | Checkpoint, device: str | torch.device = "cpu", weights: str = "ema"):
-    """(UNet in eval mode, ModelConfig, DiffusionConfig) from a checkpoint, checkpoint dir or run dir.
-
-    weights: "ema" (what is exported and served) or "model" (the online weights, for comparison).
-    """
-    if weights not in WEIGHT_FILES:  # before any file is read: a typo is named as such
-        raise CheckpointError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_FILES)}")
-    ckpt = read_checkpoint(path)
-    return ckpt.load_unet(device, weights), ckpt.model, ckpt.diffusion
 
 
 # --- interrupted writes; what DeepSpeed's files may hold ---------------------------------------

@@ -122,7 +122,7 @@ def onnx16(ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def torch_denoiser(ckpt):
-    from export.backends import TorchDenoiser
+    from pipeline.model.denoiser import TorchDenoiser
     from tiny_model import THREADS
 
-    return TorchDenoiser(ckpt, threads=THREADS)
+    return TorchDenoiser.from_checkpoint(ckpt, threads=THREADS)

@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DiffusionConfig
-from pipeline.train.diffusion import GaussianDiffusion, schedule_from_config
+from pipeline.core.config import DiffusionConfig
+from pipeline.core.schedule import DiffusionSchedule
+from pipeline.train.diffusion import GaussianDiffusion
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_q_sample_and_target_match_numpy(prediction, kind):
-    schedule = schedule_from_config(DiffusionConfig(beta_schedule=kind, prediction_type=prediction))
+    schedule = DiffusionSchedule.from_config(DiffusionConfig(beta_schedule=kind, prediction_type=prediction))
     diffusion = GaussianDiffusion(schedule)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
@@ -29,7 +30,7 @@ def test_q_sample_and_target_match_numpy(prediction, kind):
 
 
 def test_training_loss_is_mse_of_the_model_output():
-    diffusion = GaussianDiffusion(schedule_from_config(DiffusionConfig()))
+    diffusion = GaussianDiffusion(DiffusionSchedule.from_config(DiffusionConfig()))
     x0, noise, t = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4), torch.tensor([10, 20])
     # A "model" that always predicts zero noise has loss mean(noise^2) = 1 on an epsilon target.
     assert diffusion.training_loss(lambda x, t: torch.zeros_like(x), x0, t, noise).item() == pytest.approx(1.0)

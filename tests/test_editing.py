@@ -85,7 +85,7 @@ def test_sdedit_starts_at_strength_times_T_and_stays_closer_when_weak(denoiser, 
     for strength in (0.2, 0.5, 0.9):
         counted = Recording(denoiser)
         out = editing.sdedit(counted, images, strength, sampler=sampler, steps=STEPS, seed=3)
-        T = denoiser.info.num_timesteps
+        T = denoiser.info.diffusion.num_timesteps
         assert len(counted.calls) == round(strength * STEPS)
         assert strength * T - T / STEPS <= counted.calls[0] <= strength * T
         distance[strength] = float(np.abs(out - images).mean())

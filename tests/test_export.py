@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from pipeline.checkpoint import read_checkpoint
 from export.backends import OrtDenoiser
 from pipeline.core.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
 from pipeline.core.sampling import image_rngs, initial_noise, sample_loop, sampler_timesteps
@@ -42,9 +43,11 @@ def test_onnx_graph_and_sidecar(onnx32, ckpt):
     info = read_sidecar(onnx32)
     header = (info.format, info.dtype, info.timestep_dtype, info.image_size, info.channels)
     assert header == ("onnx", "float32", "float32", 16, 3)
-    assert (info.batch_min, info.batch_max, info.num_timesteps, len(info.betas)) == (1, None, 1000, 1000)
-    assert info.betas[0] == pytest.approx(1e-4) and info.betas[-1] == pytest.approx(0.02)
-    assert (info.prediction_type, info.step, info.model_file) == ("epsilon", 10, "denoiser.onnx")
+    betas = info.schedule().betas
+    assert (info.batch_min, info.batch_max, info.diffusion.num_timesteps, len(betas)) == (1, None, 1000, 1000)
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
+    assert info.model == read_checkpoint(ckpt).model and info.diffusion == read_checkpoint(ckpt).diffusion
+    assert (info.diffusion.prediction_type, info.step, info.model_file) == ("epsilon", 10, "denoiser.onnx")
     assert info.source_checkpoint == str(ckpt.resolve())
 
 
@@ -52,7 +55,7 @@ def test_onnx_graph_and_sidecar(onnx32, ckpt):
 def test_weights_model_exports_the_online_weights(ckpt, onnx32, tmp_path, capsys):
     import torch
     from export.onnx import main
-    from pipeline.checkpoint import MODEL_FILE, load_unet
+    from pipeline.checkpoint import MODEL_FILE, read_checkpoint
 
     out = tmp_path / "online.onnx"
     assert main(["--ckpt", str(ckpt), "--weights", "model", "--out", str(out)]) == 0
@@ -60,7 +63,7 @@ def test_weights_model_exports_the_online_weights(ckpt, onnx32, tmp_path, capsys
     x, t = random_batch(3)
     online = OrtDenoiser(out, provider="cpu", threads=THREADS)(x, t)
     with torch.inference_mode():
-        want = load_unet(ckpt, weights="model")[0](torch.from_numpy(x), torch.from_numpy(t)).numpy()
+        want = read_checkpoint(ckpt).load_unet(weights="model")(torch.from_numpy(x), torch.from_numpy(t)).numpy()
     np.testing.assert_allclose(online, want, atol=1e-4)
     assert np.abs(online - OrtDenoiser(onnx32, provider="cpu", threads=THREADS)(x, t)).max() > 1e-3
 
@@ -137,7 +140,7 @@ def test_export_cli_rejects_a_bad_checkpoint(tmp_path, capsys):
 def test_checkpoint_is_read_once_into_a_record(ckpt, tmp_path):
     """A run directory and its checkpoint directory give the same record; weights load only on demand."""
     import torch
-    from pipeline.checkpoint import CheckpointError, MODEL_FILE, load_unet, read_checkpoint, step_of
+    from pipeline.checkpoint import MODEL_FILE, CheckpointError, read_checkpoint, step_of
 
     record = read_checkpoint(ckpt.parent.parent)
     assert record == read_checkpoint(ckpt) and read_checkpoint(record) is record
@@ -146,7 +149,7 @@ def test_checkpoint_is_read_once_into_a_record(ckpt, tmp_path):
     assert record.model.image_size == 16 and record.diffusion.num_timesteps == 1000
     x, t = torch.zeros(1, 3, 16, 16), torch.tensor([3.0])
     with torch.inference_mode():
-        assert torch.equal(record.load_unet()(x, t), load_unet(ckpt)[0](x, t))
+        assert torch.equal(record.load_unet()(x, t), read_checkpoint(ckpt).load_unet()(x, t))
         assert not torch.equal(record.load_unet(weights="model")(x, t), record.load_unet()(x, t))
     with pytest.raises(CheckpointError, match="weights 'online'"):
         record.load_unet(weights="online")
@@ -169,11 +172,13 @@ def test_sidecar_round_trip_and_validation(tmp_path):
     assert back == info and back.model_bytes == 5 and len(back.model_sha256) == 64
     assert back.schedule().num_timesteps == 2
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary behind
-    info.num_timesteps = 3
-    with pytest.raises(SidecarError, match="betas: 2 values for num_timesteps=3"):
-        write_sidecar(model, info)
     data = json.loads(sidecar_path(model).read_text())
-    del data["betas"]
+    sidecar_path(model).write_text(json.dumps({**data, "diffusion": {**data["diffusion"], "prediction_type": "noise"}}))
+    with pytest.raises(
+        SidecarError, match=r"d.onnx.json: diffusion.prediction_type: 'noise' not epsilon\|v_prediction"
+    ):
+        read_sidecar(model)
+    del data["diffusion"]
     sidecar_path(model).write_text(json.dumps(data))
-    with pytest.raises(SidecarError, match="missing key 'betas'"):
+    with pytest.raises(SidecarError, match="d.onnx.json: diffusion: missing"):
         read_sidecar(model)

@@ -152,7 +152,7 @@ def test_damaged_checkpoint_file_through_export_and_sample(name, kind, trained, 
 
 def test_benchmarks_rebuild_a_damaged_cached_checkpoint(trained, tmp_path, monkeypatch, capsys):
     from benchmarks import artifacts
-    from pipeline.checkpoint import load_unet
+    from pipeline.checkpoint import read_checkpoint
     from pipeline.config import load_config
 
     monkeypatch.setattr(artifacts, "CACHE", tmp_path)
@@ -161,7 +161,7 @@ def test_benchmarks_rebuild_a_damaged_cached_checkpoint(trained, tmp_path, monke
     damage(ckpt / "ema.safetensors", "garbled")
     assert artifacts.random_checkpoint(cfg) == ckpt
     assert f"{ckpt / 'ema.safetensors'}: damaged safetensors file" in capsys.readouterr().err
-    load_unet(ckpt)
+    read_checkpoint(ckpt).load_unet()
 
 
 # --- shards, manifest, config ---------------------------------------------------------------------

@@ -64,7 +64,7 @@ def no_temporaries(root: Path) -> None:
 
 
 def test_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(shards16, tmp_path, capsys, in_process):
-    from pipeline.checkpoint import load_unet, verify_deepspeed_files
+    from pipeline.checkpoint import read_checkpoint, verify_deepspeed_files
     from pipeline.train.loop import train
 
     with small_tmpfs(tmp_path / "disk", "48m") as disk:
@@ -85,7 +85,7 @@ def test_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(shards16, t
         assert digests(run / "checkpoints") == before  # every earlier file intact and whole
         no_temporaries(run)
         for ckpt in complete_checkpoints(run):
-            load_unet(ckpt)
+            read_checkpoint(ckpt).load_unet()
             verify_deepspeed_files(ckpt / "deepspeed")
 
 

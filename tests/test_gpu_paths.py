@@ -17,10 +17,11 @@ import warnings
 import pytest
 import torch
 
-from export.backends import BackendUnavailable, ModelError, OrtDenoiser
+from export.backends import OrtDenoiser
+from pipeline.core.denoiser import BackendUnavailable, ModelError
 from export.trt_runtime import check_batch, require_cuda_runtime
 from pipeline.core.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
-from pipeline.config import ConfigError
+from pipeline.core.config import Config, ConfigError, from_dict
 from pipeline.train.distributed import accelerator_mismatch, cuda_device_index, read_env
 from pipeline.train.ds_config import cpu_adam_build_missing, ds_config_for
 from tiny_model import make_checkpoint, tiny_sidecar
@@ -56,7 +57,7 @@ def test_engine_beside_the_default_onnx_leaves_the_onnx_usable(default_export):
     assert (onnx_info.format, onnx_info.batch_max) == ("onnx", None)
     assert (plan_info.format, plan_info.batch_range()) == ("tensorrt", "1..16")
     assert plan_info.producer["onnx_file"] == "denoiser.onnx"
-    assert plan_info.betas == onnx_info.betas and plan_info.model_sha256 != onnx_info.model_sha256
+    assert plan_info.diffusion == onnx_info.diffusion and plan_info.model_sha256 != onnx_info.model_sha256
     ort = OrtDenoiser(onnx_path, provider="cpu", threads=1)
     assert ort.info == onnx_info  # still verifies: not stale
     if ort.nodes is not None:  # onnxruntime records where each node runs: all on the CPU here
@@ -78,16 +79,15 @@ def test_reader_refuses_a_sidecar_of_another_format(tmp_path):
         write_sidecar(engine, tiny_sidecar("onnx"))
 
 
-def test_an_older_export_named_stem_json_is_read_only_for_its_own_file(tmp_path):
+def test_a_sidecar_of_an_older_export_asks_for_a_re_export(tmp_path):
     model = tmp_path / "denoiser.onnx"
     model.write_bytes(b"graph")
     write_sidecar(model, tiny_sidecar())
-    legacy = tmp_path / "denoiser.json"
-    sidecar_path(model).rename(legacy)
-    assert read_sidecar(model).format == "onnx"
-    data = json.loads(legacy.read_text())
-    legacy.write_text(json.dumps(dict(data, model_file="denoiser.plan")))  # a plan's, written over it
-    with pytest.raises(SidecarError, match="missing sidecar for denoiser.onnx"):
+    data = json.loads(sidecar_path(model).read_text())
+    sidecar_path(model).write_text(json.dumps(dict(data, sidecar_version=1)))
+    with pytest.raises(
+        SidecarError, match=r"denoiser.onnx.json: sidecar_version 1, this sampler reads 2 \(re-export\)"
+    ):
         read_sidecar(model)
 
 
@@ -134,14 +134,12 @@ def test_trt_denoiser_refuses_an_onnx_before_touching_cuda(tmp_path):
 
 
 def test_fp16_at_zero_stage_0_is_refused_with_the_reason(tmp_path):
-    from pipeline.config import config_from_dict
-
     with pytest.raises(ConfigError, match=r"train.precision: fp16 needs zero.stage >= 1 \(DeepSpeed 0.19"):
-        config_from_dict({"train": {"precision": "fp16"}})
-    assert config_from_dict({"train": {"precision": "fp16"}, "zero": {"stage": 2}}).zero.stage == 2
+        from_dict(Config, {"train": {"precision": "fp16"}})
+    assert from_dict(Config, {"train": {"precision": "fp16"}, "zero": {"stage": 2}}).zero.stage == 2
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"fp16": {"enabled": True}}))
-    cfg = config_from_dict({"train": {"precision": "fp16", "deepspeed_config": str(user)}})
+    cfg = from_dict(Config, {"train": {"precision": "fp16", "deepspeed_config": str(user)}})
     with pytest.raises(ConfigError, match=r"ds.json: fp16 needs zero_optimization.stage >= 1"):
         ds_config_for(cfg, 1)
     user.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}}))

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, DiffusionConfig
-from pipeline.train.diffusion import GaussianDiffusion, schedule_from_config
+from pipeline.core.config import ConfigError, DiffusionConfig
+from pipeline.core.schedule import DiffusionSchedule
+from pipeline.train.diffusion import GaussianDiffusion
 from pipeline.train.ema import EMA, power_exponent, power_sigma_rel
 from tiny_model import losses, tiny_config
 
@@ -20,7 +21,7 @@ from tiny_model import losses, tiny_config
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("gamma", [1.0, 5.0])
 def test_min_snr_loss_matches_the_formula(prediction, gamma):
-    schedule = schedule_from_config(DiffusionConfig(prediction_type=prediction))
+    schedule = DiffusionSchedule.from_config(DiffusionConfig(prediction_type=prediction))
     diffusion = GaussianDiffusion(schedule, "min_snr", gamma)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(5, 3, 4, 4, generator=g) * 2 - 1, torch.randn(5, 3, 4, 4, generator=g)
@@ -48,10 +49,10 @@ def test_min_snr_loss_matches_the_formula(prediction, gamma):
 
 
 def test_uniform_weighting_is_the_plain_mse():
-    diffusion = GaussianDiffusion(schedule_from_config(DiffusionConfig()), "uniform")
+    diffusion = GaussianDiffusion(DiffusionSchedule.from_config(DiffusionConfig()), "uniform")
     x0, noise, t = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 2.0), torch.tensor([1, 900])
     assert diffusion.training_loss(lambda x, t: torch.zeros_like(x), x0, t, noise).item() == 4.0
-    with pytest.raises(ValueError, match="loss_weighting 'snr'"):
+    with pytest.raises(ValueError, match=r"train.loss_weighting: 'snr' not uniform\|min_snr"):
         GaussianDiffusion(diffusion.schedule, "snr")
 
 
@@ -131,7 +132,7 @@ def test_option_trains_resumes_bit_exactly_and_exports(option, tmp_path, shards1
     assert model_json["diffusion"]["prediction_type"] == prediction
     onnx_path, _, _ = export_onnx(straight / "run", tmp_path / "denoiser.onnx")
     denoiser = OrtDenoiser(onnx_path, provider="cpu", threads=1)
-    assert denoiser.info.prediction_type == prediction
+    assert denoiser.info.diffusion.prediction_type == prediction
     for sampler in ("ddim", "dpmpp_2m", "unipc"):
         images = generate(denoiser, 2, batch=2, sampler=sampler, steps=3)
         assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from export import sample as sample_cli
-from export.backends import BackendUnavailable, ModelError, OrtDenoiser
+from export.backends import OrtDenoiser
+from pipeline.core.denoiser import BackendUnavailable, ModelError
 from pipeline.core.sidecar import sidecar_path, write_sidecar
 from export.trt_runtime import require_tensorrt
 from test_export import random_batch
@@ -101,17 +102,17 @@ def _edit_sidecar(path, **changes):
 CLI_ERRORS = {
     "missing sidecar": (lambda m: sidecar_path(m).unlink(), [], "missing sidecar"),
     "batch outside range": (
-        lambda m: _edit_sidecar(m, **{"batch.max": 4}),
+        lambda m: _edit_sidecar(m, batch_max=4),
         ["--batch", "8"],
         "outside the engine's batch range 1..4",
     ),
-    "wrong image size": (lambda m: _edit_sidecar(m, image_size=32), [], "wrong image size"),
+    "wrong image size": (lambda m: _edit_sidecar(m, **{"model.image_size": 32}), [], "wrong image size"),
     "steps above T": (lambda m: None, ["--steps", "1001"], "--steps 1001: must be in [1, 1000]"),
     "steps below 1": (lambda m: None, ["--steps", "0"], "--steps 0: must be in [1, 1000]"),
     "unknown sampler": (lambda m: None, ["--sampler", "euler"], "--sampler euler: unknown sampler; expected one of"),
     "eta without ddim": (lambda m: None, ["--sampler", "unipc", "--eta", "1"], "--eta 1.0: only ddim takes eta"),
     "stale sidecar": (lambda m: m.write_bytes(m.read_bytes() + b"\0"), [], "stale sidecar"),
-    "bad sidecar value": (lambda m: _edit_sidecar(m, prediction_type="noise"), [], "prediction_type"),
+    "bad sidecar value": (lambda m: _edit_sidecar(m, **{"diffusion.prediction_type": "noise"}), [], "diffusion.prediction_type"),
     "unknown model type": (lambda m: m.rename(m.with_suffix(".pt")), [], "unknown model type"),
 }
 
@@ -170,7 +171,7 @@ def test_trt_cli_without_tensorrt_says_what_is_missing(tmp_path, capsys):
     # The sampler says the same for an engine file it cannot run here.
     plan = tmp_path / "d.plan"
     plan.write_bytes(b"a serialized engine would be here")
-    write_sidecar(plan, tiny_sidecar("tensorrt", (1, 8, 16), image_size=16, dtype="float16"))
+    write_sidecar(plan, tiny_sidecar("tensorrt", (1, 8, 16), dtype="float16"))
     assert sample_cli.main(["--model", str(plan), "--out", str(tmp_path / "s.npz")]) == 1
     assert err.strip() == capsys.readouterr().err.strip()
 

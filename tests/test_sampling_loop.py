@@ -19,8 +19,9 @@ from pipeline.core.sampling import (
     sampler_timesteps,
     to_uint8,
 )
+from pipeline.core.config import DiffusionConfig, ModelConfig
 from pipeline.core.sidecar import Sidecar
-from pipeline.core.schedule import DiffusionSchedule, beta_schedule
+from pipeline.core.schedule import DiffusionSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (3, 8, 8)
@@ -29,18 +30,14 @@ SHAPE = (3, 8, 8)
 def make_info(prediction_type="epsilon", clip_sample=False, num_timesteps=1000, batch=(1, 1, None)):
     return Sidecar(
         format="onnx",
-        image_size=SHAPE[1],
-        channels=SHAPE[0],
         dtype="float32",
-        timestep_dtype="float32",
+        model=ModelConfig(image_size=SHAPE[1], in_channels=SHAPE[0], ch_mult=(1,), attn_resolutions=()),
+        diffusion=DiffusionConfig(
+            num_timesteps=num_timesteps, prediction_type=prediction_type, clip_sample=clip_sample
+        ),
         batch_min=batch[0],
         batch_opt=batch[1],
         batch_max=batch[2],
-        betas=beta_schedule("linear", num_timesteps).tolist(),
-        num_timesteps=num_timesteps,
-        prediction_type=prediction_type,
-        variance_type="fixed_small",
-        clip_sample=clip_sample,
     )
 
 
@@ -59,7 +56,7 @@ class GaussianDenoiser:
         eps = np.sqrt(1 - abar) * (x - np.sqrt(abar) * self.mu) / (abar * self.s**2 + 1 - abar)
         x0 = (x - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
         out = {"epsilon": eps, "v_prediction": np.sqrt(abar) * eps - np.sqrt(1 - abar) * x0, "sample": x0}
-        return out[self.info.prediction_type].astype(np.float32)
+        return out[self.info.diffusion.prediction_type].astype(np.float32)
 
 
 def pattern():

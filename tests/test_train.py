@@ -17,7 +17,7 @@ import torch
 
 from pipeline.checkpoint import complete_checkpoints, step_of
 from pipeline.train.resume import load_rng, save_rng
-from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.core.config import Config, ConfigError, TrainConfig
 from pipeline.train.distributed import LaunchError, read_env
 from pipeline.train.ds_config import FP16_LOSS_SCALING, batch_sizes, build_ds_config, load_user_ds_config
 from tiny_model import PYTHON, REPO, TINY_CPU_YAML, finish, kill_job, losses, tiny_config, torchrun, wait_for, workers
@@ -148,14 +148,14 @@ def test_derived_seeds_are_stable_and_distinct():
 
 
 def test_preview_grid_is_written_atomically(tmp_path):
-    from pipeline.config import ModelConfig
-    from pipeline.train.previews import save_preview
-    from pipeline.core.schedule import DiffusionSchedule, beta_schedule
     from PIL import Image
+
+    from pipeline.core.config import DiffusionConfig, ModelConfig
     from pipeline.model.unet import UNet
+    from pipeline.train.previews import save_preview
 
     model = UNet(ModelConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)))
-    path = save_preview(model, DiffusionSchedule(beta_schedule("linear", 1000)), tmp_path, 7, num=6, steps=2)
+    path = save_preview(model, DiffusionConfig(), tmp_path, 7, num=6, steps=2)
     assert path == tmp_path / "samples" / "step_000000007.png"
     assert path.read_bytes() == (tmp_path / "samples" / "grid.png").read_bytes()
     assert Image.open(path).size == (3 * 18 + 2, 2 * 18 + 2)  # 3 columns x 2 rows of 16 px, 2 px gaps

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.sidecar import Sidecar
-from pipeline.config import Config, load_config
+from pipeline.config import load_config
+from pipeline.core.config import Config, DiffusionConfig, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -54,7 +55,7 @@ def make_checkpoint(run_dir: Path, step: int = 10) -> Path:
     random weights so that its output depends on every path through the network."""
     import torch
     from pipeline.checkpoint import checkpoint_dir, mark_complete, save_export_files
-    from pipeline.config import DiffusionConfig, ModelConfig
+    from pipeline.core.config import DiffusionConfig, ModelConfig
     from pipeline.model.unet import UNet
 
     torch.manual_seed(0)
@@ -79,18 +80,12 @@ def tiny_sidecar(fmt: str = "onnx", batch: tuple = (1, 1, None), **fields) -> Si
     """The sidecar of an 8 px float32 model with a two-step schedule; `fields` change any other key."""
     info = Sidecar(
         format=fmt,
-        image_size=8,
-        channels=3,
         dtype="float32",
-        timestep_dtype="float32",
+        model=ModelConfig(image_size=8, ch_mult=(1,), attn_resolutions=()),
+        diffusion=DiffusionConfig(num_timesteps=2, beta_start=0.1, beta_end=0.2),
         batch_min=batch[0],
         batch_opt=batch[1],
         batch_max=batch[2],
-        betas=[0.1, 0.2],
-        num_timesteps=2,
-        prediction_type="epsilon",
-        variance_type="fixed_small",
-        clip_sample=True,
     )
     return dataclasses.replace(info, **fields)
 

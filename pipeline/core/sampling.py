@@ -1,10 +1,8 @@
 """The one sampling core: DDPM, DDIM, DPM-Solver++(2M) and UniPC over any denoiser, in NumPy.
 
-Imports numpy and `pipeline.core.schedule` only (no torch, no onnx), so an ONNX Runtime or TensorRT
-engine plus numpy is a whole sampler; the training previews, `export.sample`, the app and the
-benchmarks all run this loop. A denoiser is any callable
-`denoiser(x (B,C,H,W) float32, t (B,) float32) -> model_output (B,C,H,W)` with an `info` giving
-`batch_min` / `batch_max` (`pipeline.core.sidecar.Sidecar`, or anything with those two attributes).
+Part of the torch-free core (numpy only), so an ONNX Runtime or TensorRT engine plus numpy is a whole
+sampler; the training previews, `export.sample`, the app and the benchmarks all run this loop. The
+denoiser is `pipeline.core.denoiser.Denoiser`; `sample_loop` reads only `info.batch_min` / `batch_max`.
 
 Every sampler is linear in what it has seen, so each step reduces to scalars computed once, in
 float64, before the loop (a "plan"):
@@ -27,13 +25,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pipeline.core.config import DEFAULT_SAMPLER, Sampler, choices
+from pipeline.core.denoiser import Denoiser
 from pipeline.core.schedule import DiffusionSchedule, sampling_timesteps
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc")
+SAMPLERS = choices(Sampler)
 STOCHASTIC_SAMPLERS = ("ddpm", "ddim")  # step-by-step samplers: inpainting pastes between their steps
-# The default of every entry point, from `python -m benchmarks quality` on the demo model
-# (benchmarks/results/cpu/quality): the sampler and step count with the best score per network call.
-DEFAULT_SAMPLER = "unipc"
+# Steps per sampler where none are asked for; DEFAULT_SAMPLER (pipeline.core.config) with its 10 steps is
+# the best score per network call in `python -m benchmarks quality` (benchmarks/results/cpu/quality).
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 10, "unipc": 10}  # None: all T steps
 # Trailing spacing starts every chain at t = T-1, where x_T ~ N(0, I) is what the model was
 # trained on; leading spacing with few steps starts lower (t = 800 of 1000 at 5 steps) and the
@@ -364,7 +363,7 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def generate(
-    denoiser,
+    denoiser: Denoiser,
     num: int,
     *,
     batch: int,
@@ -374,17 +373,14 @@ def generate(
     spacing: str = DEFAULT_SPACING,
     seed: int = 0,
     callback: Callable | None = None,
-    schedule: DiffusionSchedule | None = None,
-    shape: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """`num` images (num, C, H, W) float32 in chunks of at most `batch`; image i depends on (seed, i) only.
 
-    callback is `sample_loop`'s, called for every chunk. schedule and shape default to the
-    engine sidecar's (`denoiser.info`).
+    The schedule and image shape are the model's (`denoiser.info`); callback is `sample_loop`'s,
+    called for every chunk.
     """
     info = denoiser.info
-    schedule = schedule or info.schedule()
-    shape = shape or (info.channels, info.image_size, info.image_size)
+    schedule, shape = info.schedule(), (info.channels, info.image_size, info.image_size)
     timesteps = sampler_timesteps(schedule, sampler, steps, spacing)
     out = np.empty((num,) + tuple(shape), np.float32)
     for first in range(0, num, batch):

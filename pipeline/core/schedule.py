@@ -9,15 +9,11 @@ and Song et al. 2021 (DDIM); timesteps index the arrays below, 0 <= t < T.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # only for the annotation: config imports this module's constants
-    from pipeline.config import DiffusionConfig
+from pipeline.core.config import DiffusionConfig, PredictionType, VarianceType, check_choice
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -73,10 +69,8 @@ class DiffusionSchedule:
         clip_sample: bool = True,
         clip_range: float = 1.0,
     ):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-        if variance_type not in VARIANCE_TYPES:
-            raise ValueError(f"unknown variance_type {variance_type!r}; expected one of {VARIANCE_TYPES}")
+        check_choice(PredictionType, prediction_type, "prediction_type")
+        check_choice(VarianceType, variance_type, "variance_type")
         self.betas = np.asarray(betas, dtype=np.float64)
         if self.betas.ndim != 1 or not np.all((self.betas > 0) & (self.betas < 1)):
             raise ValueError("betas must be a 1-D array with values in (0, 1)")
@@ -99,15 +93,10 @@ class DiffusionSchedule:
         )
 
     @classmethod
-    def from_config(
-        cls,
-        num_timesteps: int,
-        beta_schedule_kind: str = "linear",
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        **kwargs,
-    ) -> "DiffusionSchedule":
-        return cls(beta_schedule(beta_schedule_kind, num_timesteps, beta_start, beta_end), **kwargs)
+    def from_config(cls, cfg: DiffusionConfig) -> DiffusionSchedule:
+        """The schedule a `DiffusionConfig` describes (training, export and the sidecar all build it here)."""
+        betas = beta_schedule(cfg.beta_schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+        return cls(betas, cfg.prediction_type, cfg.variance_type, cfg.clip_sample)
 
     def q_sample(self, x0: np.ndarray, t, noise: np.ndarray) -> np.ndarray:
         """Draw x_t ~ q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise. x0: (B, ...)."""
@@ -135,16 +124,3 @@ class DiffusionSchedule:
         else:
             x0 = model_output
         return np.clip(x0, -self.clip_range, self.clip_range) if self.clip_sample else x0
-
-
-def schedule_from_config(cfg: DiffusionConfig) -> DiffusionSchedule:
-    """The schedule a `pipeline.config.DiffusionConfig` describes (export and training both build it here)."""
-    return DiffusionSchedule.from_config(
-        cfg.num_timesteps,
-        cfg.beta_schedule,
-        cfg.beta_start,
-        cfg.beta_end,
-        prediction_type=cfg.prediction_type,
-        variance_type=cfg.variance_type,
-        clip_sample=cfg.clip_sample,
-    )

@@ -2,29 +2,29 @@
 
 Written beside the model file it describes, named after the whole file name (`denoiser.onnx.json`,
 `denoiser.plan.json`), so a graph and the engine built from it never overwrite each other's;
-atomically, after the model file. Read by every backend, which checks that the sidecar describes
-the format it was asked for. Imports no torch and no onnx: the standalone sampler reads it too.
+atomically, after the model file. The model and its diffusion are the checkpoint's own
+`ModelConfig` and `DiffusionConfig` (pipeline.core.config), written and read by the same typed reader
+as the YAML config and model.json, so the prediction type and the schedule are defined in one place.
 
-    {"format": "onnx", "image_size": 64, "channels": 3, "dtype": "float16",
-     "input_names": ["sample", "timestep"], "output_names": ["model_output"],
-     "timestep_dtype": "float32", "batch": {"min": 1, "opt": 16, "max": null},
-     "betas": [...], "num_timesteps": 1000, "prediction_type": "epsilon", ...}
+    {"sidecar_version": 2, "format": "onnx", "dtype": "float32", "batch_min": 1, "batch_opt": 16,
+     "batch_max": null, "model": {"image_size": 64, ...}, "diffusion": {"prediction_type": "epsilon", ...},
+     "input_names": ["sample", "timestep"], "output_names": ["model_output"], "model_sha256": ..., ...}
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
+from pipeline.core.config import ConfigError, DiffusionConfig, ModelConfig, Section, from_dict, require, to_dict
 from pipeline.core.fileio import atomic_write_json, sha256_file
-from pipeline.core.schedule import PREDICTION_TYPES, VARIANCE_TYPES, DiffusionSchedule
+from pipeline.core.schedule import DiffusionSchedule
 
-SIDECAR_VERSION = 1
-FORMATS = ("onnx", "tensorrt", "torch")
+SIDECAR_VERSION = 2
+Format = Literal["onnx", "tensorrt", "torch"]
 SUFFIX_FORMATS = {".onnx": "onnx", ".plan": "tensorrt", ".engine": "tensorrt"}
-DTYPES = ("float32", "float16")
 INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAMES = ("model_output",)
 
@@ -34,49 +34,69 @@ class SidecarError(ValueError):
 
 
 @dataclass
-class Sidecar:
-    format: str  # onnx | tensorrt | torch
-    image_size: int
-    channels: int
-    dtype: str  # of `sample` and `model_output`
-    timestep_dtype: str  # always float32: respaced / fractional steps need no rounding
-    batch_min: int
-    batch_opt: int
-    batch_max: int | None  # None: unbounded (ONNX)
-    betas: list[float]
-    num_timesteps: int
-    prediction_type: str
-    variance_type: str
-    clip_sample: bool
+class Sidecar(Section):
+    """What one model file is: its format and I/O, the batch range it takes, and the model it was made from."""
+
+    name: ClassVar[str] = ""
+    format: Format
+    dtype: Literal["float32", "float16"]
+    """Of `sample` and `model_output`."""
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    batch_min: int = 1
+    batch_opt: int = 1
+    batch_max: int | None = None
+    """None: unbounded (ONNX); a TensorRT engine's optimization profile is bounded."""
+    timestep_dtype: Literal["float32"] = "float32"
+    """Respaced and fractional timesteps need no rounding."""
     input_names: list[str] = field(default_factory=lambda: list(INPUT_NAMES))
     output_names: list[str] = field(default_factory=lambda: list(OUTPUT_NAMES))
     source_checkpoint: str = ""
     step: int = 0
-    weights: str = "ema"  # which weights of the checkpoint: ema | model (online, for comparison)
-    model_file: str = ""  # basename of the model this sidecar describes
-    model_bytes: int | None = None  # its size: a cheap check that the pair belongs together
+    weights: Literal["ema", "model"] = "ema"
+    """Which weights of the checkpoint: the EMA (served) or the online ones (for comparison)."""
+    model_file: str = ""
+    """Basename of the model this sidecar describes."""
+    model_bytes: int | None = None
+    """Its size: a cheap check that the pair belongs together."""
     model_sha256: str = ""
-    model_config: dict = field(default_factory=dict)
-    producer: dict = field(default_factory=dict)  # torch / onnx / tensorrt versions, opset
+    producer: dict = field(default_factory=dict)
+    """torch / onnx / tensorrt versions, opset."""
+    sidecar_version: int = SIDECAR_VERSION
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.model.in_channels
+
+    def check(self) -> None:
+        require(self.batch_min >= 1, "batch_min", f"{self.batch_min} must be >= 1")
+        require(
+            self.batch_max is None or self.batch_max >= self.batch_min,
+            "batch_max",
+            f"{self.batch_max} < batch_min {self.batch_min}",
+        )
+        require(
+            self.format != "tensorrt" or self.batch_max is not None, "batch_max", "a TensorRT engine's range is bounded"
+        )
+        require(self.accepts_batch(self.batch_opt), "batch_opt", f"{self.batch_opt} outside {self.batch_range()}")
+        require(
+            len(self.input_names) == 2 and len(self.output_names) == 1,
+            "input_names",
+            f"expected 2 inputs and 1 output, got {self.input_names} -> {self.output_names}",
+        )
 
     def schedule(self) -> DiffusionSchedule:
-        return DiffusionSchedule(
-            self.betas,
-            prediction_type=self.prediction_type,
-            variance_type=self.variance_type,
-            clip_sample=self.clip_sample,
-        )
+        return DiffusionSchedule.from_config(self.diffusion)
 
     def batch_range(self) -> str:
         return f"{self.batch_min}..{self.batch_max if self.batch_max is not None else 'any'}"
 
     def accepts_batch(self, batch: int) -> bool:
         return self.batch_min <= batch and (self.batch_max is None or batch <= self.batch_max)
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["batch"] = {"min": d.pop("batch_min"), "opt": d.pop("batch_opt"), "max": d.pop("batch_max")}
-        return {"sidecar_version": SIDECAR_VERSION, **d}
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -85,66 +105,15 @@ def sidecar_path(model_path: str | Path) -> Path:
     return model_path.with_name(model_path.name + ".json")
 
 
-def _legacy_sidecar_path(model_path: Path) -> Path:
-    """`denoiser.json`: the name exports had before engines got sidecars of their own."""
-    return model_path.with_suffix(".json")
-
-
 def write_sidecar(model_path: str | Path, sidecar: Sidecar) -> Path:
     """Record the model file's name, size and hash, then write its `<file>.json` atomically."""
-    model_path = Path(model_path)
+    model_path, where = Path(model_path), sidecar_path(model_path)
     sidecar.model_file = model_path.name
     sidecar.model_bytes = model_path.stat().st_size
     sidecar.model_sha256 = sha256_file(model_path)
-    validate(sidecar, sidecar_path(model_path))
-    _check_format(sidecar, model_path, sidecar_path(model_path))
-    atomic_write_json(sidecar_path(model_path), sidecar.to_json())
-    return sidecar_path(model_path)
-
-
-def _field(data: dict, key: str, kind, where: Path, optional: bool = False):
-    if key not in data:
-        if optional:
-            return None
-        raise SidecarError(f"{where}: missing key {key!r}")
-    value = data[key]
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if optional and value is None:
-        return None
-    if not ok:
-        raise SidecarError(f"{where}: {key} = {value!r} is not {getattr(kind, '__name__', kind)}")
-    return value
-
-
-def validate(s: Sidecar, where: Path) -> None:
-    """Reject values the sampler cannot use; each message names the key."""
-    checks = [
-        (s.format in FORMATS, "format", f"{s.format!r} not one of {FORMATS}"),
-        (s.image_size > 0, "image_size", f"{s.image_size} must be > 0"),
-        (s.channels > 0, "channels", f"{s.channels} must be > 0"),
-        (s.dtype in DTYPES, "dtype", f"{s.dtype!r} not one of {DTYPES}"),
-        (s.timestep_dtype == "float32", "timestep_dtype", f"{s.timestep_dtype!r}: only float32 is supported"),
-        (s.batch_min >= 1, "batch.min", f"{s.batch_min} must be >= 1"),
-        (s.batch_max is None or s.batch_max >= s.batch_min, "batch.max", f"{s.batch_max} < batch.min {s.batch_min}"),
-        (s.format != "tensorrt" or s.batch_max is not None, "batch.max", "a TensorRT engine's range is bounded"),
-        (s.accepts_batch(s.batch_opt), "batch.opt", f"{s.batch_opt} outside {s.batch_range()}"),
-        (len(s.betas) == s.num_timesteps, "betas", f"{len(s.betas)} values for num_timesteps={s.num_timesteps}"),
-        (all(0.0 < b < 1.0 for b in s.betas), "betas", "values must lie in (0, 1)"),
-        (
-            s.prediction_type in PREDICTION_TYPES,
-            "prediction_type",
-            f"{s.prediction_type!r} not one of {PREDICTION_TYPES}",
-        ),
-        (s.variance_type in VARIANCE_TYPES, "variance_type", f"{s.variance_type!r} not one of {VARIANCE_TYPES}"),
-        (
-            len(s.input_names) == 2 and len(s.output_names) == 1,
-            "input_names",
-            f"expected 2 inputs and 1 output, got {s.input_names} -> {s.output_names}",
-        ),
-    ]
-    for ok, key, message in checks:
-        if not ok:
-            raise SidecarError(f"{where}: {key}: {message}")
+    _check_format(sidecar, model_path, where)
+    atomic_write_json(where, to_dict(sidecar))
+    return where
 
 
 def _check_format(s: Sidecar, model_path: Path, where: Path) -> None:
@@ -157,65 +126,26 @@ def _check_format(s: Sidecar, model_path: Path, where: Path) -> None:
         )
 
 
-def _load_json(model_path: Path) -> tuple[dict, Path]:
-    """The sidecar's JSON and where it was found: `<file>.json`, else an older export's
-    `<stem>.json`, but only when that one names this very file."""
-    where = sidecar_path(model_path)
-    legacy = _legacy_sidecar_path(model_path)
-    for path in (where, legacy):
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError) as e:
-            raise SidecarError(f"{path}: unreadable sidecar ({e})") from None
-        if not isinstance(data, dict):
-            raise SidecarError(f"{path}: expected a JSON object")
-        if path == where or data.get("model_file") == model_path.name:
-            return data, path
-    raise SidecarError(
-        f"{where}: missing sidecar for {model_path.name} (re-export the model; "
-        f"the sampler needs its schedule and shapes)"
-    )
-
-
 def read_sidecar(model_path: str | Path) -> Sidecar:
-    """The validated sidecar of a model file; checks it was written for that very file and format."""
+    """The checked sidecar of a model file; checks it was written for that very file and format."""
     model_path = Path(model_path)
-    data, where = _load_json(model_path)
-    version = data.get("sidecar_version")
+    where = sidecar_path(model_path)
+    try:
+        data = json.loads(where.read_text())
+    except FileNotFoundError:
+        raise SidecarError(
+            f"{where}: missing sidecar for {model_path.name} (re-export the model; "
+            f"the sampler needs its schedule and shapes)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise SidecarError(f"{where}: unreadable sidecar ({e})") from None
+    version = data.get("sidecar_version") if isinstance(data, dict) else None
     if version != SIDECAR_VERSION:
-        raise SidecarError(f"{where}: sidecar_version {version!r}, this sampler reads {SIDECAR_VERSION}")
-    batch = _field(data, "batch", dict, where)
-    betas = _field(data, "betas", list, where)
-    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
-        raise SidecarError(f"{where}: betas must be a list of numbers")
-    s = Sidecar(
-        format=_field(data, "format", str, where),
-        image_size=_field(data, "image_size", int, where),
-        channels=_field(data, "channels", int, where),
-        dtype=_field(data, "dtype", str, where),
-        timestep_dtype=_field(data, "timestep_dtype", str, where),
-        batch_min=_field(batch, "min", int, where),
-        batch_opt=_field(batch, "opt", int, where),
-        batch_max=_field(batch, "max", int, where, optional=True),
-        betas=[float(b) for b in betas],
-        num_timesteps=_field(data, "num_timesteps", int, where),
-        prediction_type=_field(data, "prediction_type", str, where),
-        variance_type=_field(data, "variance_type", str, where),
-        clip_sample=_field(data, "clip_sample", bool, where),
-        input_names=list(_field(data, "input_names", list, where)),
-        output_names=list(_field(data, "output_names", list, where)),
-        source_checkpoint=data.get("source_checkpoint", ""),
-        step=data.get("step", 0),
-        weights=data.get("weights", "ema"),
-        model_file=data.get("model_file", ""),
-        model_bytes=data.get("model_bytes"),
-        model_sha256=data.get("model_sha256", ""),
-        model_config=data.get("model_config", {}),
-        producer=data.get("producer", {}),
-    )
-    validate(s, where)
+        raise SidecarError(f"{where}: sidecar_version {version!r}, this sampler reads {SIDECAR_VERSION} (re-export)")
+    try:
+        s = from_dict(Sidecar, data)
+    except ConfigError as e:
+        raise SidecarError(f"{where}: {e}") from None
     _check_format(s, model_path, where)
     if s.model_bytes is not None and model_path.exists() and model_path.stat().st_size != s.model_bytes:
         raise SidecarError(
@@ -223,37 +153,3 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
             f"{model_path} has {model_path.stat().st_size} bytes (stale sidecar; re-export)"
         )
     return s
-
-
-def sidecar_from_config(
-    model_cfg,
-    diffusion_cfg,
-    betas,
-    *,
-    fmt: str,
-    dtype: str,
-    source: str = "",
-    step: int = 0,
-    batch: tuple = (1, 1, None),
-    weights: str = "ema",
-) -> Sidecar:
-    """A Sidecar for a model built from `pipeline.config` ModelConfig / DiffusionConfig."""
-    return Sidecar(
-        format=fmt,
-        image_size=model_cfg.image_size,
-        channels=model_cfg.in_channels,
-        dtype=dtype,
-        timestep_dtype="float32",
-        batch_min=batch[0],
-        batch_opt=batch[1],
-        batch_max=batch[2],
-        betas=[float(b) for b in betas],
-        num_timesteps=diffusion_cfg.num_timesteps,
-        prediction_type=diffusion_cfg.prediction_type,
-        variance_type=diffusion_cfg.variance_type,
-        clip_sample=diffusion_cfg.clip_sample,
-        source_checkpoint=source,
-        step=step,
-        weights=weights,
-        model_config=dataclasses.asdict(model_cfg),
-    )

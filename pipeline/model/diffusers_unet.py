@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import ModelConfig
+from pipeline.core.config import ModelConfig
 from pipeline.model.unet import UNet
 
 _RESNET_NAMES = {

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import ModelConfig
+from pipeline.core.config import ModelConfig
 
 
 class GroupNorm32(nn.GroupNorm):

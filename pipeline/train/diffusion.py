@@ -10,10 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.schedule import DiffusionSchedule, schedule_from_config  # noqa: F401  (callers import it from here too)
-
-
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
+from pipeline.core.config import LossWeighting, check_choice
+from pipeline.core.schedule import DiffusionSchedule
 
 
 def min_snr_weights(schedule: DiffusionSchedule, gamma: float) -> np.ndarray:
@@ -31,8 +29,7 @@ class GaussianDiffusion:
     """q_sample and the DDPM loss (plain MSE, or Min-SNR weighted per timestep), on torch tensors."""
 
     def __init__(self, schedule: DiffusionSchedule, loss_weighting: str = "uniform", snr_gamma: float = 5.0):
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+        check_choice(LossWeighting, loss_weighting, "train.loss_weighting")
         self.schedule = schedule
         self.num_timesteps = schedule.num_timesteps
         self.prediction_type = schedule.prediction_type

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.config import FP16_NEEDS_ZERO, Config, ConfigError, TrainConfig
+from pipeline.core.config import Config, ConfigError, FP16_NEEDS_ZERO, TrainConfig
 
 # Dynamic loss scaling for fp16 (Micikevicius et al. 2018, DeepSpeed's names): start at 2^16,
 # halve on overflow after `hysteresis` strikes, double after `loss_scale_window` clean steps.

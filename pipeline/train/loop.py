@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from pipeline.train import distributed, stop_signals
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import Config, ConfigError, load_config_or_report, save_config
+from pipeline.config import load_config_or_report, save_config
+from pipeline.core.config import Config, ConfigError
 from pipeline.train.data import make_loader
 from pipeline.train.diffusion import GaussianDiffusion
 from pipeline.train.distributed import DistEnv, LaunchError
@@ -50,7 +51,7 @@ from pipeline.train.resume import (
     use_weights_only_loading,
 )
 from pipeline.train.previews import save_preview
-from pipeline.core.schedule import schedule_from_config
+from pipeline.core.schedule import DiffusionSchedule
 from pipeline.model.unet import UNet
 
 REQUEUE_EXIT_CODE = 3  # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
@@ -267,7 +268,9 @@ def train_step(engine, diffusion, batches, state: TrainState, seed: int, env: Di
 def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batches, log: MetricsLog) -> int:
 
     train_cfg = cfg.train
-    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion), train_cfg.loss_weighting, train_cfg.snr_gamma)
+    diffusion = GaussianDiffusion(
+        DiffusionSchedule.from_config(cfg.diffusion), train_cfg.loss_weighting, train_cfg.snr_gamma
+    )
     fp16 = engine.fp16_enabled()
     bad_steps = 0
     corrupt = 0  # samples the data loaders of all ranks skipped since this process started
@@ -331,7 +334,7 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
         last = state.step == train_cfg.max_steps
         if env.is_main and weights_ok and cfg.log.sample_every and (state.step % cfg.log.sample_every == 0 or last):
             try:
-                log.message(f"step {state.step}: EMA samples in {preview(cfg, ema, diffusion, state.step, env)}")
+                log.message(f"step {state.step}: EMA samples in {preview(cfg, ema, state.step, env)}")
             except NoSpaceError as e:  # a preview is not worth stopping for; the checkpoint below decides
                 log.message(f"warning: no preview grid: {e}")
         if weights_ok and (state.step % train_cfg.checkpoint_every == 0 or last or stop):
@@ -361,13 +364,12 @@ def too_many_corrupt(cfg: Config, env: DistEnv, last: str, count: int) -> TrainE
     )
 
 
-def preview(cfg: Config, ema, diffusion, step: int, env: DistEnv) -> Path:
+def preview(cfg: Config, ema, step: int, env: DistEnv) -> Path:
     """EMA samples drawn with the sampling core into run.dir/samples/ (rank 0)."""
-
     model = ema.copy_to(UNet(cfg.model).to(env.device))
     return save_preview(
         model,
-        diffusion.schedule,
+        cfg.diffusion,
         cfg.run.dir,
         step,
         cfg.log.num_samples,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 from pipeline.core.fileio import atomic_write_text
 
 

@@ -39,7 +39,7 @@ from pipeline.checkpoint import (
     verify_deepspeed_files,
     verify_export_files,
 )
-from pipeline.config import Config
+from pipeline.core.config import Config
 from pipeline.train.distributed import DistEnv
 from pipeline.train.ema import full_weights
 from pipeline.core.fileio import atomic_write_bytes, atomic_writer, fsync_dir
