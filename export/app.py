@@ -22,9 +22,6 @@ import traceback
 import numpy as np
 
 from export.backends import load_denoiser
-from pipeline.core.denoiser import BackendUnavailable, ModelError
-from pipeline.core.editing import X0Trajectory, inpaint, sdedit
-from pipeline.core.sidecar import SidecarError
 from export.uploads import (
     MAX_SEED,
     MAX_UPLOAD_BYTES,
@@ -38,6 +35,8 @@ from export.uploads import (
     timing,
     trajectory_strip,
 )
+from pipeline.core.denoiser import BackendUnavailable, ModelError
+from pipeline.core.editing import X0Trajectory, inpaint, sdedit
 from pipeline.core.sampling import (
     DEFAULT_SAMPLER,
     SAMPLERS,
@@ -46,6 +45,7 @@ from pipeline.core.sampling import (
     generate,
     sampler_timesteps,
 )
+from pipeline.core.sidecar import SidecarError
 
 # Set before gradio is imported: it reads them at import and Blocks() time (telemetry, version check).
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

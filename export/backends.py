@@ -61,7 +61,7 @@ def load_denoiser(
 def _torch_denoiser(ckpt: Path, threads: int | None, **options) -> Denoiser:
     try:
         from pipeline.checkpoint import CheckpointError  # torch: only for a checkpoint directory
-        from pipeline.model.denoiser import TorchDenoiser
+        from pipeline.model.denoiser import TorchDenoiser  # torch, as above
     except ImportError as e:
         raise BackendUnavailable(f"{ckpt}: a checkpoint directory needs torch ({e}); pip install .[export]") from None
     try:
@@ -139,7 +139,7 @@ class OrtDenoiser:
     """
 
     def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional runtime: only for an .onnx model
 
         self.path = Path(path)
         self.info = read_sidecar(self.path)

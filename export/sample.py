@@ -22,7 +22,6 @@ import numpy as np
 
 from export.backends import load_denoiser
 from pipeline.core.denoiser import BackendUnavailable, ModelError
-from pipeline.core.sidecar import SidecarError
 from pipeline.core.fileio import NoSpaceError, atomic_write_bytes
 from pipeline.core.grid import image_grid
 from pipeline.core.progress import Progress
@@ -38,6 +37,7 @@ from pipeline.core.sampling import (
     to_uint8,
 )
 from pipeline.core.schedule import SPACINGS
+from pipeline.core.sidecar import SidecarError
 
 OUT_SUFFIXES = (".png", ".npz")
 GRID_IMAGES = 64  # what --grid draws: enough faces to judge, small enough to look at
@@ -53,7 +53,7 @@ def save_images(images: np.ndarray, out: Path) -> None:
     if out.suffix == ".npz":
         np.savez(buffer, images=images)
     else:
-        from PIL import Image
+        from PIL import Image  # pillow: only for --grid
 
         grid = image_grid(images)
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
@@ -116,7 +116,7 @@ def check_output(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
         raise UsageError(f"{flag} {path}: unknown output type {path.suffix!r}; expected {' or '.join(suffixes)}")
     if path.suffix == ".png":
         try:
-            import PIL.Image  # noqa: F401
+            import PIL.Image  # noqa: F401  (pillow is optional: checked before sampling starts)
         except ImportError:
             raise UsageError(
                 f"{flag} {path}: writing a PNG grid needs pillow (pip install pillow); or write .npz"

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from export.backends import OrtDenoiser
-from pipeline.core.denoiser import BackendUnavailable, ModelError
-from pipeline.core.sidecar import Sidecar, read_sidecar, write_sidecar
 from export.trt_runtime import TrtDenoiser, require_tensorrt
+from pipeline.core.denoiser import BackendUnavailable, ModelError
 from pipeline.core.fileio import NoSpaceError, atomic_write_bytes
+from pipeline.core.sidecar import Sidecar, read_sidecar, write_sidecar
 
 # Max |TensorRT - onnxruntime(CPU)| on a random batch. TensorRT's fp32 uses TF32 matmuls/convs.
 TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2}
@@ -190,8 +190,8 @@ def max_error_vs_onnx(plan: Path, onnx_path: Path, batch: int, seed: int = 0) ->
 
 def _export_first(ckpt: str, onnx_out: Path | None, fp16: bool) -> Path:
     """--ckpt: export the ONNX (fp16 graph with --fp16) and return its path."""
-    from export.onnx import ExportError, export_onnx
-    from pipeline.checkpoint import CheckpointError
+    from export.onnx import ExportError, export_onnx  # torch and onnx: only for --ckpt
+    from pipeline.checkpoint import CheckpointError  # torch, as above
 
     try:
         return export_onnx(ckpt, onnx_out, fp16=fp16)[0]

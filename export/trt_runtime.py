@@ -25,7 +25,7 @@ def require_cuda_runtime(user: str = "the CUDA runtime"):
     are "no CUDA device here", never a traceback.
     """
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime as cudart  # optional: cuda-python, on CUDA machines only
     except ImportError as e:
         raise BackendUnavailable(
             f"the CUDA Python bindings are missing or older than 12.6.1 ({e}); run `pip install 'cuda-python>=12.6.1'`"
@@ -48,7 +48,7 @@ def require_cuda_runtime(user: str = "the CUDA runtime"):
 def require_tensorrt():
     """(tensorrt, cuda.bindings.runtime), or BackendUnavailable naming what is missing."""
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # optional: TensorRT, on CUDA machines only
     except ImportError as e:
         raise BackendUnavailable(
             f"TensorRT is not installed ({e}); on a machine with an NVIDIA GPU run `pip "
@@ -61,7 +61,7 @@ def native_handle(obj) -> int:
     """The address behind a cuda.bindings handle such as a cudaStream_t. cuda-bindings 12.9.1
     deprecated int(handle) for cuda.bindings.utils.get_cuda_native_handle; older ones only have int()."""
     try:
-        from cuda.bindings.utils import get_cuda_native_handle
+        from cuda.bindings.utils import get_cuda_native_handle  # optional: cuda-python
     except ImportError:
         return int(obj)
     return get_cuda_native_handle(obj)
@@ -79,7 +79,7 @@ def check_batch(info, batch: int, path) -> None:
 
 def _cuda(result):
     """Unpack a cuda.bindings call `(err, *values)`, raising on error."""
-    from cuda.bindings import runtime as cudart
+    from cuda.bindings import runtime as cudart  # optional: cuda-python, on CUDA machines only
 
     err, *values = result
     if err != cudart.cudaError_t.cudaSuccess:

@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from pipeline.core.config import Config, ConfigError, DiffusionConfig, ModelConfig, from_dict
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -123,8 +125,6 @@ def save_export_files(
     ckpt_dir: str | Path, ema_state: dict, cfg: Config, step: int, images_seen: int, model_state: dict | None = None
 ) -> None:
     """Write ema.safetensors (fp32), model.safetensors (fp32, when given) and model.json."""
-    from safetensors.torch import save
-
     ckpt_dir = Path(ckpt_dir)
     for name, state in ((EMA_FILE, ema_state), (MODEL_FILE, model_state)):
         if state is not None:
@@ -159,8 +159,6 @@ def load_model_json(ckpt_dir: str | Path) -> tuple[ModelConfig, DiffusionConfig,
 
 def load_tensors(file: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A checkpoint's .safetensors file; CheckpointError naming it when it is missing or damaged."""
-    from safetensors.torch import load_file
-
     file = Path(file)
     if not file.is_file():
         raise CheckpointError(f"{file}: missing" + (" (not a file)" if file.exists() else ""))
@@ -172,8 +170,6 @@ def load_tensors(file: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
 
 def check_tensors_header(file: str | Path) -> None:
     """Cheap check of a .safetensors file: its header parses and covers exactly the file's bytes."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(file), framework="pt"):
             pass
@@ -296,8 +292,9 @@ def remove_incomplete(run_dir: str | Path) -> list[Path]:
 
 def deepspeed_safe_globals() -> list:
     """The DeepSpeed classes its checkpoints pickle besides tensors and containers."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    # deepspeed is imported only after DS_ACCELERATOR is set (pipeline.train.distributed)
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # see above
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # deepspeed, as above
+    from deepspeed.utils.tensor_fragment import fragment_address  # deepspeed, as above
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

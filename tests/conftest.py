@@ -122,7 +122,8 @@ def onnx16(ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def torch_denoiser(ckpt):
-    from pipeline.model.denoiser import TorchDenoiser
     from tiny_model import THREADS
+
+    from pipeline.model.denoiser import TorchDenoiser
 
     return TorchDenoiser.from_checkpoint(ckpt, threads=THREADS)

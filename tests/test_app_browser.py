@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from export.app import SAMPLER_LABELS, Demo, shown_to_user
-from export.uploads import MAX_SIDE, UserInputError, image_to_model, keep_mask_from_layers, open_upload
-from export.backends import load_denoiser
-from pipeline.train.distributed import free_port
-from pipeline.core.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 from test_editing import SIZE  # tests/ is on sys.path (pytest's rootdir-less import)
 from tiny_model import make_checkpoint
+
+from export.app import SAMPLER_LABELS, Demo, shown_to_user
+from export.backends import load_denoiser
+from export.uploads import MAX_SIDE, UserInputError, image_to_model, keep_mask_from_layers, open_upload
+from pipeline.core.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
+from pipeline.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"

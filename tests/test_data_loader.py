@@ -16,8 +16,8 @@ from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
 from data_prep.shards import ShardWriter
-from pipeline.train.data import DataError, check_shards, make_loader, read_manifest
 from pipeline.core.fileio import atomic_write_json
+from pipeline.train.data import DataError, check_shards, make_loader, read_manifest
 
 SIZE = 16
 torch.set_num_threads(1)

@@ -6,11 +6,11 @@ path matters) exported with `export.onnx` and run by onnxruntime on the CPU: the
 
 import numpy as np
 import pytest
-
-from pipeline.core import editing
-from export.backends import OrtDenoiser
-from pipeline.core.sampling import generate, to_uint8
 from tiny_model import make_checkpoint
+
+from export.backends import OrtDenoiser
+from pipeline.core import editing
+from pipeline.core.sampling import generate, to_uint8
 
 THREADS = 2
 STEPS = 10
@@ -20,6 +20,7 @@ SIZE = 16
 @pytest.fixture(scope="module")
 def denoiser(tmp_path_factory):
     import torch
+
     from export.onnx import main as export_main
 
     torch.set_num_threads(THREADS)

@@ -9,12 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
-
-from pipeline.checkpoint import read_checkpoint
-from export.backends import OrtDenoiser
-from pipeline.core.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
-from pipeline.core.sampling import image_rngs, initial_noise, sample_loop, sampler_timesteps
 from tiny_model import THREADS, tiny_sidecar
+
+from export.backends import OrtDenoiser
+from pipeline.checkpoint import read_checkpoint
+from pipeline.core.sampling import image_rngs, initial_noise, sample_loop, sampler_timesteps
+from pipeline.core.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
 
 
 def random_batch(batch, seed=0, size=16):
@@ -54,6 +54,7 @@ def test_onnx_graph_and_sidecar(onnx32, ckpt):
 @pytest.mark.integration
 def test_weights_model_exports_the_online_weights(ckpt, onnx32, tmp_path, capsys):
     import torch
+
     from export.onnx import main
     from pipeline.checkpoint import MODEL_FILE, read_checkpoint
 
@@ -140,6 +141,7 @@ def test_export_cli_rejects_a_bad_checkpoint(tmp_path, capsys):
 def test_checkpoint_is_read_once_into_a_record(ckpt, tmp_path):
     """A run directory and its checkpoint directory give the same record; weights load only on demand."""
     import torch
+
     from pipeline.checkpoint import MODEL_FILE, CheckpointError, read_checkpoint, step_of
 
     record = read_checkpoint(ckpt.parent.parent)

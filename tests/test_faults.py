@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from pipeline.core.sidecar import sidecar_path
-from pipeline.checkpoint import complete_checkpoints
 from tiny_model import PYTHON, REPO, TINY_CPU_YAML, losses, tiny_config
+
+from pipeline.checkpoint import complete_checkpoints
+from pipeline.core.sidecar import sidecar_path
 
 pytestmark = pytest.mark.integration
 SEED = 14
@@ -208,8 +208,9 @@ def test_damaged_manifest_or_shard_stops_training_in_one_line(name, kind, shards
 
 
 def test_rejected_samples_are_counted_and_stop_the_run_past_max_corrupt(tmp_path, capsys, caplog, in_process):
-    from pipeline.train.loop import train
     from test_data_loader import write_corrupt_shards
+
+    from pipeline.train.loop import train
 
     write_corrupt_shards(tmp_path / "shards", good=40, corrupt=4)
     assert train(tiny_config(tmp_path / "a", tmp_path / "shards", "train.max_steps=6", "data.max_corrupt=100")) == 0
@@ -299,6 +300,7 @@ def test_damaged_onnx_or_sidecar_through_sample_app_and_trt(which, kind, exporte
 @pytest.mark.parametrize("kind", DAMAGES)
 def test_damaged_upload_to_the_app_is_a_message(kind, tmp_path):
     from PIL import Image
+
     from export.uploads import UserInputError, open_upload
 
     upload = tmp_path / "face.png"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pipeline.core.sidecar import read_sidecar, sidecar_path
-from pipeline.checkpoint import complete_checkpoints
 from test_faults import EVERY_2, SEED, one_line
 from tiny_model import PYTHON, REPO, finish, kill_job, losses, tiny_config, torchrun, wait_for, workers
+
+from pipeline.checkpoint import complete_checkpoints
+from pipeline.core.sidecar import read_sidecar, sidecar_path
 
 pytestmark = pytest.mark.integration
 

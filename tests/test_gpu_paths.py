@@ -16,16 +16,15 @@ import warnings
 
 import pytest
 import torch
-
-from export.backends import OrtDenoiser
-from pipeline.core.denoiser import BackendUnavailable, ModelError
-from export.trt_runtime import check_batch, require_cuda_runtime
-from pipeline.core.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
-from pipeline.core.config import Config, ConfigError, from_dict
-from pipeline.train.distributed import accelerator_mismatch, cuda_device_index, read_env
-from pipeline.train.ds_config import cpu_adam_build_missing, ds_config_for
 from tiny_model import make_checkpoint, tiny_sidecar
 
+from export.backends import OrtDenoiser
+from export.trt_runtime import check_batch, require_cuda_runtime
+from pipeline.core.config import Config, ConfigError, from_dict
+from pipeline.core.denoiser import BackendUnavailable, ModelError
+from pipeline.core.sidecar import SidecarError, read_sidecar, sidecar_path, write_sidecar
+from pipeline.train.distributed import accelerator_mismatch, cuda_device_index, read_env
+from pipeline.train.ds_config import cpu_adam_build_missing, ds_config_for
 
 # --- sidecars: a graph and its engine each keep their own ----------------------------------------
 
@@ -113,6 +112,7 @@ def test_no_cuda_device_is_backend_unavailable_not_a_crash():
 def test_native_handle_reads_a_stream_without_int():
     pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
     from cuda.bindings import runtime as cudart
+
     from export.trt_runtime import native_handle
 
     with warnings.catch_warnings():

@@ -10,12 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_model import losses, tiny_config
 
 from pipeline.core.config import ConfigError, DiffusionConfig
 from pipeline.core.schedule import DiffusionSchedule
 from pipeline.train.diffusion import GaussianDiffusion
 from pipeline.train.ema import EMA, power_exponent, power_sigma_rel
-from tiny_model import losses, tiny_config
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
@@ -111,6 +111,7 @@ OPTIONS = {  # each pins its prediction type and weighting (the tiny config's ow
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_option_trains_resumes_bit_exactly_and_exports(option, tmp_path, shards16, in_process):
     from safetensors.torch import load_file
+
     from export.backends import OrtDenoiser
     from export.onnx import export_onnx
     from pipeline.core.sampling import generate

@@ -20,13 +20,23 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_slurm import (
+    JOB_TIMEOUT_S,
+    TINY,
+    job_env,
+    job_outcome,
+    launcher_cmd,
+    sacct_states,
+    slurm_nodes,
+    steps_of,
+    submit_train,
+    wait_for_step,
+)
+from tiny_model import torchrun_cmd
 
 from pipeline.checkpoint import EMA_FILE, complete_checkpoints
-from pipeline.train.distributed import LaunchError, bind_interface, read_env
 from pipeline.launch import node_address
-from test_slurm import JOB_TIMEOUT_S, TINY, job_env, job_outcome, launcher_cmd, sacct_states, slurm_nodes, steps_of
-from test_slurm import submit_train, wait_for_step
-from tiny_model import torchrun_cmd
+from pipeline.train.distributed import LaunchError, bind_interface, read_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 20, 4

@@ -9,14 +9,14 @@ import sys
 
 import numpy as np
 import pytest
+from test_export import random_batch
+from tiny_model import REPO, THREADS, tiny_sidecar
 
 from export import sample as sample_cli
 from export.backends import OrtDenoiser
+from export.trt_runtime import require_tensorrt
 from pipeline.core.denoiser import BackendUnavailable, ModelError
 from pipeline.core.sidecar import sidecar_path, write_sidecar
-from export.trt_runtime import require_tensorrt
-from test_export import random_batch
-from tiny_model import REPO, THREADS, tiny_sidecar
 
 
 def trt_missing_reason():
@@ -112,7 +112,11 @@ CLI_ERRORS = {
     "unknown sampler": (lambda m: None, ["--sampler", "euler"], "--sampler euler: unknown sampler; expected one of"),
     "eta without ddim": (lambda m: None, ["--sampler", "unipc", "--eta", "1"], "--eta 1.0: only ddim takes eta"),
     "stale sidecar": (lambda m: m.write_bytes(m.read_bytes() + b"\0"), [], "stale sidecar"),
-    "bad sidecar value": (lambda m: _edit_sidecar(m, **{"diffusion.prediction_type": "noise"}), [], "diffusion.prediction_type"),
+    "bad sidecar value": (
+        lambda m: _edit_sidecar(m, **{"diffusion.prediction_type": "noise"}),
+        [],
+        "diffusion.prediction_type",
+    ),
     "unknown model type": (lambda m: m.rename(m.with_suffix(".pt")), [], "unknown model type"),
 }
 
@@ -183,8 +187,8 @@ def test_trt_engine_matches_torch_and_samples(fp16, onnx32, onnx16, torch_denois
     reason = trt_missing_reason()
     if reason:
         pytest.skip(reason)
-    from export.trt_runtime import TrtDenoiser
     from export.trt import build_engine
+    from export.trt_runtime import TrtDenoiser
 
     src = onnx16 if fp16 else onnx32
     plan = build_engine(src, tmp_path / "d.plan", batch=(1, 2, 4), timing_cache=tmp_path / "cache.bin")

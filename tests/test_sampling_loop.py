@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.config import DiffusionConfig, ModelConfig
 from pipeline.core.sampling import (
     generate,
     image_rngs,
@@ -19,9 +20,8 @@ from pipeline.core.sampling import (
     sampler_timesteps,
     to_uint8,
 )
-from pipeline.core.config import DiffusionConfig, ModelConfig
-from pipeline.core.sidecar import Sidecar
 from pipeline.core.schedule import DiffusionSchedule
+from pipeline.core.sidecar import Sidecar
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (3, 8, 8)

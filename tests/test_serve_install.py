@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.integration
 def test_serve_onnx_extra_alone_runs_export_sample(tmp_path):
-    from export.onnx import main as export_onnx
     from tiny_model import make_checkpoint
+
+    from export.onnx import main as export_onnx
 
     onnx = tmp_path / "denoiser.onnx"
     assert export_onnx(["--ckpt", str(make_checkpoint(tmp_path / "run")), "--out", str(onnx)]) == 0

@@ -6,21 +6,21 @@ signalled and resumed.
 from __future__ import annotations
 
 import json
-import random
 import os
+import random
 import signal
 import subprocess
 
 import numpy as np
 import pytest
 import torch
+from tiny_model import PYTHON, REPO, TINY_CPU_YAML, finish, kill_job, losses, tiny_config, torchrun, wait_for, workers
 
 from pipeline.checkpoint import complete_checkpoints, step_of
-from pipeline.train.resume import load_rng, save_rng
 from pipeline.core.config import Config, ConfigError, TrainConfig
 from pipeline.train.distributed import LaunchError, read_env
 from pipeline.train.ds_config import FP16_LOSS_SCALING, batch_sizes, build_ds_config, load_user_ds_config
-from tiny_model import PYTHON, REPO, TINY_CPU_YAML, finish, kill_job, losses, tiny_config, torchrun, wait_for, workers
+from pipeline.train.resume import load_rng, save_rng
 
 # --- DeepSpeed config -----------------------------------------------------------------------------
 
@@ -233,6 +233,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, shards
 @pytest.mark.integration
 def test_zero3_signals_exact_resume_and_ema_equal_to_zero0(tmp_path, shards16, launched):
     from safetensors.torch import load_file
+
     from pipeline.train.loop import REQUEUE_EXIT_CODE
 
     # adam_eps=1e-3: Adam's update g / (sqrt(v) + eps) then does not blow up the last-bit differences of

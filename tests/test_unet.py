@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from pipeline.config import ModelConfig, load_config
+from pipeline.config import load_config
+from pipeline.core.config import ModelConfig
 from pipeline.model.diffusers_unet import DiffusersConfigError, import_diffusers_unet, model_config_from_diffusers
 from pipeline.model.unet import GroupNorm32, UNet, count_parameters
 

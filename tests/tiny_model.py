@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.sidecar import Sidecar
 from pipeline.config import load_config
 from pipeline.core.config import Config, DiffusionConfig, ModelConfig
+from pipeline.core.sidecar import Sidecar
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -54,6 +54,7 @@ def make_checkpoint(run_dir: Path, step: int = 10) -> Path:
     """A complete checkpoint of the tiny U-Net, no training: its zero-initialised layers get small
     random weights so that its output depends on every path through the network."""
     import torch
+
     from pipeline.checkpoint import checkpoint_dir, mark_complete, save_export_files
     from pipeline.core.config import DiffusionConfig, ModelConfig
     from pipeline.model.unet import UNet

@@ -30,7 +30,7 @@ class Progress:
         self.bar = None
         if sys.stderr.isatty() and not quiet:
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # optional: the core is numpy + stdlib; tqdm only on a terminal
 
                 self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, file=sys.stderr)
             except ImportError:  # the standalone sampler needs only numpy + an engine

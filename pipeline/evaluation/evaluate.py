@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.fileio import NoSpaceError, atomic_write_json
 from pipeline.evaluation import fid_inception
 from pipeline.evaluation.features import FEATURE_NET_NAME, FEATURE_NET_STEPS, Featurizer
 from pipeline.evaluation.images import EvaluateError, check_images, load_samples, read_split
 from pipeline.evaluation.metrics import K_NEAREST, frechet_distance, gaussian_stats, precision_recall_density_coverage
-from pipeline.core.fileio import NoSpaceError, atomic_write_json
-
 
 # ---------------------------------------------------------------- the API the demo calls
 

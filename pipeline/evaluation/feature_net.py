@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
+from tqdm import tqdm
 
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json
 
@@ -215,8 +216,6 @@ def _train(images, image_size, steps, batch_size, lr, seed, log_every):
 def _progress(total: int):
     if not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc="feature net", unit="step", dynamic_ncols=True)
 
 

@@ -108,7 +108,7 @@ def accelerator_mismatch(environ, cuda: bool) -> str | None:
 
 def interface_towards(master_addr: str) -> tuple[str, str, str]:
     """(master IPv4, this host's source address, its interface) for traffic to master_addr."""
-    import psutil  # a DeepSpeed dependency
+    import psutil  # a DeepSpeed dependency, needed on multi-node launches only
 
     try:
         master_ip = socket.gethostbyname(master_addr)
@@ -169,7 +169,7 @@ def import_deepspeed():
         raise LaunchError(mismatch)
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    import deepspeed  # after DS_ACCELERATOR is set: it picks its accelerator on import
 
     if cpu and "__compatible_ops__" not in vars(deepspeed.ops):
         # On CPU, DeepSpeed's comm backend probes every op (spawning compilers) and JIT-builds a

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.core.config import Config, ConfigError, FP16_NEEDS_ZERO, TrainConfig
+from pipeline.core.config import FP16_NEEDS_ZERO, Config, ConfigError, TrainConfig
 
 # Dynamic loss scaling for fp16 (Micikevicius et al. 2018, DeepSpeed's names): start at 2^16,
 # halve on overflow after `hysteresis` strikes, double after `loss_scale_window` clean steps.
@@ -113,9 +113,9 @@ def cpu_adam_build_missing() -> list[str]:
     """What building DeepSpeed's CPU Adam op (for zero.offload_optimizer) lacks here; [] if it is
     pre-built or can be built. DeepSpeed JIT-builds it at engine start-up with ninja and a C++
     compiler, and on DeepSpeed versions whose CUDA accelerator builds it as a CUDA op, with nvcc too."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+    from deepspeed.accelerator import get_accelerator  # deepspeed: after DS_ACCELERATOR is set
+    from deepspeed.git_version_info import installed_ops  # deepspeed, as above
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder  # deepspeed, as above
 
     if installed_ops.get("cpu_adam"):
         return []
@@ -126,7 +126,7 @@ def cpu_adam_build_missing() -> list[str]:
     if shutil.which(cxx) is None:
         missing.append(f"a C++ compiler ({cxx!r} not on PATH)")
     if isinstance(get_accelerator().create_op_builder("CPUAdamBuilder"), CUDAOpBuilder):
-        from torch.utils.cpp_extension import CUDA_HOME
+        from torch.utils.cpp_extension import CUDA_HOME  # loads the C++ extension toolchain: only for offload
 
         if CUDA_HOME is None:
             missing.append("a CUDA toolkit (nvcc; set CUDA_HOME)")

@@ -53,7 +53,7 @@ def _chunks(named: list[tuple[str, nn.Parameter]], max_numel: int):
 def _gathered(params: list[nn.Parameter]):
     """Full parameters for reading inside the block (ZeRO-3); a no-op for whole ones."""
     if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+        import deepspeed  # deepspeed: after DS_ACCELERATOR is set (ZeRO-3 only)
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()

@@ -30,29 +30,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.train import distributed, stop_signals
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config_or_report, save_config
 from pipeline.core.config import Config, ConfigError
+from pipeline.core.fileio import NoSpaceError, atomic_write_json
+from pipeline.core.manifest import DataError, check_shards, read_manifest
+from pipeline.core.schedule import DiffusionSchedule
+from pipeline.model.unet import UNet
+from pipeline.train import distributed, resume, stop_signals
 from pipeline.train.data import make_loader
 from pipeline.train.diffusion import GaussianDiffusion
 from pipeline.train.distributed import DistEnv, LaunchError
-from pipeline.train.ema import EMA
 from pipeline.train.ds_config import batch_sizes, check_offload_build, ds_config_for, precision_of
-from pipeline.core.fileio import NoSpaceError, atomic_write_json
-from pipeline.core.manifest import DataError, check_shards, read_manifest
+from pipeline.train.ema import EMA
 from pipeline.train.metrics_log import MetricsLog, loss_scale
-from pipeline.train.resume import (
-    TrainError,
-    TrainState,
-    on_all_ranks,
-    resume,
-    save_checkpoint,
-    use_weights_only_loading,
-)
 from pipeline.train.previews import save_preview
-from pipeline.core.schedule import DiffusionSchedule
-from pipeline.model.unet import UNet
+from pipeline.train.resume import TrainError, TrainState, on_all_ranks
 
 REQUEUE_EXIT_CODE = 3  # "checkpointed on request, start me again": slurm/train.sh and pipeline.launch requeue on it
 EXIT_DIVERGED = 1
@@ -143,7 +136,7 @@ def build_engine(cfg: Config, ds_config: dict, deepspeed):
         model_parameters=model.parameters() if optimizer is None else None,
         config=ds_config,
     )
-    use_weights_only_loading(engine)
+    resume.use_weights_only_loading(engine)
     return engine
 
 
@@ -202,7 +195,7 @@ def _train(cfg: Config) -> int:
         profile=cfg.ema.profile,
         sigma_rel=cfg.ema.sigma_rel,
     )
-    state = resume(engine, ema, cfg, env)
+    state = resume.resume(engine, ema, cfg, env)
     if state.step >= train_cfg.max_steps:
         if env.is_main:
             print(f"{run_dir}: already at step {state.step} >= train.max_steps={train_cfg.max_steps}; nothing to do")
@@ -338,7 +331,7 @@ def train_loop(cfg: Config, env: DistEnv, engine, ema, state: TrainState, batche
             except NoSpaceError as e:  # a preview is not worth stopping for; the checkpoint below decides
                 log.message(f"warning: no preview grid: {e}")
         if weights_ok and (state.step % train_cfg.checkpoint_every == 0 or last or stop):
-            log.message(f"step {state.step}: checkpoint {save_checkpoint(engine, ema, state, cfg, env)}")
+            log.message(f"step {state.step}: checkpoint {resume.save_checkpoint(engine, ema, state, cfg, env)}")
         if stop:
             log.message(f"step {state.step}: stopped on request; exit {REQUEUE_EXIT_CODE} so the job is requeued")
             return REQUEUE_EXIT_CODE

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from pipeline.core.config import Config
 from pipeline.core.fileio import atomic_write_text
@@ -30,11 +31,9 @@ class MetricsLog:
             return
         _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
         if sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True)
         if cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy, and only with log.tensorboard
 
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step)
 

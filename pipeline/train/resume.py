@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.train import distributed
 from pipeline.checkpoint import (
     EMA_FILE,
     CheckpointError,
@@ -40,10 +39,11 @@ from pipeline.checkpoint import (
     verify_export_files,
 )
 from pipeline.core.config import Config
-from pipeline.train.distributed import DistEnv
-from pipeline.train.ema import full_weights
 from pipeline.core.fileio import atomic_write_bytes, atomic_writer, fsync_dir
 from pipeline.core.manifest import DataError
+from pipeline.train import distributed
+from pipeline.train.distributed import DistEnv
+from pipeline.train.ema import full_weights
 
 # Test hook: "STEP:SECONDS" makes rank 0 sleep after writing checkpoint STEP and before its
 # COMPLETE marker, so a test can SIGKILL the run in the middle of a checkpoint write.
@@ -309,7 +309,8 @@ def use_weights_only_loading(engine) -> None:
     Only plain containers, tensors and the classes in `deepspeed_safe_globals` are accepted,
     so a tampered checkpoint cannot run code on load.
     """
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    # deepspeed: imported only after DS_ACCELERATOR is set
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # see above
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         return  # a configured alternative engine (nebula, fast, ...) keeps its own loader
