@@ -63,11 +63,21 @@ class Section:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             if typing.get_origin(hints[f.name]) is Literal:
-                check_choice(hints[f.name], getattr(self, f.name), f"{self.name}.{f.name}" if self.name else f.name)
+                check_choice(hints[f.name], getattr(self, f.name), self.key(f.name))
         self.check()
 
     def check(self) -> None:
         pass
+
+    def key(self, attr: str) -> str:
+        """The field's name in errors: `section.field`."""
+        return f"{self.name}.{attr}" if self.name else attr
+
+    def at_least(self, bound: int, *attrs: str) -> None:
+        """Each named field is >= bound."""
+        for attr in attrs:
+            value = getattr(self, attr)
+            require(value >= bound, self.key(attr), f"{value} must be >= {bound}")
 
 
 @dataclass
@@ -103,7 +113,7 @@ class ModelConfig(Section):
             "model.ch",
             f"{self.ch} x ch_mult must be divisible by num_groups={self.num_groups}",
         )
-        require(self.num_res_blocks >= 1, "model.num_res_blocks", f"{self.num_res_blocks} must be >= 1")
+        self.at_least(1, "num_res_blocks")
         require(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
         resolutions = [self.image_size // 2**i for i in range(levels)]
         for r in self.attn_resolutions:
@@ -128,7 +138,7 @@ class DiffusionConfig(Section):
     """Clip each x0 prediction to [-1, 1] while sampling."""
 
     def check(self) -> None:
-        require(self.num_timesteps >= 2, "diffusion.num_timesteps", f"{self.num_timesteps} must be >= 2")
+        self.at_least(2, "num_timesteps")
         require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start", "need 0 < beta_start < beta_end < 1")
 
 
@@ -144,8 +154,7 @@ class DataConfig(Section):
     """Samples the decoder may reject (all ranks together) before the run stops."""
 
     def check(self) -> None:
-        require(self.num_workers >= 0, "data.num_workers", f"{self.num_workers} must be >= 0")
-        require(self.max_corrupt >= 0, "data.max_corrupt", f"{self.max_corrupt} must be >= 0")
+        self.at_least(0, "num_workers", "max_corrupt")
 
 
 @dataclass
@@ -180,10 +189,8 @@ class TrainConfig(Section):
     def check(self) -> None:
         for key in ("lr", "snr_gamma"):
             require(getattr(self, key) > 0, f"train.{key}", f"{getattr(self, key)} must be > 0")
-        for key in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
-            require(getattr(self, key) >= 1, f"train.{key}", f"{getattr(self, key)} must be >= 1")
-        for key in ("micro_batch_size", "warmup_steps", "grad_clip"):
-            require(getattr(self, key) >= 0, f"train.{key}", f"{getattr(self, key)} must be >= 0")
+        self.at_least(1, "max_steps", "batch_size", "checkpoint_every", "keep_checkpoints")
+        self.at_least(0, "micro_batch_size", "warmup_steps", "grad_clip")
         require(
             len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
             "train.adam_betas",
@@ -230,8 +237,8 @@ class LogConfig(Section):
     tensorboard: bool = True
 
     def check(self) -> None:
-        require(self.every >= 1, "log.every", f"{self.every} must be >= 1")
-        require(self.sample_every >= 0, "log.sample_every", f"{self.sample_every} must be >= 0")
+        self.at_least(1, "every")
+        self.at_least(0, "sample_every")
 
 
 @dataclass

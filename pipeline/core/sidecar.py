@@ -73,7 +73,7 @@ class Sidecar(Section):
         return self.model.in_channels
 
     def check(self) -> None:
-        require(self.batch_min >= 1, "batch_min", f"{self.batch_min} must be >= 1")
+        self.at_least(1, "batch_min")
         require(
             self.batch_max is None or self.batch_max >= self.batch_min,
             "batch_max",
