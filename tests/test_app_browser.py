@@ -252,6 +252,78 @@ def wait_for_status(page, elem_id: str, text: str) -> str:
     return page.input_value(f"#{elem_id} textarea")
 
 
+def generate_in_page(page, url, shots):
+    """Generate: 8 images (the default) and the x0 trajectory."""
+    page.click("#generate-button")
+    status = wait_for_status(page, "generate-status", "images/s")
+    wait_for_images(page, "#gallery", 8)
+    wait_for_images(page, "#trajectory")
+    page.screenshot(path=shots / "generate.png", full_page=True)
+    assert status.startswith("8 images in")
+    first = f"{SAMPLER_LABELS[DEFAULT_SAMPLER]} {DEFAULT_STEPS[DEFAULT_SAMPLER]} steps"
+    assert first in status  # the page opens on the benchmark's choice, and says why
+    assert "benchmarks quality" in page.inner_text("body")
+    assert image_size_at(page, "#gallery", url) == [(SIZE, SIZE)] * 8
+    [strip] = image_size_at(page, "#trajectory", url)
+    assert strip[1] == 4 * 64 and strip[0] % 64 == 0
+
+
+def edit_in_page(page, url, shots, tmp_path, server):
+    """Edit: a wide PNG is center-cropped to the model's size and edited; a file that is not an image is
+    a message in the page, and the server lives on."""
+    page.get_by_role("tab", name="Edit").click()
+    page.set_input_files("#edit-input input[type=file]", tmp_path / "portrait.png")
+    page.wait_for_selector("#edit-input img")
+    page.click("#edit-button")
+    status = wait_for_status(page, "edit-status", "images/s")
+    wait_for_images(page, "#edit-before")
+    wait_for_images(page, "#edit-result")
+    page.screenshot(path=shots / "edit.png", full_page=True)
+    n = DEFAULT_STEPS[DEFAULT_SAMPLER]
+    assert f"{n // 2} of {n} {SAMPLER_LABELS[DEFAULT_SAMPLER]} steps" in status  # strength 0.5
+    assert image_size_at(page, "#edit-before", url) == [(SIZE, SIZE)]
+    assert image_size_at(page, "#edit-result", url) == [(SIZE, SIZE)]
+
+    # A file that is not an image: a message in the page, and the server lives on.
+    page.click("#edit-input button[aria-label='Remove Image']")
+    page.set_input_files("#edit-input input[type=file]", tmp_path / "notes.png")
+    page.click("#edit-button")
+    wait_for_status(page, "edit-status", "not an image")
+    page.screenshot(path=shots / "edit_bad_input.png", full_page=True)
+    assert server.poll() is None
+
+
+def inpaint_in_page(page, url, shots, tmp_path):
+    """Inpaint: an empty mask is refused; a painted stroke is regenerated, the rest kept exactly."""
+    page.get_by_role("tab", name="Inpaint").click()
+    page.get_by_text("step-by-step sampler").wait_for()  # why there is no solver here
+    page.wait_for_selector("#inpaint-input canvas", state="visible")  # an upload before this is lost
+    page.set_input_files("#inpaint-input input[type=file]", tmp_path / "square.png")
+    page.locator("#inpaint-input").get_by_text("select the draw tool").wait_for(state="hidden")
+    page.click("#inpaint-button")
+    wait_for_status(page, "inpaint-status", "mask is empty")
+    page.click("#inpaint-input button[aria-label='Brush']")
+    canvas = max(
+        (c.bounding_box() for c in page.query_selector_all("#inpaint-input canvas")),
+        key=lambda box: box["width"] * box["height"],
+    )
+    x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
+    page.mouse.move(x - 30, y)
+    page.mouse.down()
+    page.mouse.move(x + 30, y, steps=10)
+    page.mouse.up()
+    page.click("#inpaint-button")
+    wait_for_status(page, "inpaint-status", "images/s")
+    wait_for_images(page, "#inpaint-before")
+    wait_for_images(page, "#inpaint-result")
+    page.screenshot(path=shots / "inpaint.png", full_page=True)
+    kept, result = image_at(page, "#inpaint-before"), image_at(page, "#inpaint-result")
+    assert kept.shape == result.shape == (SIZE, SIZE, 3)
+    hole = np.all(kept == 128, axis=-1)  # the app greys out what it regenerated
+    assert 0 < hole.sum() < SIZE * SIZE
+    np.testing.assert_array_equal(result[~hole], kept[~hole])
+
+
 @pytest.mark.integration
 def test_generate_edit_and_inpaint_in_a_real_browser(app_url, chromium, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -279,70 +351,9 @@ def test_generate_edit_and_inpaint_in_a_real_browser(app_url, chromium, tmp_path
             page.goto(url + "/")
             page.wait_for_selector("#generate-button")
 
-            # Generate: 8 images (the default) and the x0 trajectory.
-            page.click("#generate-button")
-            status = wait_for_status(page, "generate-status", "images/s")
-            wait_for_images(page, "#gallery", 8)
-            wait_for_images(page, "#trajectory")
-            page.screenshot(path=shots / "generate.png", full_page=True)
-            assert status.startswith("8 images in")
-            first = f"{SAMPLER_LABELS[DEFAULT_SAMPLER]} {DEFAULT_STEPS[DEFAULT_SAMPLER]} steps"
-            assert first in status  # the page opens on the benchmark's choice, and says why
-            assert "benchmarks quality" in page.inner_text("body")
-            assert image_size_at(page, "#gallery", url) == [(SIZE, SIZE)] * 8
-            [strip] = image_size_at(page, "#trajectory", url)
-            assert strip[1] == 4 * 64 and strip[0] % 64 == 0
-
-            # Edit: a wide PNG is center-cropped to the model's size and edited.
-            page.get_by_role("tab", name="Edit").click()
-            page.set_input_files("#edit-input input[type=file]", tmp_path / "portrait.png")
-            page.wait_for_selector("#edit-input img")
-            page.click("#edit-button")
-            status = wait_for_status(page, "edit-status", "images/s")
-            wait_for_images(page, "#edit-before")
-            wait_for_images(page, "#edit-result")
-            page.screenshot(path=shots / "edit.png", full_page=True)
-            n = DEFAULT_STEPS[DEFAULT_SAMPLER]
-            assert f"{n // 2} of {n} {SAMPLER_LABELS[DEFAULT_SAMPLER]} steps" in status  # strength 0.5
-            assert image_size_at(page, "#edit-before", url) == [(SIZE, SIZE)]
-            assert image_size_at(page, "#edit-result", url) == [(SIZE, SIZE)]
-
-            # A file that is not an image: a message in the page, and the server lives on.
-            page.click("#edit-input button[aria-label='Remove Image']")
-            page.set_input_files("#edit-input input[type=file]", tmp_path / "notes.png")
-            page.click("#edit-button")
-            wait_for_status(page, "edit-status", "not an image")
-            page.screenshot(path=shots / "edit_bad_input.png", full_page=True)
-            assert server.poll() is None
-
-            # Inpaint: an empty mask is refused; a painted stroke is regenerated, the rest kept exactly.
-            page.get_by_role("tab", name="Inpaint").click()
-            page.get_by_text("step-by-step sampler").wait_for()  # why there is no solver here
-            page.wait_for_selector("#inpaint-input canvas", state="visible")  # an upload before this is lost
-            page.set_input_files("#inpaint-input input[type=file]", tmp_path / "square.png")
-            page.locator("#inpaint-input").get_by_text("select the draw tool").wait_for(state="hidden")
-            page.click("#inpaint-button")
-            wait_for_status(page, "inpaint-status", "mask is empty")
-            page.click("#inpaint-input button[aria-label='Brush']")
-            canvas = max(
-                (c.bounding_box() for c in page.query_selector_all("#inpaint-input canvas")),
-                key=lambda box: box["width"] * box["height"],
-            )
-            x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
-            page.mouse.move(x - 30, y)
-            page.mouse.down()
-            page.mouse.move(x + 30, y, steps=10)
-            page.mouse.up()
-            page.click("#inpaint-button")
-            wait_for_status(page, "inpaint-status", "images/s")
-            wait_for_images(page, "#inpaint-before")
-            wait_for_images(page, "#inpaint-result")
-            page.screenshot(path=shots / "inpaint.png", full_page=True)
-            kept, result = image_at(page, "#inpaint-before"), image_at(page, "#inpaint-result")
-            assert kept.shape == result.shape == (SIZE, SIZE, 3)
-            hole = np.all(kept == 128, axis=-1)  # the app greys out what it regenerated
-            assert 0 < hole.sum() < SIZE * SIZE
-            np.testing.assert_array_equal(result[~hole], kept[~hole])
+            generate_in_page(page, url, shots)
+            edit_in_page(page, url, shots, tmp_path, server)
+            inpaint_in_page(page, url, shots, tmp_path)
         except Exception:
             page.screenshot(path=shots / "failure.png", full_page=True)
             raise

@@ -106,7 +106,11 @@ CLI_ERRORS = {
         ["--batch", "8"],
         "outside the engine's batch range 1..4",
     ),
-    "wrong image size": (lambda m: _edit_sidecar(m, **{"model.image_size": 32}), [], "wrong image size"),
+    "wrong image size": (
+        lambda m: _edit_sidecar(m, **{"model.image_size": 32, "model.attn_resolutions": [16]}),
+        [],
+        "wrong image size",
+    ),
     "steps above T": (lambda m: None, ["--steps", "1001"], "--steps 1001: must be in [1, 1000]"),
     "steps below 1": (lambda m: None, ["--steps", "0"], "--steps 0: must be in [1, 1000]"),
     "unknown sampler": (lambda m: None, ["--sampler", "euler"], "--sampler euler: unknown sampler; expected one of"),
