@@ -1,13 +1,13 @@
-"""python -m benchmarks <name>|all [--quick] [--device cpu|cuda] [--out DIR]
+"""python -m benchmarks NAME [flags]: every benchmark, one way in.
 
-Benchmarks: train, data, sampler, end_to_end (`all` runs these) and learning (what a fixed training budget
-learns; an hour on 2 CPU cores, so not part of `all`). Each writes <out>/<name>.json (machine, versions,
-config, every repeat) and <out>/<name>.md (tables, targets, method), plus PNG plots where a curve
-says more than a table; `all` also writes <out>/summary.md and summary.json with every target.
---quick finishes in a few minutes on 2 CPU cores (a smoke run: numbers are not representative).
-`python -m benchmarks gpu [--out DIR] [--budget-s 480] [--cpu-smoke]` checks every GPU path in one
-time-boxed run (see benchmarks/gpu.py). `python -m benchmarks quality --ckpt RUN --shards DIR` scores
-every sampler against its network calls on a trained model (see benchmarks/quality.py).
+Each writes <out>/<name>.json (machine, versions, config, every repeat) and <out>/<name>.md (targets,
+tables, method), plus PNG plots where a curve says more than a table; `all` runs train, data, sampler
+and end_to_end and also writes <out>/summary.md and summary.json with every target. --quick finishes
+in a few minutes on 2 CPU cores (a smoke run: numbers are not representative).
+
+A benchmark module has FLAGS (the common flags it takes) and run(args, progress) -> Result (None for a
+worker that writes its own file), and where it needs them add_arguments(parser), defaults(parser, args)
+and steps(args) (its progress units).
 """
 
 from __future__ import annotations
@@ -18,113 +18,88 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from benchmarks import common
+from benchmarks import common, render
+from pipeline.core.fileio import NoSpaceError
 
-NAMES = ("train", "data", "sampler", "end_to_end")
-EXTRA = ("learning",)
+BENCHMARKS = {
+    "train": "training step: our U-Net vs diffusers, gradient checkpointing, ZeRO memory",
+    "data": "data_prep and the training loader against what a training step consumes",
+    "sampler": "per-evaluation time of ONNX Runtime, torch and TensorRT, and the sampling loop's overhead",
+    "end_to_end": "images/s of `python -m export.sample` as a user runs it",
+    "learning": "what a fixed training budget learns, per recipe variant (an hour on 2 CPU cores)",
+    "quality": "sample quality against network calls, on a trained model (--ckpt RUN --shards DIR)",
+    "gpu": "every GPU path in one time-boxed run (--budget-s, --cpu-smoke)",
+    "zero_memory": "ZeRO per-rank bytes: the torchrun worker of `train`",
+    "all": "train, data, sampler and end_to_end, and a summary of their targets",
+}
+ALL = ("train", "data", "sampler", "end_to_end")
+COMMON_FLAGS: dict[str, dict[str, Any]] = {
+    "quick": {"action": "store_true", "help": "smoke-test sizes (minutes on 2 CPU cores)"},
+    "device": {"default": None, "choices": ["cpu", "cuda"], "help": "default: cuda when present, else cpu"},
+    "out": {"type": Path, "default": None, "help": "results directory (default benchmarks/results/<device>[/<name>])"},
+    "threads": {"type": int, "default": None, "help": "torch / onnxruntime threads (default: usable cores)"},
+}
 
 
-def module(name: str):
-    """The benchmark's module: run(args, progress) and steps(args); add_arguments(parser) and
-    defaults(args) where it has flags of its own."""
-    return importlib.import_module(f"benchmarks.{name}")
+def modules(name: str) -> list[ModuleType]:
+    # Only the benchmarks asked for are imported: the others may need runtimes this machine lacks.
+    return [importlib.import_module(f"benchmarks.{n}") for n in (ALL if name == "all" else (name,))]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=NAMES + EXTRA + ("all",), help="which benchmark, or all of them")
-    p.add_argument("--quick", action="store_true", help="smoke-test sizes (minutes on 2 CPU cores)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results/<device>)")
-    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: usable cores)")
-    for name in NAMES + EXTRA:
-        getattr(module(name), "add_arguments", lambda parser: None)(p)
-    args = p.parse_args(argv)
-    if args.device is None:
-        import torch
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[ModuleType]]:
+    top = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    sub = top.add_subparsers(dest="name", required=True, metavar="NAME")
+    parsers = {name: sub.add_parser(name, help=line, description=line) for name, line in BENCHMARKS.items()}
+    chosen = modules(argv[0]) if argv and argv[0] in BENCHMARKS else []
+    if chosen:
+        p = parsers[argv[0]]
+        for flag in dict.fromkeys(f for m in chosen for f in m.FLAGS):
+            p.add_argument(f"--{flag}", **COMMON_FLAGS[flag])
+        for m in chosen:
+            getattr(m, "add_arguments", lambda p: None)(p)
+    args = top.parse_args(argv)
+    p = parsers[args.name]
+    if "device" in vars(args):
+        import torch  # heavy: only to pick the default device
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
+        if args.device == "cuda" and not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device is visible to torch on this machine")
-    args.out = args.out or Path("benchmarks/results") / args.device
-    for name in NAMES + EXTRA:
-        getattr(module(name), "defaults", lambda args: None)(args)
-    return args
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.out = args.out or Path("benchmarks/results") / args.device
+    for m in chosen:
+        getattr(m, "defaults", lambda p, args: None)(p, args)
+    return args, chosen
 
 
-def summary(results: dict[str, dict], out_dir: Path, seconds: float) -> None:
-    targets = [t for r in results.values() for t in r["targets"]]
-    first = next(iter(results.values()))
-    md = [
-        "# Benchmark summary",
-        "",
-        f"`{first['command']}` · {first['date']} · {seconds / 60:.1f} min",
-        "",
-        f"Machine: {common.machine_line(first['machine'])}",
-        "",
-        common.targets_table(targets),
-        "",
-        "Details: " + ", ".join(f"[{n}]({n}.md)" for n in results),
-        "",
-    ]
-    common.atomic_write_text(out_dir / "summary.md", "\n".join(md))
-    common.atomic_write_json(
-        out_dir / "summary.json",
-        {
-            "command": first["command"],
-            "date": first["date"],
-            "seconds": seconds,
-            "machine": first["machine"],
-            "versions": first["versions"],
-            "benchmarks": list(results),
-            "targets": targets,
-        },
-    )
-
-
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["gpu"]:  # every GPU path in one time-boxed run: a command of its own (benchmarks.gpu)
-        from benchmarks import gpu
-
-        return gpu.main(argv[1:])
-    if argv[:1] == ["quality"]:  # needs a trained model and its shards: a command of its own
-        from benchmarks import quality
-
-        return quality.main(argv[1:])
-    args = parse_args(argv)
-    common.COMMAND = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
-    names = NAMES if args.name == "all" else (args.name,)
-    args.out.mkdir(parents=True, exist_ok=True)
-    progress = common.run_progress(sum(module(n).steps(args) for n in names))
-    start, results = time.monotonic(), {}
-    from pipeline.core.fileio import NoSpaceError
-
+    args, chosen = parse_args(argv)
+    common.COMMAND = "python -m benchmarks " + shlex.join(argv)
+    progress = common.run_progress(sum(getattr(m, "steps", lambda args: 0)(args) for m in chosen))
+    start, results = time.monotonic(), []
     try:
-        for name in names:
-            progress.describe(name)
-            result = module(name).run(args, progress)
-            result["seconds"] = time.monotonic() - start - sum(r["seconds"] for r in results.values())
-            json_path, md_path = common.write_result(result, args.out)
-            results[name] = result
-            print(f"benchmarks: {name} done in {result['seconds']:.0f} s -> {md_path}", file=sys.stderr)
+        for m in chosen:
+            progress.describe(m.__name__.rsplit(".", 1)[1])
+            began = time.monotonic()
+            result = m.run(args, progress)
+            if result is None:  # a worker (zero_memory, one gpu step): it wrote its own file
+                continue
+            result.seconds = result.seconds or time.monotonic() - began
+            md = render.write(result, args.out)
+            results.append(result)
+            print(f"benchmarks: {result.benchmark} done in {result.seconds:.0f} s -> {md}", file=sys.stderr)
     except NoSpaceError as e:
         print(f"benchmarks: error: {e}", file=sys.stderr)
         return 1
     finally:
         progress.close()
-    if len(names) > 1:
-        summary(results, args.out, time.monotonic() - start)
-    for result in results.values():
-        for t in result["targets"]:
-            print(
-                f"{t['name']:45s} {common.fmt(t['value']):>8s} (need {t['op']} {t['threshold']:g}): "
-                f"{common.target_verdict(t)}"
-            )
+    if len(results) > 1:
+        render.summary(results, args.out, time.monotonic() - start)
+    for t in (t for r in results for t in r.targets):
+        print(f"{t.name:45s} {render.fmt(t.value):>8s} (need {t.op} {t.threshold:g}): {t.verdict}")
     return 0
 
 

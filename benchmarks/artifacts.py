@@ -14,9 +14,25 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from benchmarks import common
-from pipeline.config import Config, config_to_dict, load_config
+from export.trt import build_engine
+from export.trt_runtime import require_tensorrt
+from pipeline.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    is_complete,
+    mark_complete,
+    save_export_files,
+    verify_export_files,
+)
+from pipeline.config import load_config
+from pipeline.core.config import Config, to_dict
+from pipeline.core.denoiser import BackendUnavailable
 from pipeline.core.fileio import sha256_file
+from pipeline.core.sidecar import SidecarError, read_sidecar
+from pipeline.model.unet import UNet
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(tempfile.gettempdir()) / "ddpm-benchmarks"
@@ -28,28 +44,14 @@ def config(name: str) -> Config:
 
 def _key(cfg: Config, seed: int) -> str:
     v = common.versions()
-    text = json.dumps(
-        [
-            config_to_dict(cfg)["model"],
-            config_to_dict(cfg)["diffusion"],
-            seed,
-            v["torch"],
-            v["onnx"],
-            v["onnxruntime-gpu"] or v["onnxruntime"],
-        ],
-        sort_keys=True,
-    )
+    parts = [to_dict(cfg)["model"], to_dict(cfg)["diffusion"], seed, v["torch"], v["onnx"]]
+    text = json.dumps([*parts, v["onnxruntime-gpu"] or v["onnxruntime"]], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def random_checkpoint(cfg: Config, seed: int = 0) -> Path:
     """A complete checkpoint directory (ema.safetensors, model.json, COMPLETE) with random weights."""
-    import torch
-    from pipeline.checkpoint import checkpoint_dir, is_complete, mark_complete, save_export_files
-    from pipeline.model.unet import UNet
-
-    run_dir = CACHE / _key(cfg, seed)
-    ckpt = checkpoint_dir(run_dir, 0)
+    ckpt = checkpoint_dir(CACHE / _key(cfg, seed), 0)
     if is_complete(ckpt) and _whole_checkpoint(ckpt):
         return ckpt
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -58,7 +60,7 @@ def random_checkpoint(cfg: Config, seed: int = 0) -> Path:
     model = UNet(cfg.model)
     for layer in model.modules():  # re-draw the zero-initialised residual outputs with their default init
         if hasattr(layer, "reset_parameters") and all(not p.any() for p in layer.parameters(recurse=False)):
-            layer.reset_parameters()
+            getattr(layer, "reset_parameters")()
     save_export_files(ckpt, model.state_dict(), cfg, step=0, images_seen=0)
     mark_complete(ckpt)
     return ckpt
@@ -66,8 +68,6 @@ def random_checkpoint(cfg: Config, seed: int = 0) -> Path:
 
 def _whole_checkpoint(ckpt: Path) -> bool:
     """A cached checkpoint damaged since it was made is rebuilt, not benchmarked (or crashed on)."""
-    from pipeline.checkpoint import CheckpointError, verify_export_files
-
     try:
         verify_export_files(ckpt)
         return True
@@ -78,8 +78,6 @@ def _whole_checkpoint(ckpt: Path) -> bool:
 
 def _whole_model(path: Path) -> bool:
     """A cached .onnx / .plan whose sidecar is missing or stale, or whose bytes changed, is rebuilt."""
-    from pipeline.core.sidecar import SidecarError, read_sidecar
-
     if not path.is_file():
         return False
     try:
@@ -94,7 +92,7 @@ def _whole_model(path: Path) -> bool:
 
 def onnx_model(cfg: Config, fp16: bool = False, seed: int = 0) -> Path:
     """denoiser[_fp16].onnx (+ sidecar) exported by export.onnx from the random checkpoint."""
-    from export.onnx import export_onnx
+    from export.onnx import export_onnx  # optional runtimes: onnx and onnxruntime
 
     ckpt = random_checkpoint(cfg, seed)
     out = ckpt / ("denoiser_fp16.onnx" if fp16 else "denoiser.onnx")
@@ -105,8 +103,7 @@ def onnx_model(cfg: Config, fp16: bool = False, seed: int = 0) -> Path:
 
 def tensorrt_engine(cfg: Config, batch: tuple[int, int, int], fp16: bool = True, seed: int = 0) -> Path:
     """denoiser.plan built by export.trt (TensorRT and a CUDA device needed)."""
-    import tensorrt
-    from export.trt import build_engine
+    import tensorrt  # optional runtime: GPU machines only
 
     # TensorRT 11 is strongly typed: fp16 comes from an fp16 graph; TensorRT 10 takes the builder flag.
     strongly_typed = int(tensorrt.__version__.split(".")[0]) >= 11
@@ -120,9 +117,6 @@ def tensorrt_engine(cfg: Config, batch: tuple[int, int, int], fp16: bool = True,
 def tensorrt_available() -> str | None:
     """None when TensorRT can run here, else the reason it cannot."""
     try:
-        from export.backends import BackendUnavailable
-        from export.trt_runtime import require_tensorrt
-
         require_tensorrt()
         return None
     except BackendUnavailable as e:

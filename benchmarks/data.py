@@ -1,102 +1,106 @@
-"""Benchmark the first arrow: data_prep images/s and the pipeline.train.data loader's, against the training step's appetite.
+"""Benchmark the first arrow: data_prep images/s and the training loader's, against the training step's appetite.
 
   python -m benchmarks data [--quick] [--out DIR]
 
-data_prep: procedural faces at 32 and 256 px, and CelebA-HQ-like 1024 px JPEGs resized to
-256 px, with 1 and 2 worker processes (wall time including the pool start-up).
-loader: batches/s after a warm-up batch, for DataLoader workers 0, 1 and 2, at 32 and 256 px.
-Both are set against the rate a training step consumes images on the same machine (our U-Net,
-the train benchmark's number when it ran in this session, else measured now), giving the
-target "loader >= 5x consumption".
+data_prep: procedural faces at 32 and 256 px, and 1024 px JPEGs resized to 256 px, with 1 and 2 worker
+processes (wall time including the pool start-up). Loader: batches/s after a warm-up batch, DataLoader workers
+0, 1, 2. Consumption is images/s of our full training step (benchmarks.train: forward, loss, backward, AdamW)
+for the config that trains at that resolution, the fastest batch size measured (the most demanding consumer):
+the train benchmark's number when it ran into the same output directory, else measured now. On a shared
+machine both sides see the same load, but they are not interleaved: read the ratio as an order of magnitude.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
-import shutil
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image
 
-from benchmarks import common
+from benchmarks import artifacts, common, train
+from benchmarks.record import Result, load, table, target
+from data_prep.__main__ import main as data_prep
+from data_prep.synthetic import draw_face
+from export.backends import default_threads
+from pipeline.train.data import make_loader
 
-# loader case -> the config that trains on images of that size
-CONSUMER = {32: "tiny_cpu", 64: "celebahq64", 256: "celebahq256"}
-
-METHOD = """
-data_prep: procedural faces at 32 and 256 px, and 1024 px JPEGs resized to 256 px, with 1 and 2 worker processes
-(wall time including the pool start-up). Loader: batches/s after a warm-up batch, DataLoader workers 0, 1, 2. Consumption is
-images/s of our full training step (benchmarks.train: forward, loss, backward, AdamW) for the config that
-trains at that resolution, the fastest batch size measured (the most demanding consumer). On a shared
-machine both sides see the same load, but they are not interleaved: read the ratio as an order of magnitude.
-"""
+FLAGS = ("quick", "device", "out", "threads")
+CONSUMER = {32: "tiny_cpu", 64: "celebahq64", 256: "celebahq256"}  # image size -> the config that trains on it
+LoaderCase = NamedTuple("LoaderCase", [("shards", str), ("batch_size", int), ("batches", dict[str, int])])
+LOADER_CASES = [
+    LoaderCase("synthetic_32", 64, {"quick": 10, "full": 100}),
+    LoaderCase("jpg1024_to_256", 16, {"quick": 5, "full": 40}),
+]
 
 
-def consumption(args, progress) -> dict[int, dict]:
+@dataclass
+class Prep:
+    """One data_prep run; images per CPU-second stays meaningful when other jobs share the cores, wall images/s does not."""
+
+    case: str
+    workers: int
+    images: int
+    seconds: float
+    images_per_second: float
+    cpu_seconds: float
+    images_per_cpu_second: float
+
+
+@dataclass
+class Loader:
+    case: str
+    resolution: int
+    batch_size: int
+    workers: int
+    batches: int
+    repeats: list[float]  # images/s of each pass
+    images_per_second: float  # their median
+
+
+@dataclass
+class Consumer:
+    config: str
+    batch: int
+    images_per_second: float
+
+
+@dataclass
+class DataResults:
+    data_prep: list[Prep]
+    loader: list[Loader]
+    consumption: dict[str, Consumer]  # by image size
+
+
+def consumption(args, progress) -> dict[str, Consumer]:
     """Training images/s by image size: from train.json of this output dir, else measured (tiny config)."""
-    train_json = Path(args.out) / "train.json"
-    rows = []
+    rows, train_json, threads = [], Path(args.out) / "train.json", args.threads or default_threads()
     if train_json.is_file():
-        previous = json.loads(train_json.read_text())
-        same = (previous.get("device"), previous.get("quick"), previous["config"].get("threads"))
-        if same == (args.device, args.quick, args.threads or common.usable_cores()):
-            rows = previous["results"]["throughput"]
+        previous = load(train_json, train.TrainResults)
+        if (previous.device, previous.quick, previous.config.get("threads")) == (args.device, args.quick, threads):
+            rows = previous.results.throughput
     if not rows:
-        from benchmarks import train
-        from pipeline.config import load_config
-
         progress.describe("data: training-step consumption (tiny_cpu)")
-        cfg = load_config(train.REPO / "configs" / "tiny_cpu.yaml")
-        measure_args = argparse.Namespace(**{**vars(args), "repeats": 3, "warmup": 1})
+        timing = argparse.Namespace(
+            **{**vars(args), "repeats": 3, "warmup": 1, "contiguous_only": False, "profile": False}
+        )
+        batches = [8 if args.quick else 32]
         rows = train.compare_with_diffusers(
-            cfg, "tiny_cpu", [8 if args.quick else 32], measure_args, common.no_progress()
+            artifacts.config("tiny_cpu"), "tiny_cpu", batches, timing, common.no_progress()
         )
     out = {}
     for size, name in CONSUMER.items():
-        mine = [r for r in rows if r["config"] == name]
-        if mine:
-            best = max(mine, key=lambda r: r["ours_images_per_second"])
-            out[size] = {"config": name, "batch": best["batch"], "images_per_second": best["ours_images_per_second"]}
+        if mine := [r for r in rows if r.config == name]:
+            best = max(mine, key=lambda r: r.ours_images_per_second)
+            out[str(size)] = Consumer(name, best.batch, best.ours_images_per_second)
     return out
-
-
-def _make_source_corpus(root: Path, count: int) -> None:
-    """1024 px JPEGs with photo-like noise, so decode cost resembles CelebA-HQ's data1024x1024."""
-    from data_prep.synthetic import draw_face
-
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        face = np.asarray(draw_face(1, i, 256).resize((1024, 1024), Image.Resampling.BICUBIC), dtype=np.float32)
-        face += rng.normal(0, 6, face.shape)
-        Image.fromarray(np.clip(face, 0, 255).astype(np.uint8)).save(root / f"{i:05d}.jpg", quality=95)
-
-
-def _time_data_prep(args: list[str], out: Path, workers: int, num_images: int) -> dict:
-    from data_prep.__main__ import main
-
-    shutil.rmtree(out, ignore_errors=True)
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    assert main([*args, "--out", str(out), "--workers", str(workers)]) == 0
-    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
-    # images per CPU-second stays meaningful when other jobs share the cores; wall images/s does not
-    return {
-        "workers": workers,
-        "images": num_images,
-        "seconds": seconds,
-        "images_per_second": num_images / seconds,
-        "cpu_seconds": cpu,
-        "images_per_cpu_second": num_images / cpu,
-    }
 
 
 def _cpu_seconds() -> float:
@@ -105,173 +109,91 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def bench_data_prep(quick: bool, work: Path) -> tuple[list[dict], dict[str, Path]]:
+def bench_data_prep(quick: bool, work: Path) -> tuple[list[Prep], dict[str, Path]]:
     n32, n256, nsrc = (400, 40, 40) if quick else (3000, 300, 300)
-    cases = {
-        "synthetic_32": (["--synthetic", str(n32), "--size", "32", "--shard-size", "1000"], n32),
-        "synthetic_256": (["--synthetic", str(n256), "--size", "256", "--shard-size", "100"], n256),
-    }
     corpus = work / "source_1024"
-    _make_source_corpus(corpus, nsrc)
-    cases["jpg1024_to_256"] = (["--src", str(corpus), "--size", "256", "--shard-size", "100"], nsrc)
+    corpus.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(nsrc):  # 1024 px JPEGs with photo-like noise, so decode cost resembles CelebA-HQ's data1024x1024
+        face = np.asarray(draw_face(1, i, 256).resize((1024, 1024), Image.Resampling.BICUBIC), dtype=np.float32)
+        face += rng.normal(0, 6, face.shape)
+        Image.fromarray(np.clip(face, 0, 255).astype(np.uint8)).save(corpus / f"{i:05d}.jpg", quality=95)
+    cases = {
+        "synthetic_32": (f"--synthetic {n32} --size 32 --shard-size 1000".split(), n32),
+        "synthetic_256": (f"--synthetic {n256} --size 256 --shard-size 100".split(), n256),
+        "jpg1024_to_256": (["--src", str(corpus), *"--size 256 --shard-size 100".split()], nsrc),
+    }
     results, shards = [], {}
     for name, (args, count) in cases.items():
         for workers in (1, 2):
-            out = work / f"{name}_w{workers}"
-            row = _time_data_prep(args + ["--val-fraction", "0.0"], out, workers, count)
-            results.append({"case": name, **row})
-            print(
-                f"data_prep {name:16s} workers={workers}: {row['images_per_second']:8.1f} images/s "
-                f"({row['images_per_cpu_second']:.1f} per CPU-second)",
-                file=sys.stderr,
-            )
-        shards[name] = out
+            out = shards[name] = work / f"{name}_w{workers}"
+            cpu0, start = _cpu_seconds(), time.perf_counter()
+            assert data_prep([*args, "--val-fraction", "0.0", "--out", str(out), "--workers", str(workers)]) == 0
+            seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+            results.append(Prep(name, workers, count, seconds, count / seconds, cpu, count / cpu))
     return results, shards
 
 
-def bench_loader(quick: bool, shards: dict[str, Path]) -> list[dict]:
-    import torch
-    from pipeline.train.data import make_loader
-
-    plan = {"synthetic_32": (64, 10 if quick else 100), "jpg1024_to_256": (16, 5 if quick else 40)}
-    repeats = 2 if quick else 3
+def bench_loader(quick: bool, shards: dict[str, Path]) -> list[Loader]:
     results = []
-    for name, (batch_size, num_batches) in plan.items():
+    for case in LOADER_CASES:
         for workers in (0, 1, 2):
+            num, pin = case.batches["quick" if quick else "full"], torch.cuda.is_available()
+            batch, epoch = case.batch_size, num + 1
             loader = make_loader(
-                shards[name],
-                batch_size=batch_size,
-                num_workers=workers,
-                batches_per_epoch=num_batches + 1,
-                pin_memory=torch.cuda.is_available(),
+                shards[case.shards], batch_size=batch, num_workers=workers, batches_per_epoch=epoch, pin_memory=pin
             )
             rates = []
-            for _ in range(repeats):
+            for _ in range(2 if quick else 3):
                 it = iter(loader)
                 next(it)  # warm-up: worker start, first shard open, shuffle buffer fill
                 start = time.perf_counter()
                 count = sum(batch.shape[0] for batch in it)
                 rates.append(count / (time.perf_counter() - start))
             del loader
-            row = {
-                "case": name,
-                "resolution": int(name.rsplit("_", 1)[1]),
-                "batch_size": batch_size,
-                "workers": workers,
-                "batches": num_batches,
-                "repeats": rates,
-                "images_per_second": statistics.median(rates),
-            }
-            results.append(row)
-            print(f"loader {name:16s} workers={workers}: {row['images_per_second']:8.1f} images/s", file=sys.stderr)
+            resolution = int(case.shards.rsplit("_", 1)[1])
+            results.append(
+                Loader(case.shards, resolution, case.batch_size, workers, num, rates, statistics.median(rates))
+            )
     return results
 
 
-def measure(quick: bool, work: Path) -> dict:
-    """data_prep and loader rates, measured in `work` (emptied before and after)."""
-    import PIL
-    import torch
-    import webdataset
-
-    work = Path(work) / "data_work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        prep, shards = bench_data_prep(quick, work)
-        loader = bench_loader(quick, shards)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return {
-        "benchmark": "data",
-        "quick": quick,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cuda": torch.cuda.is_available(),
-        },
-        "versions": {
-            "torch": torch.__version__,
-            "pillow": PIL.__version__,
-            "numpy": np.__version__,
-            "webdataset": webdataset.__version__,
-        },
-        "data_prep": prep,
-        "loader": loader,
-    }
-
-
-def run(args, progress=None) -> dict:
-    progress = progress or common.no_progress()
-    result = common.start("data", args, METHOD, {"consumers": CONSUMER})
+def run(args, progress) -> Result:
+    result = common.start("data", args, __doc__.split("\n\n", 2)[2], {"consumers": CONSUMER})
     progress.describe("data: data_prep and loader")
     with tempfile.TemporaryDirectory() as tmp:
-        measured = measure(args.quick, Path(tmp))
+        prep, shards = bench_data_prep(args.quick, Path(tmp))
+        loader = bench_loader(args.quick, shards)
     progress.update()
-    consumers = consumption(args, progress)
+    result.results = DataResults(prep, loader, consumption(args, progress))
     progress.update()
-    result["results"] = {"data": measured, "consumption": {str(k): v for k, v in consumers.items()}}
-    result["tables"].append(
-        common.table(
-            "data_prep",
-            ["case", "workers", "images", "seconds", "images/s"],
-            [
-                [r["case"], r["workers"], r["images"], r["seconds"], r["images_per_second"]]
-                for r in measured["data_prep"]
-            ],
-        )
-    )
-    rows = []
-    for r in measured["loader"]:
-        need = consumers.get(r["resolution"])
-        ratio = r["images_per_second"] / need["images_per_second"] if need else None
-        rows.append(
-            [
-                r["case"],
-                r["resolution"],
-                r["batch_size"],
-                r["workers"],
-                r["images_per_second"],
-                need["images_per_second"] if need else None,
-                ratio,
-            ]
-        )
-    result["tables"].append(
-        common.table(
-            "Loader vs training-step consumption",
-            ["case", "px", "batch", "workers", "loader images/s", "training step images/s", "loader / consumption"],
-            rows,
-        )
-    )
+    report(result)
+    return result
+
+
+def report(result: Result) -> None:
+    res, rows = result.results, []
+    prep = [[r.case, r.workers, r.images, r.seconds, r.images_per_second] for r in res.data_prep]
+    result.tables.append(table("data_prep", "case | workers | images | seconds | images/s", prep))
+    for r in res.loader:
+        need = res.consumption.get(str(r.resolution))
+        rate, ratio = (need.images_per_second, r.images_per_second / need.images_per_second) if need else (None, None)
+        rows.append([r.case, r.resolution, r.batch_size, r.workers, r.images_per_second, rate, ratio])
+    columns = "case | px | batch | workers | loader images/s | training step images/s | loader / consumption"
+    result.tables.append(table("Loader vs training-step consumption", columns, rows))
     for size in sorted({r[1] for r in rows}):
-        mine = [r for r in rows if r[1] == size and r[6] is not None]
-        if not mine:
-            result["notes"].append(
+        if not (mine := [r for r in rows if r[1] == size and r[6] is not None]):
+            result.notes.append(
                 f"{size} px: no training-step rate for {CONSUMER.get(size)} on this machine, "
                 f"so no loader target (the train benchmark measures it on a GPU run)"
             )
             continue
-        best = max(mine, key=lambda r: r[6])
-        c = consumers[size]
-        result["targets"].append(
-            common.target(
-                f"loader_vs_consumption[{size}px]",
-                f"loader >= 5x training consumption ({size} px, {c['config']})",
-                best[6],
-                5.0,
-                ">=",
-                detail=f"best with {best[3]} worker(s): {best[4]:.0f} vs {best[5]:.1f} images/s "
-                f"(training batch {c['batch']}); workers 0/1/2: " + ", ".join(f"{r[6]:.1f}x" for r in mine),
-            )
-        )
-    return result
+        best, c = max(mine, key=lambda r: r[6]), res.consumption[str(size)]
+        detail = f"best with {best[3]} worker(s): {best[4]:.0f} vs {best[5]:.1f} images/s (training batch {c.batch}); "
+        detail += "workers 0/1/2: " + ", ".join(f"{r[6]:.1f}x" for r in mine)
+        what = f"loader >= 5x training consumption ({size} px, {c.config})"
+        result.targets.append(target(f"loader_vs_consumption[{size}px]", what, best[6], 5.0, ">=", detail=detail))
 
 
 def steps(args) -> int:
     return 2
-
-
-if __name__ == "__main__":
-    from benchmarks.__main__ import main
-
-    sys.exit(main(["data", *sys.argv[1:]]))

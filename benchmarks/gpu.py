@@ -28,6 +28,7 @@ then commit $OUT/gpu/gpu.{json,md} under benchmarks/results/<device kind>/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -38,14 +39,21 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
-from benchmarks import common
+import torch
+
+from benchmarks import common, gpu_steps, render
+from benchmarks.gpu_steps import ENGINE_COLUMNS, SAMPLING_COLUMNS, Outcome, Skipped
+from benchmarks.record import Result, from_json, table, target
+from pipeline.train import distributed
 
 REPO = Path(__file__).resolve().parent.parent
+FLAGS = ("out",)  # sizes: --cpu-smoke; the device: the lent GPU
 MIN_STEP_SECONDS = 5.0  # less is not worth starting a process for
 
 METHOD = """
-Each step is `python -m benchmarks.gpu --step KIND --params JSON` in a new process session, killed
+Each step is `python -m benchmarks gpu --step KIND --params JSON` in a new process session, killed
 (with its children) when its time box or the remaining budget runs out; its output is appended to
 gpu.log. Training steps run the real `pipeline.train.loop.train` (DeepSpeed engine, data loader, EMA,
 checkpoints) and read its metrics.jsonl: images/s is the median over logged steps after the first
@@ -57,122 +65,86 @@ batch (no data loading), median of the timed steps after a warm-up. Sampling tim
 calls. Nothing is faked: a runtime that is not installed is reported absent.
 """
 
-# The celebahq256 training steps, name -> (batch, gradient checkpointing): celebahq256_b16, _b16_ckpt, _b64, _b64_ckpt
-CELEBAHQ256_STEPS = {
-    f"celebahq256_b{b}{'_ckpt' if ckpt else ''}": (b, ckpt) for b in (16, 64) for ckpt in (False, True)
+
+class Step(NamedTuple):
+    kind: str  # the gpu_steps function that runs it
+    gpu_only: bool
+    box_s: int  # its time box
+
+
+class EngineCase(NamedTuple):
+    batch: int
+    grad_checkpointing: bool
+
+
+# The celebahq256 training steps: celebahq256_b16, _b16_ckpt, _b64, _b64_ckpt
+CELEBAHQ256 = {f"celebahq256_b{b}{'_ckpt' if c else ''}": EngineCase(b, c) for b in (16, 64) for c in (False, True)}
+STEPS = {  # in the order they run
+    "env": Step("env", False, 60),
+    "ds_fp16_zero2": Step("ds_train", True, 240),
+    "ds_bf16_zero2": Step("ds_train", False, 90),
+    "ds_fp16_zero3": Step("ds_train", True, 90),
+    **dict.fromkeys(CELEBAHQ256, Step("engine_steps", True, 90)),
+    "sampling_torch_eager": Step("sampling", False, 120),
+    "sampling_torch_graphs": Step("sampling", True, 120),
+    "unet_vs_diffusers": Step("unet_vs_diffusers", False, 90),
+    "sampling_onnxruntime_cuda": Step("sampling", True, 120),
+    "sampling_tensorrt": Step("sampling", True, 240),
 }
-# name -> (kind, GPU only, time box in seconds), in the order they run
-STEPS = {
-    "env": ("env", False, 60),
-    "ds_fp16_zero2": ("ds_train", True, 240),
-    "ds_bf16_zero2": ("ds_train", False, 90),
-    "ds_fp16_zero3": ("ds_train", True, 90),
-    **dict.fromkeys(CELEBAHQ256_STEPS, ("engine_steps", True, 90)),
-    "sampling_torch_eager": ("sampling", False, 120),
-    "sampling_torch_graphs": ("sampling", True, 120),
-    "unet_vs_diffusers": ("unet_vs_diffusers", False, 90),
-    "sampling_onnxruntime_cuda": ("sampling", True, 120),
-    "sampling_tensorrt": ("sampling", True, 240),
-}
-TINY_MODEL = [
-    "model.image_size=16",
-    "model.ch=32",
-    "model.ch_mult=[1,2]",
-    "model.num_res_blocks=1",
-    "model.attn_resolutions=[8]",
-    "data.num_workers=0",
-    "data.shuffle_buffer=50",
-    "train.batch_size=8",
-]
+SAMPLING_BACKENDS = ("torch-eager", "torch-graphs", "onnxruntime-cuda", "tensorrt")  # step sampling_<backend>
+TINY_MODEL = "model.image_size=16 model.ch=32 model.ch_mult=[1,2] model.num_res_blocks=1 model.attn_resolutions=[8]"
+TINY_MODEL += " data.num_workers=0 data.shuffle_buffer=50 train.batch_size=8"
 
 
 def plan(smoke: bool, fast: tuple[str, int]) -> dict[str, dict]:
     """Parameters of every step: the GPU sizes, or tiny ones for --cpu-smoke."""
-    train = {
-        "config": "celebahq64",
-        "image_size": 64,
-        "images": 512,
-        "grad_checkpointing": True,
-        "checkpoint_every": 1000,
-        "resume": False,
-        "overrides": ["data.num_workers=6"],
-    }
+    train = {"config": "celebahq64", "image_size": 64, "images": 512, "grad_checkpointing": True}
+    train |= {"checkpoint_every": 1000, "resume": False, "overrides": ["data.num_workers=6"]}
     if smoke:
-        train = dict(train, config="tiny_cpu", image_size=16, images=64, overrides=TINY_MODEL)
+        train |= {"config": "tiny_cpu", "image_size": 16, "images": 64, "overrides": TINY_MODEL.split()}
     samplers = [["ddim", 3 if smoke else 50], [fast[0], 3 if smoke else fast[1]]]
-    sample = {
-        "config": "tiny_cpu" if smoke else "celebahq256",
-        "batches": [1, 2] if smoke else [1, 16, 64],
-        "samplers": samplers,
-    }
+    sample = {"config": "tiny_cpu" if smoke else "celebahq256", "batches": [1, 2] if smoke else [1, 16, 64]}
     engine = {"config": "celebahq256", "precision": "fp16", "stage": 2, "warmup": 2, "steps": 5}
+    bf16 = {"steps": 4, "checkpoint_every": 2, "resume": True} if smoke else {"steps": 10}  # the CPU's resume check
+    diffusers = {"config": "celebahq64", "batch": 64, "precision": "fp16", "warmup": 3, "repeats": 10}
+    if smoke:
+        diffusers = {"config": "tiny_cpu", "batch": 4, "precision": "fp32", "warmup": 1, "repeats": 2}
+    fp16 = {"precision": "fp16", "stage": 2, "steps": 100, "checkpoint_every": 50, "resume": True}
     return {
         "env": {},
-        "ds_fp16_zero2": dict(train, precision="fp16", stage=2, steps=100, checkpoint_every=50, resume=True),
-        "ds_bf16_zero2": dict(
-            train,
-            precision="bf16",
-            stage=2,
-            steps=4 if smoke else 10,
-            **({"checkpoint_every": 2, "resume": True} if smoke else {}),
-        ),
-        "ds_fp16_zero3": dict(train, precision="fp16", stage=3, steps=10),
-        "unet_vs_diffusers": {
-            "config": "tiny_cpu" if smoke else "celebahq64",
-            "batch": 4 if smoke else 64,
-            "precision": "fp32" if smoke else "fp16",
-            "warmup": 1 if smoke else 3,
-            "repeats": 2 if smoke else 10,
+        "ds_fp16_zero2": {**train, **fp16},
+        "ds_bf16_zero2": {**train, "precision": "bf16", "stage": 2, **bf16},
+        "ds_fp16_zero3": {**train, "precision": "fp16", "stage": 3, "steps": 10},
+        "unet_vs_diffusers": diffusers,
+        **{name: {**engine, **case._asdict()} for name, case in CELEBAHQ256.items()},
+        **{
+            f"sampling_{b.replace('-', '_')}": {**sample, "samplers": samplers, "backend": b} for b in SAMPLING_BACKENDS
         },
-        **{name: dict(engine, batch=b, grad_checkpointing=ckpt) for name, (b, ckpt) in CELEBAHQ256_STEPS.items()},
-        "sampling_torch_eager": dict(sample, backend="torch-eager"),
-        "sampling_torch_graphs": dict(sample, backend="torch-graphs"),
-        "sampling_onnxruntime_cuda": dict(sample, backend="onnxruntime-cuda"),
-        "sampling_tensorrt": dict(sample, backend="tensorrt"),
     }
 
 
-# --- one step, in its own process ------------------------------------------------------------------
-
-
-def run_step(kind: str, params: dict, work: Path, out_file: Path) -> int:
-    from benchmarks import gpu_steps
-
+def run_step(kind: str, params: dict, work: Path, out_file: Path) -> None:
+    """One step, in the process spawn() started: its Outcome to `out_file`, whatever happens."""
     try:
-        result = dict(getattr(gpu_steps, kind)(params, work), status="ok")
-    except gpu_steps.Skipped as e:
-        result = {"status": "skipped", "reason": str(e)}
+        outcome = getattr(gpu_steps, kind)(params, work)
+    except Skipped as e:
+        outcome = Outcome("skipped", str(e))
     except Exception as e:
         traceback.print_exc()
-        result = {"status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        outcome = Outcome("failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
     finally:
-        if "torch" in sys.modules:  # NCCL wants its process group destroyed before the process exits
-            from pipeline.train import distributed
-
-            distributed.shutdown()
-    out_file.write_text(json.dumps(result, default=str))
-    return 0
+        distributed.shutdown()  # NCCL wants its process group destroyed before the process exits
+    out_file.write_text(json.dumps(dataclasses.asdict(outcome), default=str))
 
 
-def spawn(name: str, kind: str, params: dict, work: Path, timeout: float, log: Path, env: dict) -> dict:
+def spawn(name: str, step: Step, params: dict, work: Path, timeout: float, log: Path, env: dict) -> Outcome:
     """Run one step in a new session; kill the whole session when it overruns."""
     out_file = work / f"{name}.result.json"
     out_file.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.gpu",
-        "--step",
-        kind,
-        "--params",
-        json.dumps(params),
-        "--work",
-        str(work),
-        "--step-out",
-        str(out_file),
-    ]
+    command = [sys.executable, "-m", "benchmarks", "gpu", "--step", step.kind, "--params", json.dumps(params)]
+    command += ["--work", str(work), "--step-out", str(out_file)]
     with open(log, "a") as f:
-        f.write(f"\n===== {name}: {shlex.join(command[2:5])} (time box {timeout:.0f} s)\n")
+        f.write(f"\n===== {name}: {shlex.join(command[2:6])} (time box {timeout:.0f} s)\n")
         f.flush()
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -186,164 +158,107 @@ def spawn(name: str, kind: str, params: dict, work: Path, timeout: float, log: P
             pass
         proc.wait()
     if timed_out:
-        return {"status": "timeout", "reason": f"timed out after {timeout:.0f} s (its time box or the budget left)"}
+        return Outcome("timeout", f"timed out after {timeout:.0f} s (its time box or the budget left)")
     if out_file.is_file():
-        return json.loads(out_file.read_text())
-    return {"status": "failed", "reason": f"exited {proc.returncode} without a result ({_last_line(log)})"}
+        return from_json(Outcome, json.loads(out_file.read_text()))
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] or ["no output"]
+    return Outcome("failed", f"exited {proc.returncode} without a result ({lines[-1][:300]})")
 
 
-def _last_line(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "no output"
-
-
-# --- the report ----------------------------------------------------------------------------------
-
-
-def render(result: dict) -> None:
+def report(result: Result) -> None:
     """Tables and targets from what the steps returned so far."""
-    steps = result["results"]["steps"]
-    result["tables"] = [
-        common.table(
-            "Steps",
-            ["step", "status", "seconds", "result or reason"],
-            [[s["name"], s["status"], s["seconds"], s.get("summary") or s.get("reason", "")] for s in steps],
-        )
-    ]
-    from benchmarks.gpu_steps import ENGINE_COLUMNS, SAMPLING_COLUMNS
-
-    engine_rows = [r for s in steps if s["name"] in CELEBAHQ256_STEPS for r in s.get("rows", [])]
-    sampling_rows = [r for s in steps if s["name"].startswith("sampling") for r in s.get("rows", [])]
-    if engine_rows:
-        result["tables"].append(common.table("celebahq256, fp16 ZeRO-2 training steps", ENGINE_COLUMNS, engine_rows))
-    if sampling_rows:
-        result["tables"].append(
-            common.table("Sampling (whole runs of the sampling loop)", SAMPLING_COLUMNS, sampling_rows)
-        )
-    result["tables"] += [t for s in steps for t in s.get("tables", [])]
-    data = result["results"]
-    best256 = max(
-        (data[n]["images_per_second"] for n in ("celebahq256_b64", "celebahq256_b64_ckpt") if n in data), default=None
+    steps, data = result.results["steps"], result.results
+    rows = [[s.name, s.status, s.seconds, s.summary or s.reason] for s in steps]
+    result.tables = [table("Steps", "step | status | seconds | result or reason", rows)]
+    engine = [r for s in steps if s.name in CELEBAHQ256 for r in s.rows]
+    sampling = [r for s in steps if s.name.startswith("sampling") for r in s.rows]
+    result.tables += [table("celebahq256, fp16 ZeRO-2 training steps", ENGINE_COLUMNS, engine)] if engine else []
+    result.tables += (
+        [table("Sampling (whole runs of the sampling loop)", SAMPLING_COLUMNS, sampling)] if sampling else []
     )
-    fp16 = data.get("ds_fp16_zero2", {})
-    result["targets"] = [
-        common.target(
-            "celebahq256_fp16_images_per_second",
-            "celebahq256 fp16 ZeRO-2 batch 64 images/s >= the DDPM paper's 141 on a TPU v3-8",
-            best256,
-            141.0,
-            ">=",
-            unit="images/s",
-        ),
-        common.target(
-            "fp16_nonfinite_steps",
-            "no non-finite loss on an applied fp16 step (celebahq64, ZeRO-2)",
-            fp16.get("nonfinite_applied_steps"),
-            0.0,
-            "<=",
-            unit="steps",
-        ),
-        common.target(
+    result.tables += [t for s in steps for t in s.tables]
+    b64 = [data[n]["images_per_second"] for n in ("celebahq256_b64", "celebahq256_b64_ckpt") if n in data]
+    nonfinite = data.get("ds_fp16_zero2", {}).get("nonfinite_applied_steps")
+    paper = "celebahq256 fp16 ZeRO-2 batch 64 images/s >= the DDPM paper's 141 on a TPU v3-8"
+    finite = "no non-finite loss on an applied fp16 step (celebahq64, ZeRO-2)"
+    budget = result.config["budget_s"]
+    result.targets = [
+        target("celebahq256_fp16_images_per_second", paper, max(b64, default=None), 141.0, ">=", unit="images/s"),
+        target("fp16_nonfinite_steps", finite, nonfinite, 0.0, "<=", unit="steps"),
+        target(
             "gpu_run_seconds",
-            f"the whole command within its budget ({result['config']['budget_s']:.0f} s)",
-            result["seconds"],
-            result["config"]["budget_s"],
+            f"the whole command within its budget ({budget:.0f} s)",
+            result.seconds,
+            budget,
             "<=",
             unit="s",
         ),
     ]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=None, help="report directory (default benchmarks/results/<device>)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run (default 480)")
-    p.add_argument(
-        "--cpu-smoke", action="store_true", help="GPU-only steps report no CUDA device; the rest run at tiny sizes"
-    )
+    p.add_argument("--cpu-smoke", action="store_true", help="GPU-only steps report no CUDA device; the rest run tiny")
     p.add_argument("--fast-sampler", default="dpmpp_2m:20", help="the sampler timed beside DDIM-50, NAME:STEPS")
     p.add_argument("--only", default="", help="comma-separated step names (default: all)")
-    p.add_argument("--step", help=argparse.SUPPRESS)
-    p.add_argument("--params", help=argparse.SUPPRESS)
-    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--step-out", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.step:
-        return run_step(args.step, json.loads(args.params), args.work, args.step_out)
+    for hidden in ("--step", "--params", "--work", "--step-out"):  # one step, in the process spawn() starts
+        p.add_argument(hidden, help=argparse.SUPPRESS)
 
-    import torch
 
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        PYTHONUNBUFFERED="1",
-    )
-    if args.cpu_smoke:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run is the CPU's, also on a GPU machine
-    cuda = torch.cuda.is_available() and not args.cpu_smoke
-    if not cuda and not args.cpu_smoke:
-        print("error: no CUDA device here; run on a GPU machine, or pass --cpu-smoke", file=sys.stderr)
-        return 2
+def defaults(p: argparse.ArgumentParser, args) -> None:
     name, _, steps = args.fast_sampler.partition(":")
     if not name or not steps.isdigit():
-        print(f"error: --fast-sampler {args.fast_sampler!r}: expected NAME:STEPS such as dpmpp_2m:20", file=sys.stderr)
-        return 2
-    params = plan(args.cpu_smoke, (name, int(steps)))
-    only = [s for s in args.only.split(",") if s]
-    unknown = sorted(set(only) - set(STEPS))
+        p.error(f"--fast-sampler {args.fast_sampler!r}: expected NAME:STEPS such as dpmpp_2m:20")
+    unknown = sorted({s for s in args.only.split(",") if s} - set(STEPS))
     if unknown:
-        print(f"error: --only {','.join(unknown)}: not a step ({', '.join(STEPS)})", file=sys.stderr)
-        return 2
-    device = common.machine_info()["gpu"] if cuda else "cpu"
-    out = args.out or REPO / "benchmarks" / "results" / (
-        "cpu" if not cuda else "".join(c if c.isalnum() else "-" for c in device.lower())
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    common.COMMAND = "python -m benchmarks gpu " + " ".join(map(shlex.quote, sys.argv[2:] if argv is None else argv))
+        p.error(f"--only {','.join(unknown)}: not a step ({', '.join(STEPS)})")
+    if not args.step and not args.cpu_smoke and not torch.cuda.is_available():
+        p.error("no CUDA device here; run on a GPU machine, or pass --cpu-smoke")
+
+
+def run(args, progress) -> Result | None:
+    if args.step:
+        run_step(args.step, json.loads(args.params), Path(args.work), Path(args.step_out))
+        return None
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+    if args.cpu_smoke:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run is the CPU's, also on a GPU machine
+    name, _, fast_steps = args.fast_sampler.partition(":")
+    params, only = plan(args.cpu_smoke, (name, int(fast_steps))), [s for s in args.only.split(",") if s]
+    config = {"budget_s": args.budget_s, "cpu_smoke": args.cpu_smoke, "fast_sampler": args.fast_sampler}
+    device = "cpu" if args.cpu_smoke else "cuda"
     result = common.new_result(
-        "gpu",
-        quick=args.cpu_smoke,
-        device="cpu" if not cuda else "cuda",
-        config={
-            "budget_s": args.budget_s,
-            "cpu_smoke": args.cpu_smoke,
-            "fast_sampler": args.fast_sampler,
-            "plan": params,
-        },
-        method=METHOD,
+        "gpu", quick=args.cpu_smoke, device=device, config={**config, "plan": params}, method=METHOD
     )
-    result["results"]["steps"], result["seconds"] = [], 0.0
-    log = out / "gpu.log"
+    kind = "".join(c if c.isalnum() else "-" for c in (result.machine.gpu or "").lower())
+    args.out = args.out or REPO / "benchmarks" / "results" / ("cpu" if args.cpu_smoke else kind)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result.results, log, start = {"steps": []}, args.out / "gpu.log", time.monotonic()
     log.write_text("")
-    start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ddpm-gpu-") as tmp:
-        for step, (kind, gpu_only, box) in STEPS.items():
-            if only and step not in only:
+        for name, step in STEPS.items():
+            if only and name not in only:
                 continue
-            left = args.budget_s - (time.monotonic() - start)
-            began = time.monotonic()
-            if gpu_only and not cuda:
-                outcome = {"status": "skipped", "reason": "no CUDA device"}
+            left, began = args.budget_s - (time.monotonic() - start), time.monotonic()
+            if step.gpu_only and args.cpu_smoke:
+                outcome = Outcome("skipped", "no CUDA device")
             elif left < MIN_STEP_SECONDS:
-                outcome = {"status": "skipped", "reason": f"budget exhausted ({max(left, 0):.0f} s left)"}
+                outcome = Outcome("skipped", f"budget exhausted ({max(left, 0):.0f} s left)")
             else:
-                outcome = spawn(step, kind, params[step], Path(tmp), min(box, left), log, env)
-            if "data" in outcome:
-                result["results"][step] = outcome.pop("data")
-            entry = {"name": step, "seconds": round(time.monotonic() - began, 1), **outcome}
-            result["results"]["steps"].append(entry)
-            result["seconds"] = time.monotonic() - start
-            render(result)
-            common.write_result(result, out)
+                outcome = spawn(name, step, params[name], Path(tmp), min(step.box_s, left), log, env)
+            if outcome.data:
+                result.results[name] = outcome.data
+            outcome.name, outcome.seconds, outcome.data = name, round(time.monotonic() - began, 1), {}
+            result.results["steps"].append(outcome)
+            result.seconds = time.monotonic() - start
+            report(result)
+            render.write(result, args.out)
+            said = outcome.summary or outcome.reason
             print(
-                f"benchmarks gpu: {step}: {entry['status']} in {entry['seconds']:.0f} s: "
-                f"{entry.get('summary') or entry.get('reason', '')}",
+                f"benchmarks gpu: {name}: {outcome.status} in {outcome.seconds:.0f} s: {said}",
                 file=sys.stderr,
                 flush=True,
             )
-    print(f"benchmarks gpu: {result['seconds']:.0f} s in all -> {out / 'gpu.md'}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    print(f"benchmarks gpu: {result.seconds:.0f} s in all -> {args.out / 'gpu.md'}", file=sys.stderr)
+    return result

@@ -8,91 +8,7 @@ number of images, launched as the demo is (torchrun, 2 processes, fp32). Its EMA
 several points are scored with pipeline.evaluation (classifier-FID, precision, recall, coverage) on
 samples of one fixed sampler; the last one also with deterministic DDIM (eta 0). A second set of
 runs trains on the grayscale faces (R = G = B) and reports the colour the samples have anyway.
-"""
 
-from __future__ import annotations
-
-import argparse
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
-
-import numpy as np
-
-from benchmarks import common, learning_report
-
-REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(tempfile.gettempdir()) / "ddpm-benchmarks" / "learning"
-
-# configs/tiny_cpu.yaml as it was when this benchmark was written: the variants' common base, so the
-# comparison stays the same when the config file adopts a variant.
-BASELINE = [
-    "model.ch=32",
-    "model.ch_mult=[1,2,2]",
-    "model.num_res_blocks=1",
-    "model.attn_resolutions=[8]",
-    "model.dropout=0.0",
-    "diffusion.beta_schedule=linear",
-    "diffusion.prediction_type=epsilon",
-    "train.lr=1e-3",
-    "train.warmup_steps=100",
-    "train.loss_weighting=uniform",
-    "ema.profile=exponential",
-    "ema.decay=0.999",
-    "ema.warmup=true",
-    "train.precision=fp32",
-]
-
-# name -> (overrides, batch size multiplier); steps scale inversely so every variant sees the same images.
-# "today" is the baseline; min-SNR uses gamma 5 (train.snr_gamma's default), power EMA sigma_rel 0.10.
-VARIANTS = {
-    "today": ([], 1.0),
-    "min-SNR eps": (["train.loss_weighting=min_snr"], 1.0),
-    "v-pred": (["diffusion.prediction_type=v_prediction"], 1.0),
-    "v-pred min-SNR": (["diffusion.prediction_type=v_prediction", "train.loss_weighting=min_snr"], 1.0),
-    "cosine eps": (["diffusion.beta_schedule=cosine"], 1.0),
-    "cosine v-pred": (["diffusion.beta_schedule=cosine", "diffusion.prediction_type=v_prediction"], 1.0),
-    "power EMA": (["ema.profile=power", "ema.sigma_rel=0.10"], 1.0),
-    "lr 2e-3": (["train.lr=2e-3"], 1.0),
-    "batch 16": ([], 0.5),
-    "width 48": (["model.ch=48", "model.num_groups=16"], 1.0),
-}
-# The full run's selection: one factor at a time against "today"; the rest are there for --variants.
-# Sized to fit an hour on 2 shared CPU cores: 210 steps x 32 (a fifth of the demo's images).
-FULL_VARIANTS = ["today", "min-SNR eps", "v-pred", "v-pred min-SNR", "cosine eps", "power EMA", "lr 2e-3", "batch 16"]
-GRAYSCALE_VARIANTS = ["today", "min-SNR eps", "v-pred min-SNR"]
-
-PLAN = {  # images in the set, steps, batch, scoring points, samples scored, sampler steps, processes
-    "full": {
-        "data": 3000,
-        "steps": 210,
-        "batch": 32,
-        "points": 3,
-        "num": 128,
-        "sampler_steps": 20,
-        "procs": 2,
-        "variants": FULL_VARIANTS,
-        "grayscale": GRAYSCALE_VARIANTS,
-    },
-    "quick": {
-        "data": 400,
-        "steps": 16,
-        "batch": 16,
-        "points": 2,
-        "num": 24,
-        "sampler_steps": 8,
-        "procs": 1,
-        "variants": ["today", "v-pred min-SNR"],
-        "grayscale": ["v-pred min-SNR"],
-    },
-}
-FEATURE_NET_STEPS = {"full": 400, "quick": 60}
-
-METHOD = """
 Base recipe: `configs/tiny_cpu.yaml` with the overrides in `config.baseline` (its values before this benchmark);
 each variant adds its overrides. Same seed (train.seed=0), same shards, same number of images for every variant
 (a batch variant runs proportionally more or fewer steps), launched like `make demo`: `torchrun --nproc_per_node P
@@ -110,8 +26,105 @@ alike; per image the mean over channel pairs of |mean(c1) - mean(c2)|, in 0-255 
 The data's own cast is 0.
 """
 
+from __future__ import annotations
 
-# --- data ----------------------------------------------------------------------------------------
+import argparse
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks.record import Plot, Result, table
+from benchmarks.render import sample_sheet
+from export.backends import default_threads, load_denoiser
+from pipeline.checkpoint import complete_checkpoints, read_checkpoint
+from pipeline.core.sampling import generate, to_uint8
+from pipeline.evaluation.images import read_split
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(tempfile.gettempdir()) / "ddpm-benchmarks" / "learning"
+FLAGS = ("quick", "out", "threads")  # CPU only: the recipe's comparison, not a device's speed
+CFID, FLOOR = "classifier-FID", "val split (floor)"
+
+# configs/tiny_cpu.yaml as it was when this benchmark was written: the variants' common base, so the
+# comparison stays the same when the config file adopts a variant.
+BASELINE = [
+    *"model.ch=32 model.ch_mult=[1,2,2] model.num_res_blocks=1 model.attn_resolutions=[8] model.dropout=0.0".split(),
+    *"diffusion.beta_schedule=linear diffusion.prediction_type=epsilon train.lr=1e-3 train.warmup_steps=100".split(),
+    *"train.loss_weighting=uniform ema.profile=exponential ema.decay=0.999 ema.warmup=true train.precision=fp32".split(),
+]
+
+
+class Variant(NamedTuple):
+    overrides: list[str]
+    batch_scale: float = 1.0  # steps scale inversely, so every variant sees the same images
+
+
+# "today" is the baseline; min-SNR uses gamma 5 (train.snr_gamma's default), power EMA sigma_rel 0.10.
+VARIANTS = {
+    "today": Variant([]),
+    "min-SNR eps": Variant(["train.loss_weighting=min_snr"]),
+    "v-pred": Variant(["diffusion.prediction_type=v_prediction"]),
+    "v-pred min-SNR": Variant(["diffusion.prediction_type=v_prediction", "train.loss_weighting=min_snr"]),
+    "cosine eps": Variant(["diffusion.beta_schedule=cosine"]),
+    "cosine v-pred": Variant(["diffusion.beta_schedule=cosine", "diffusion.prediction_type=v_prediction"]),
+    "power EMA": Variant(["ema.profile=power", "ema.sigma_rel=0.10"]),
+    "lr 2e-3": Variant(["train.lr=2e-3"]),
+    "batch 16": Variant([], 0.5),
+    "width 48": Variant(["model.ch=48", "model.num_groups=16"]),
+}
+
+
+class Plan(NamedTuple):
+    data: int  # images in the set
+    steps: int  # 210 x 32 in the full run: a fifth of the demo's images
+    batch: int
+    points: int  # checkpoints scored
+    num: int  # samples scored
+    sampler_steps: int
+    procs: int
+    feature_net_steps: int
+    variants: list[str]  # the rest of VARIANTS are there for --variants
+    grayscale: list[str]  # the variants also trained on the grayscale faces
+
+
+FULL_VARIANTS = ["today", "min-SNR eps", "v-pred", "v-pred min-SNR", "cosine eps", "power EMA", "lr 2e-3", "batch 16"]
+PLAN = {  # the full run: one factor at a time against "today", sized to fit an hour on 2 shared CPU cores
+    "full": Plan(3000, 210, 32, 3, 128, 20, 2, 400, FULL_VARIANTS, ["today", "min-SNR eps", "v-pred min-SNR"]),
+    "quick": Plan(400, 16, 16, 2, 24, 8, 1, 60, ["today", "v-pred min-SNR"], ["v-pred min-SNR"]),
+}
+
+
+@dataclass
+class Trained:
+    """One variant: its training run and the scores of its checkpoints."""
+
+    overrides: list[str]
+    steps: int
+    batch: int
+    wall_seconds: float
+    images_per_second: float
+    points: list[dict[str, float]]  # per scored checkpoint: step, images_seen and the scores (DDIM eta 1)
+    eta0: dict[str, float]  # the last checkpoint's scores with deterministic DDIM
+
+
+@dataclass
+class Floor:
+    floor: dict[str, float]  # the val split's own scores at the same N
+
+
+@dataclass
+class LearningResults:
+    faces: dict[str, Trained | Floor]
+    grayscale: dict[str, Trained | Floor]
 
 
 def shards(num: int, grayscale: bool) -> Path:
@@ -119,9 +132,7 @@ def shards(num: int, grayscale: bool) -> Path:
     out = CACHE / f"synthetic32-{num}{'-gray' if grayscale else ''}"
     if not (out / "manifest.json").is_file():
         cmd = [sys.executable, "-m", "data_prep", "--synthetic", str(num), "--out", str(out), "--size", "32"]
-        cmd += ["--val-fraction", "0.1", "--workers", str(common.usable_cores())] + (
-            ["--grayscale"] if grayscale else []
-        )
+        cmd += ["--val-fraction", "0.1", "--workers", str(default_threads()), *(["--grayscale"] if grayscale else [])]
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     return out
 
@@ -133,33 +144,15 @@ def colour_cast(images: np.ndarray) -> float:
     return float(pairs.mean())
 
 
-# --- one variant -----------------------------------------------------------------------------------
-
-
-def variant_overrides(name: str, plan: dict) -> tuple[list[str], int, int]:
+def variant_overrides(name: str, plan: Plan) -> tuple[list[str], int, int]:
     """(overrides, steps, batch) of a variant under a plan: the same images for every variant."""
-    overrides, batch_scale = VARIANTS[name]
-    batch = max(plan["procs"], int(round(plan["batch"] * batch_scale)))
-    steps = int(round(plan["steps"] * plan["batch"] / batch))
-    every = max(1, steps // plan["points"])
-    return (
-        [
-            *BASELINE,
-            *overrides,
-            f"train.batch_size={batch}",
-            f"train.max_steps={steps}",
-            f"train.checkpoint_every={every}",
-            f"train.keep_checkpoints={plan['points'] + 1}",
-            "train.seed=0",
-            "log.sample_every=0",
-            "log.tensorboard=false",
-            f"log.every={every}",
-            "data.num_workers=1",
-            "data.shuffle_buffer=500",
-        ],
-        steps,
-        batch,
-    )
+    batch = max(plan.procs, int(round(plan.batch * VARIANTS[name].batch_scale)))
+    steps = int(round(plan.steps * plan.batch / batch))
+    every = max(1, steps // plan.points)
+    run = [f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.checkpoint_every={every}"]
+    run += [f"train.keep_checkpoints={plan.points + 1}", "train.seed=0", "log.sample_every=0", "log.tensorboard=false"]
+    run += [f"log.every={every}", "data.num_workers=1", "data.shuffle_buffer=500"]
+    return [*BASELINE, *VARIANTS[name].overrides, *run], steps, batch
 
 
 def train_variant(overrides: list[str], data: Path, run_dir: Path, procs: int) -> float:
@@ -177,151 +170,150 @@ def train_variant(overrides: list[str], data: Path, run_dir: Path, procs: int) -
     return seconds
 
 
-def sample(ckpt, plan: dict, eta: float, threads: int) -> np.ndarray:
-    """uint8 samples of a checkpoint (a directory or a pipeline.checkpoint.Checkpoint record)."""
-    from export.backends import TorchDenoiser
-    from pipeline.core.sampling import generate, to_uint8
-
-    denoiser = TorchDenoiser(ckpt, threads=threads)
+def sample(ckpt: Path, plan: Plan, eta: float, threads: int) -> np.ndarray:
+    """uint8 samples of a checkpoint directory's EMA weights (the torch backend)."""
+    denoiser = load_denoiser(ckpt, threads=threads)
+    steps, batch = plan.sampler_steps, min(plan.num, 128)
     return to_uint8(
-        generate(
-            denoiser,
-            plan["num"],
-            batch=min(plan["num"], 128),
-            sampler="ddim",
-            steps=plan["sampler_steps"],
-            eta=eta,
-            spacing="leading",
-            seed=0,
-        )
+        generate(denoiser, plan.num, batch=batch, sampler="ddim", steps=steps, eta=eta, spacing="leading", seed=0)
     )
 
 
-def score(images: np.ndarray, data: Path, featurizer) -> dict:
-    from pipeline.evaluation.evaluate import evaluate
-
-    return evaluate(images, data, featurizer=featurizer)["metrics"]
-
-
-def run_variant(
-    name: str, data: Path, plan: dict, featurizer, threads: int, grayscale: bool, keep: Path | None, progress
-) -> dict:
-    """Train one variant and score its checkpoints; returns its row (and keeps its final samples)."""
-    from pipeline.checkpoint import complete_checkpoints, read_checkpoint
-
+def run_variant(name: str, data: Path, plan: Plan, score, threads: int, gray: bool, progress) -> tuple[Trained, dict]:
+    """Train one variant and score its checkpoints: its record, and its last checkpoint's samples by eta."""
     overrides, steps, batch = variant_overrides(name, plan)
     with tempfile.TemporaryDirectory(prefix="learning-") as tmp:
         run_dir = Path(tmp) / "run"
-        progress.describe(f"learning: train {'grayscale ' if grayscale else ''}{name}")
-        seconds = train_variant(overrides, data, run_dir, plan["procs"])
+        progress.describe(f"learning: train {'grayscale ' if gray else ''}{name}")
+        seconds = train_variant(overrides, data, run_dir, plan.procs)
         progress.update()
-        ckpts = complete_checkpoints(run_dir)
-        points, final = [], {}
-        for ckpt in map(read_checkpoint, ckpts[-1:] if grayscale else ckpts):
+        ckpts, points, final = complete_checkpoints(run_dir), [], {}
+        for ckpt in map(read_checkpoint, ckpts[-1:] if gray else ckpts):
             progress.describe(f"learning: score {name} {ckpt.dir.name}")
-            images = sample(ckpt, plan, 1.0, threads)
-            row = {"step": ckpt.step, "images_seen": ckpt.images_seen, **score(images, data, featurizer)}
-            if grayscale:
-                row["colour_cast"] = colour_cast(images)
-            points.append(row)
-            final = {"eta1": images}
-        images0 = sample(ckpts[-1], plan, 0.0, threads)
-        final["eta0"] = images0
-        last = {"eta0": score(images0, data, featurizer)}
-        if grayscale:
-            last["eta0"]["colour_cast"] = colour_cast(images0)
+            final["eta1"] = sample(ckpt.dir, plan, 1.0, threads)
+            points.append({"step": ckpt.step, "images_seen": ckpt.images_seen, **score(final["eta1"])})
+        final["eta0"] = sample(ckpts[-1], plan, 0.0, threads)
+        eta0 = score(final["eta0"])
         progress.update()
-    if keep is not None:
-        np.savez_compressed(keep, **final)
-    return {
-        "overrides": VARIANTS[name][0],
-        "steps": steps,
-        "batch": batch,
-        "wall_seconds": seconds,
-        "images_per_second": steps * batch / seconds,
-        "points": points,
-        **last,
-    }
+    trained = Trained(VARIANTS[name].overrides, steps, batch, seconds, steps * batch / seconds, points, eta0)
+    return trained, final
 
 
-# --- the benchmark ------------------------------------------------------------------------------
+def score(images: np.ndarray, data: Path, featurizer, gray: bool) -> dict[str, float]:
+    from pipeline.evaluation.evaluate import evaluate  # heavy: torchvision, scipy
+
+    scores = evaluate(images, data, featurizer=featurizer)["metrics"]
+    return {**scores, "colour_cast": colour_cast(images)} if gray else scores
 
 
-def plan_of(args) -> dict:
-    plan = dict(PLAN[common.size(args)])
-    if args.variants:
-        names = [v.strip() for v in args.variants.split(",") if v.strip()]
-        unknown = [v for v in names if v not in VARIANTS]
-        if unknown:
-            raise SystemExit(f"benchmarks learning: --variants {unknown[0]!r}: not one of {', '.join(VARIANTS)}")
-        plan["variants"] = names
-        plan["grayscale"] = [v for v in plan["grayscale"] if v in names]
-    return plan
+def plan_of(args) -> Plan:
+    plan = PLAN[common.size(args)]
+    if not args.variants:
+        return plan
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"benchmarks learning: --variants {unknown[0]!r}: not one of {', '.join(VARIANTS)}")
+    return plan._replace(variants=names, grayscale=[v for v in plan.grayscale if v in names])
 
 
 def steps(args) -> int:
     plan = plan_of(args)
-    return 2 * (len(plan["variants"]) + len(plan["grayscale"]))
+    return 2 * (len(plan.variants) + len(plan.grayscale))
 
 
-def run(args, progress=None) -> dict:
-    from pipeline.evaluation.evaluate import reference_floor
-    from pipeline.evaluation.features import Featurizer
-    from pipeline.evaluation.images import read_split
+def run(args, progress) -> Result:
+    from pipeline.evaluation.evaluate import reference_floor  # heavy: torchvision, scipy
+    from pipeline.evaluation.features import Featurizer  # heavy: torchvision
 
-    progress = progress or common.no_progress()
     plan = plan_of(args)
-    config = {
-        **plan,
-        "baseline": BASELINE,
-        "variants": {v: VARIANTS[v][0] for v in plan["variants"]},
-        "batch_scale": {v: VARIANTS[v][1] for v in plan["variants"]},
-        "sampler": "ddim",
-        "eta": 1.0,
-        "feature_net_steps": FEATURE_NET_STEPS[common.size(args)],
-    }
-    result = common.start("learning", args, METHOD, config, device="cpu")
-    threads = result["config"]["threads"]
-    samples_dir = Path(tempfile.mkdtemp(prefix="learning-samples-"))
-    out: dict = {"faces": {}, "grayscale": {}}
-    try:
-        for set_name, names in (("faces", plan["variants"]), ("grayscale", plan["grayscale"])):
-            if not names:
-                continue
-            gray = set_name == "grayscale"
-            data = shards(plan["data"], gray)
-            featurizer = Featurizer("classifier", data, train_steps=FEATURE_NET_STEPS[common.size(args)])
-            floor = reference_floor(data, plan["num"], featurizer=featurizer)["metrics"]
-            if gray:
-                floor["colour_cast"] = colour_cast(read_split(data, "val", plan["num"], seed=1))
-            out[set_name]["val split (floor)"] = {"floor": floor}
-            for name in names:
-                out[set_name][name] = run_variant(
-                    name,
-                    data,
-                    plan,
-                    featurizer,
-                    threads,
-                    gray,
-                    samples_dir / f"{set_name}-{len(out[set_name])}.npz",
-                    progress,
-                )
-        result["results"] = out
-        learning_report.report(result, plan, samples_dir, Path(args.out))
-    finally:
-        shutil.rmtree(samples_dir, ignore_errors=True)
+    config = {**plan._asdict(), "baseline": BASELINE, "variants": {v: VARIANTS[v].overrides for v in plan.variants}}
+    config |= {"batch_scale": {v: VARIANTS[v].batch_scale for v in plan.variants}, "sampler": "ddim", "eta": 1.0}
+    result = common.start("learning", args, __doc__.split("\n\n", 2)[2], config, device="cpu")
+    results, rows = LearningResults({}, {}), []  # rows: the sample sheet's, one per variant trained
+    for set_name, names in (("faces", plan.variants), ("grayscale", plan.grayscale)):
+        if not names:
+            continue
+        gray, runs = set_name == "grayscale", getattr(results, set_name)
+        data = shards(plan.data, gray)
+        featurizer = Featurizer("classifier", data, train_steps=plan.feature_net_steps)
+        floor = reference_floor(data, plan.num, featurizer=featurizer)["metrics"]
+        if gray:
+            floor["colour_cast"] = colour_cast(read_split(data, "val", plan.num, seed=1))
+        runs[FLOOR] = Floor(floor)
+        for name in names:
+            scorer = functools.partial(score, data=data, featurizer=featurizer, gray=gray)
+            runs[name], final = run_variant(name, data, plan, scorer, result.config["threads"], gray, progress)
+            rows.append(((f"gray: {name}" if gray else name), [*final["eta1"][:12], None, *final["eta0"][:12]]))
+    result.results = results
+    report(result, plan)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    sample_sheet(rows, Path(args.out) / "learning_samples.png")
+    result.images.append("learning_samples.png")
+    result.notes.append(
+        "learning_samples.png: the first 12 samples of each variant's last checkpoint, DDIM eta 1 "
+        "then eta 0 on each row; the face runs first, then the grayscale runs."
+    )
     return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variants", default=None, metavar="A,B", help="learning: only these variants (names as listed)")
+    p.add_argument("--variants", default=None, metavar="A,B", help="only these variants (names as listed)")
 
 
-def defaults(args) -> None:
-    pass
+def defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.out = args.out or Path("benchmarks/results/cpu/learning")
 
 
-if __name__ == "__main__":
-    from benchmarks.__main__ import main
-
-    sys.exit(main(["learning", *sys.argv[1:]]))
+def report(result: Result, plan: Plan) -> None:
+    """The faces table, cFID against images seen (table and plot), and the grayscale set's colour cast."""
+    faces, gray, floor = result.results.faces, result.results.grayscale, result.results.faces[FLOOR].floor
+    runs = {k: v for k, v in faces.items() if k != FLOOR}
+    rows = [
+        [
+            name,
+            r.steps,
+            r.batch,
+            r.wall_seconds,
+            r.images_per_second,
+            min(p[CFID] for p in r.points),
+            r.points[-1][CFID],
+        ]
+        + [
+            r.eta0[CFID],
+            r.eta0[CFID] / r.points[-1][CFID],
+            *[r.points[-1][k] for k in ("precision", "recall", "coverage")],
+        ]
+        for name, r in runs.items()
+    ]
+    rows.append([FLOOR, *[None] * 5, floor[CFID], None, None, *[floor[k] for k in ("precision", "recall", "coverage")]])
+    title = f"Faces: {plan.steps * plan.batch:,} images per variant, {plan.num} samples, DDIM-{plan.sampler_steps}"
+    columns = f"variant | steps | batch | train s | images/s | best {CFID} | last {CFID} (eta 1) | {CFID} eta 0 | "
+    result.tables.append(table(title, columns + "eta 0 / eta 1 | precision | recall | coverage", rows))
+    seen = sorted({p["images_seen"] for r in runs.values() for p in r.points})
+    rows = [
+        [n, *[next((p[CFID] for p in r.points if p["images_seen"] == i), None) for i in seen]] for n, r in runs.items()
+    ]
+    columns = " | ".join(["variant", *[f"{n:,}" for n in seen]])
+    result.tables.append(table(f"Faces: {CFID} (eta 1) against images seen", columns, rows))
+    if gray_runs := {k: v for k, v in gray.items() if k != FLOOR}:
+        rows = [
+            [
+                n,
+                r.points[-1]["colour_cast"],
+                r.eta0["colour_cast"],
+                r.points[-1][CFID],
+                r.eta0[CFID],
+                r.points[-1]["precision"],
+            ]
+            for n, r in gray_runs.items()
+        ]
+        g = gray[FLOOR].floor
+        rows.append(["val split (data)", g["colour_cast"], None, g[CFID], None, g["precision"]])
+        columns = f"variant | colour cast eta 1 | colour cast eta 0 | {CFID} eta 1 | {CFID} eta 0 | precision"
+        result.tables.append(
+            table("Grayscale faces: colour cast (0-255) and scores of the last checkpoint", columns, rows)
+        )
+    series = {name: [[p["images_seen"] for p in r.points], [p[CFID] for p in r.points]] for name, r in runs.items()}
+    title = f"Tiny model: {CFID} (DDIM-{plan.sampler_steps} eta 1, N={plan.num}) against images seen"
+    result.plots.append(Plot("learning_cfid.png", title, "images seen", CFID, series, logy=True))

@@ -13,221 +13,153 @@ seeds across samplers and step counts).
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import Any, NamedTuple
 
 from benchmarks import common
+from benchmarks.record import Plot, Result, table, target
+from benchmarks.render import sample_sheet
+from export.backends import load_denoiser
+from export.onnx import main as export_onnx
+from pipeline.core.sampling import DEFAULT_SPACING, generate, to_uint8
+
+FLAGS = ("quick", "out", "threads")  # onnxruntime on the CPU: the scores do not depend on the device
+
+
+class Sampling(NamedTuple):
+    sampler: str
+    steps: int
+    eta: float = 0.0
+
 
 SOLVERS = ("unipc", "dpmpp_2m", "ddim")
 STEPS = {"full": (5, 10, 15, 25, 50), "quick": (5, 10)}
 # DDIM with eta 0, the deterministic baseline (and the old default, 50 steps): at the solvers' count and its own.
 DDIM_STEPS = {"full": (10, 50), "quick": (10,)}
-REFERENCES = {"full": (("ddpm", 250, 0.0), ("ddim", 50, 1.0)), "quick": (("ddpm", 25, 0.0), ("ddim", 10, 1.0))}
+REFERENCES = {
+    "full": (Sampling("ddpm", 250), Sampling("ddim", 50, eta=1.0)),
+    "quick": (Sampling("ddpm", 25), Sampling("ddim", 10, eta=1.0)),
+}
 TARGET_CALLS = 10  # the issue: a solver at <= 10 evaluations ...
 TARGET_MARGIN = 1.10  # ... within 10 % of the best reference
 STRIP_SEEDS = 8  # images per row of the strip
-
-
 LABELS = {"unipc": "UniPC", "dpmpp_2m": "DPM++(2M)", "ddim": "DDIM", "ddpm": "DDPM"}
 
 
-def set_name(sampler: str, steps: int, eta: float) -> str:
-    return f"{LABELS[sampler]}-{steps}" + (f" eta {eta:g}" if sampler == "ddim" else "")
+@dataclass
+class QualityResults:
+    # by set name: its sampling (sampler, steps, eta), seconds, images/s and pipeline.evaluation's scores by name
+    sets: dict[str, dict[str, Any]]
+    floor: dict[str, float]  # the val split's scores at the same N
+    steps: list[int]
+    recommended: str | None = None  # the fewest calls within TARGET_MARGIN of the best reference
 
 
-def export_denoiser(ckpt: str, workdir: Path, threads: int):
-    """The newest EMA weights of a run (or a checkpoint dir) as an onnxruntime denoiser."""
-    from export.backends import OrtDenoiser
-    from export.onnx import main as export_onnx
-
-    onnx = workdir / "denoiser.onnx"
-    if export_onnx(["--ckpt", ckpt, "--out", str(onnx)]) != 0:
-        raise SystemExit(2)  # export.onnx printed the one-line reason
-    return OrtDenoiser(onnx, provider="cpu", threads=threads)
+def set_name(s: Sampling) -> str:
+    return f"{LABELS[s.sampler]}-{s.steps}" + (f" eta {s.eta:g}" if s.sampler == "ddim" else "")
 
 
-def sample_set(denoiser, num: int, sampler: str, steps: int, eta: float, spacing: str) -> tuple[np.ndarray, float]:
-    from pipeline.core.sampling import generate, to_uint8
-
-    start = time.perf_counter()
-    images = to_uint8(
-        generate(denoiser, num, batch=min(num, 64), sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=0)
-    )
-    return images, time.perf_counter() - start
+def plan_of(size: str) -> list[Sampling]:
+    solvers = [Sampling(s, n) for s in SOLVERS for n in (DDIM_STEPS if s == "ddim" else STEPS)[size]]
+    return solvers + list(REFERENCES[size])
 
 
-def strip(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
-    """One row per set (its first STRIP_SEEDS images), a label column on the left; written atomically."""
-    from PIL import Image, ImageDraw
-    from pipeline.core.fileio import atomic_write_bytes
-    from pipeline.train.previews import png_bytes
-
-    h, w = rows[0][1].shape[1:3]
-    scale = max(1, 64 // h)
-    label_w, pad = 120, 2
-    canvas = Image.new("RGB", (label_w + STRIP_SEEDS * (w * scale + pad), len(rows) * (h * scale + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (name, images) in enumerate(rows):
-        y = r * (h * scale + pad)
-        draw.text((4, y + h * scale // 2 - 6), name, fill="black")
-        for c, image in enumerate(images[:STRIP_SEEDS]):
-            tile = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).resize(
-                (w * scale, h * scale), Image.NEAREST
-            )
-            canvas.paste(tile, (label_w + c * (w * scale + pad), y))
-    atomic_write_bytes(path, png_bytes(canvas))
+def steps(args) -> int:
+    return len(plan_of(common.size(args))) + 1
 
 
-def run(args) -> dict:
-    from pipeline.evaluation.evaluate import evaluate, reference_floor
-    from pipeline.evaluation.features import Featurizer
-    from pipeline.core.sampling import DEFAULT_SPACING
+def run(args, progress) -> Result:
+    from pipeline.evaluation.evaluate import evaluate, reference_floor  # heavy: torchvision, scipy
+    from pipeline.evaluation.features import Featurizer  # heavy: torchvision
 
-    size = common.size(args)
-    num = args.num or (64 if args.quick else 256)
-    threads = common.set_threads(args.threads)
-    plan = [(s, n, 0.0) for s in SOLVERS for n in (DDIM_STEPS if s == "ddim" else STEPS)[size]]
-    plan += list(REFERENCES[size])
-    result = common.new_result(
-        "quality",
-        quick=args.quick,
-        device="cpu",
-        config={
-            "ckpt": args.ckpt,
-            "shards": args.shards,
-            "num": num,
-            "seed": 0,
-            "spacing": DEFAULT_SPACING,
-            "threads": threads,
-            "sets": [set_name(*p) for p in plan],
-        },
-        method=__doc__.split("\n\n", 2)[2],
-    )
-    progress = common.run_progress(len(plan) + 1)
+    size, num = common.size(args), args.num or (64 if args.quick else 256)
+    plan, method = plan_of(size), __doc__.split("\n\n", 2)[2]
+    config = {"ckpt": args.ckpt, "shards": args.shards, "num": num, "seed": 0, "spacing": DEFAULT_SPACING}
+    result = common.start("quality", args, method, {**config, "sets": [set_name(s) for s in plan]}, "cpu")
     featurizer = Featurizer("classifier", args.shards, None, None)
-    rows, sets, strip_rows = [], {}, []
+    sets, rows, strip = {}, [], []
     with tempfile.TemporaryDirectory() as workdir:
-        denoiser = export_denoiser(args.ckpt, Path(workdir), threads)
-        for sampler, steps, eta in plan:
-            name = set_name(sampler, steps, eta)
+        onnx = Path(workdir) / "denoiser.onnx"
+        if export_onnx(["--ckpt", args.ckpt, "--out", str(onnx)]) != 0:
+            raise SystemExit(2)  # export.onnx printed the one-line reason
+        denoiser = load_denoiser(onnx, provider="cpu", threads=result.config["threads"])
+        for s in plan:
+            name = set_name(s)
             progress.describe(f"quality: {name}")
-            images, seconds = sample_set(denoiser, num, sampler, steps, eta, DEFAULT_SPACING)
+            start = time.perf_counter()
+            samples = generate(denoiser, num, batch=min(num, 64), **s._asdict(), spacing=DEFAULT_SPACING, seed=0)
+            images = to_uint8(samples)
+            seconds = time.perf_counter() - start
             scored = evaluate(images, args.shards, featurizer=featurizer)["metrics"]
-            sets[name] = {
-                "sampler": sampler,
-                "steps": steps,
-                "eta": eta,
-                "seconds": seconds,
-                "images_per_second": num / seconds,
-                **scored,
-            }
-            rows.append([name, steps, scored["classifier-FID"], scored["precision"], scored["recall"], seconds])
-            strip_rows.append((name, images))
+            sets[name] = {**s._asdict(), "seconds": seconds, "images_per_second": num / seconds, **scored}
+            rows.append([name, s.steps, scored["classifier-FID"], scored["precision"], scored["recall"], seconds])
+            strip.append((name, list(images[:STRIP_SEEDS])))
             progress.update()
     floor = reference_floor(args.shards, n=num, featurizer=featurizer)["metrics"]
     progress.update()
-    progress.close()
-    result["results"] = {"sets": sets, "floor": floor, "steps": list(STEPS[size])}
+    result.results = QualityResults(sets, floor, list(STEPS[size]))
     rows.append(["val split (floor)", 0, floor["classifier-FID"], floor["precision"], floor["recall"], None])
-    result["tables"].append(
-        common.table(
-            f"{num} images per set, against the train split",
-            ["set", "network calls", "classifier-FID", "precision", "recall", "wall s"],
-            rows,
-        )
-    )
-    judge(result, sets, size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    curves = {}
-    for s in SOLVERS:
-        steps = (DDIM_STEPS if s == "ddim" else STEPS)[size]
-        curves[LABELS[s] + (" eta 0" if s == "ddim" else "")] = (
-            list(steps),
-            [sets[set_name(s, n, 0.0)]["classifier-FID"] for n in steps],
-        )
-    for sampler, steps, eta in REFERENCES[size]:
-        curves[set_name(sampler, steps, eta)] = ([steps], [sets[set_name(sampler, steps, eta)]["classifier-FID"]])
-    span = [min(STEPS[size]), max(n for _, n, _ in plan)]
-    curves["val split (floor)"] = (span, [floor["classifier-FID"]] * 2)
-    common.plot_curves(
-        out / "quality.png",
-        f"classifier-FID against network calls ({num} images per set)",
-        "network evaluations per image",
-        "classifier-FID (lower is better)",
-        curves,
-        logx=2,
-        logy=True,
-    )
-    strip(strip_rows, out / "quality_strip.png")
-    result["plots"] += ["quality.png", "quality_strip.png"]
+    columns = "set | network calls | classifier-FID | precision | recall | wall s"
+    result.tables.append(table(f"{num} images per set, against the train split", columns, rows))
+    judge(result, size)
+    result.plots.append(cfid_plot(result.results, size, num))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    sample_sheet(strip, Path(args.out) / "quality_strip.png")
+    result.images.append("quality_strip.png")
     return result
 
 
-def judge(result: dict, sets: dict, size: str) -> None:
+def cfid_plot(res: QualityResults, size: str, num: int) -> Plot:
+    """cFID against network calls: a line per solver, a point per reference, the floor across."""
+    curves = {}
+    for s in SOLVERS:
+        steps = (DDIM_STEPS if s == "ddim" else STEPS)[size]
+        label = LABELS[s] + (" eta 0" if s == "ddim" else "")
+        curves[label] = [list(steps), [res.sets[set_name(Sampling(s, n))]["classifier-FID"] for n in steps]]
+    for ref in REFERENCES[size]:
+        curves[set_name(ref)] = [[ref.steps], [res.sets[set_name(ref)]["classifier-FID"]]]
+    span = [min(STEPS[size]), max(s["steps"] for s in res.sets.values())]
+    curves["val split (floor)"] = [span, [res.floor["classifier-FID"]] * 2]
+    title, xlabel = f"classifier-FID against network calls ({num} images per set)", "network evaluations per image"
+    return Plot("quality.png", title, xlabel, "classifier-FID (lower is better)", curves, logx=2, logy=True)
+
+
+def judge(result: Result, size: str) -> None:
     """The issue's target, and the default it implies: the fewest calls within the margin of the references."""
-    refs = [sets[set_name(*r)]["classifier-FID"] for r in REFERENCES[size]]
-    best_ref = min(refs)
-    solvers = {k: v for k, v in sets.items() if v["sampler"] in ("unipc", "dpmpp_2m")}
-    at_target = [v["classifier-FID"] for v in solvers.values() if v["steps"] <= TARGET_CALLS]
-    best = min(at_target) if at_target else None
-    ref_calls = max(r[1] for r in REFERENCES[size] if sets[set_name(*r)]["classifier-FID"] == best_ref)
-    result["targets"].append(
-        common.target(
-            "solver_at_10_calls_vs_best_reference",
-            f"best of dpmpp_2m / unipc at <= {TARGET_CALLS} calls, relative to the best reference "
-            f"(needs <= {TARGET_MARGIN:g}x, i.e. within 10 %)",
-            None if best is None else best / best_ref,
-            TARGET_MARGIN,
-            "<=",
-            detail=f"best reference cFID {best_ref:.2f} at {ref_calls} calls; best solver at <= {TARGET_CALLS} calls "
-            f"{best if best is None else round(best, 2)}",
-        )
+    sets = result.results.sets
+    best_ref = min(sets[set_name(r)]["classifier-FID"] for r in REFERENCES[size])
+    ref_calls = max(r.steps for r in REFERENCES[size] if sets[set_name(r)]["classifier-FID"] == best_ref)
+    solvers = [v for v in sets.values() if v["sampler"] in ("unipc", "dpmpp_2m") and v["steps"] <= TARGET_CALLS]
+    best = min((v["classifier-FID"] for v in solvers), default=None)
+    what = f"best of dpmpp_2m / unipc at <= {TARGET_CALLS} calls, relative to the best reference "
+    what += f"(needs <= {TARGET_MARGIN:g}x, i.e. within 10 %)"
+    detail = f"best reference cFID {best_ref:.2f} at {ref_calls} calls; best solver at <= {TARGET_CALLS} calls "
+    detail += f"{best if best is None else round(best, 2)}"
+    value = None if best is None else best / best_ref
+    result.targets.append(target("solver_at_10_calls_vs_best_reference", what, value, TARGET_MARGIN, "<=", "x", detail))
+    scored = [(v["steps"], v["classifier-FID"], k) for k, v in sets.items()]
+    within = sorted(s for s in scored if s[1] <= TARGET_MARGIN * best_ref)
+    if not within:
+        result.notes.append("No set came within 10 % of the best reference.")
+        return
+    steps, cfid, name = within[0]
+    result.results.recommended = name
+    result.notes.append(
+        f"Fewest network calls within 10 % of the best reference: {name} "
+        f"(cFID {cfid:.2f}, {steps} calls against {ref_calls}: {ref_calls / steps:.0f}x fewer)."
     )
-    within = sorted(
-        (v["steps"], v["classifier-FID"], k) for k, v in sets.items() if v["classifier-FID"] <= TARGET_MARGIN * best_ref
-    )
-    if within:
-        steps, cfid, name = within[0]
-        result["results"]["recommended"] = name
-        result["notes"].append(
-            f"Fewest network calls within 10 % of the best reference: {name} "
-            f"(cFID {cfid:.2f}, {steps} calls against {ref_calls}: {ref_calls / steps:.0f}x fewer)."
-        )
-    else:
-        result["notes"].append("No set came within 10 % of the best reference.")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="a run directory (newest complete checkpoint) or a checkpoint")
     p.add_argument("--shards", required=True, help="the shards the model was trained on (train and val splits)")
     p.add_argument("--num", type=int, help="images per set (default 256; quick 64)")
-    p.add_argument("--quick", action="store_true", help="5 and 10 steps, short references: a smoke run for CI")
-    p.add_argument("--out", default="benchmarks/results/cpu/quality", help="results directory")
-    p.add_argument("--threads", type=int, help="onnxruntime / torch threads (default: usable cores)")
-    args = p.parse_args(argv)
+
+
+def defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.out = args.out or Path("benchmarks/results/cpu/quality")
     if args.num is not None and args.num < 2:
         p.error(f"--num {args.num}: must be >= 2 (a Fréchet distance needs a covariance)")
-    return args
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    common.COMMAND = "python -m benchmarks quality " + " ".join(shlex.quote(a) for a in argv)
-    start = time.monotonic()
-    result = run(args)
-    result["seconds"] = time.monotonic() - start
-    json_path, md_path = common.write_result(result, args.out)
-    print(f"benchmarks: quality done in {result['seconds']:.0f} s -> {md_path}", file=sys.stderr)
-    for t in result["targets"]:
-        print(f"{t['name']}: {common.fmt(t['value'])} (need {t['op']} {t['threshold']:g}): {common.target_verdict(t)}")
-    for note in result["notes"]:
-        print(note)
-    return 0

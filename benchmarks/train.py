@@ -7,41 +7,7 @@
    config, batch and precision; the two are timed interleaved and shown to compute the same function.
 2. Our U-Net with and without gradient checkpointing: time ratio and peak activation memory ratio.
 3. ZeRO stage 0 / 2 / 3 per-rank bytes with 2 ranks of real DeepSpeed (benchmarks.zero_memory).
-"""
 
-from __future__ import annotations
-
-import argparse
-import copy
-import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
-import torch
-
-from benchmarks import common, train_report
-from benchmarks.train_step import autocast, build_pair, make_batch, make_train_step
-from pipeline.config import Config, load_config
-from pipeline.train.diffusion import GaussianDiffusion, schedule_from_config
-from pipeline.train.distributed import free_port
-from pipeline.model.unet import UNet, count_parameters
-
-REPO = Path(__file__).resolve().parent.parent
-
-# (config, batch sizes for the throughput curve, batch for the checkpointing comparison)
-PLAN = {
-    "quick": {"cpu": [("tiny_cpu", [8], 8)], "cuda": [("tiny_cpu", [8], 8)]},
-    "full": {
-        "cpu": [("tiny_cpu", [8, 16, 32], 32), ("celebahq64", [2], 2)],
-        "cuda": [("tiny_cpu", [32, 128], 128), ("celebahq64", [16, 64], 64), ("celebahq256", [4, 16], 16)],
-    },
-}
-ZERO_CONFIGS = {"quick": ["tiny_cpu"], "full": ["tiny_cpu", "celebahq64", "celebahq256"]}
-
-METHOD = """
 **Training step.** One step = `optimizer.zero_grad()`, `GaussianDiffusion.training_loss` (q_sample, forward,
 MSE against the noise), `backward()`, `AdamW.step()` (the optimizer pipeline.train builds). The batch is
 fixed and already in memory: data loading is the `data` benchmark's business. Ours is `pipeline.model.unet.UNet`;
@@ -64,7 +30,7 @@ running total (`total_allocated` of every allocation event) minus its value at t
 is that total just before `backward()` starts (what autograd keeps for backward). The profiled pass is
 separate from the timed ones.
 
-**ZeRO.** `torchrun --nproc_per_node 2 -m benchmarks.zero_memory`: each rank builds the engine exactly as
+**ZeRO.** `torchrun --nproc_per_node 2 -m benchmarks zero_memory`: each rank builds the engine exactly as
 pipeline.train does (`pipeline.train.ds_config.build_ds_config` + `pipeline.train.loop.build_engine`), takes one
 training step so Adam's state exists, then walks the tensors it holds: optimizer state = the tensors in the
 inner torch optimizer's `state` (exp_avg, exp_avg_sq); fp32 master partition = the optimizer's own
@@ -73,73 +39,98 @@ partition); gradients = `.grad` of both plus DeepSpeed's partitioned gradient bu
 per distinct storage. The ZeRO run feeds a small image (the state does not depend on the image size).
 """
 
+from __future__ import annotations
 
-# --- activation memory ------------------------------------------------------------------------
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
+import torch
 
-def step_memory(model, diffusion: GaussianDiffusion, batch, device: str, precision: str) -> dict:
-    """Bytes a forward+backward adds on top of parameters and their (pre-allocated) gradients."""
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    x0, t, noise = batch
+from benchmarks import common, train_tables
+from benchmarks.profile import Profile, torch_profile
+from benchmarks.record import Result, Spread, from_json, paired_ratio, summarize
+from benchmarks.train_step import StepMemory, build_pair, make_batch, make_train_step, step_memory
+from benchmarks.zero_memory import ZeroRank
+from pipeline.config import load_config
+from pipeline.core.config import Config
+from pipeline.core.schedule import DiffusionSchedule
+from pipeline.model.unet import UNet, count_parameters
+from pipeline.train.diffusion import GaussianDiffusion
+from pipeline.train.distributed import free_port
 
-    def forward():
-        with autocast(device, precision):
-            return diffusion.training_loss(model, x0, t, noise)
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss = forward()
-        held = torch.cuda.memory_allocated() - base
-        loss.backward()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        peak, held = _cpu_profiled_memory(forward)
-        method = "torch.profiler CPU allocator total_allocated"
-    model.zero_grad(set_to_none=True)
-    return {"peak_bytes": peak, "held_after_forward_bytes": held, "method": method}
-
-
-def _cpu_profiled_memory(forward) -> tuple[int, int]:
-    """(peak, held-after-forward) bytes above the start, from the CPU allocator's running total."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = forward()
-        with record_function("benchmark::backward"):
-            loss.backward()
-    allocations, backward_start = [], None
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
-            allocations.append((event.start_time_ns, event.typed[1].total_allocated, event.typed[1].alloc_size))
-        elif event.name == "benchmark::backward":
-            backward_start = event.start_time_ns
-    if not allocations or backward_start is None:
-        raise RuntimeError("torch.profiler recorded no CPU allocations; cannot measure activation memory")
-    allocations.sort()
-    base = allocations[0][1] - allocations[0][2]
-    peak = max(total for _, total, _ in allocations) - base
-    before_backward = [total for when, total, _ in allocations if when < backward_start]
-    held = (before_backward[-1] if before_backward else base) - base
-    return peak, held
+REPO = Path(__file__).resolve().parent.parent
+FLAGS = ("quick", "device", "out", "threads")
 
 
-# --- the measurements -------------------------------------------------------------------------
+Case = NamedTuple("Case", [("config", str), ("batches", list[int]), ("checkpointing_batch", int)])
+
+PLAN = {
+    "quick": {"cpu": [Case("tiny_cpu", [8], 8)], "cuda": [Case("tiny_cpu", [8], 8)]},
+    "full": {
+        "cpu": [Case("tiny_cpu", [8, 16, 32], 32), Case("celebahq64", [2], 2)],
+        "cuda": [Case("tiny_cpu", [32, 128], 128), Case("celebahq64", [16, 64], 64), Case("celebahq256", [4, 16], 16)],
+    },
+}
+ZERO_CONFIGS = {"quick": ["tiny_cpu"], "full": ["tiny_cpu", "celebahq64", "celebahq256"]}
 
 
-def compare_with_diffusers(cfg: Config, name: str, batches: list[int], args, progress) -> list[dict]:
+@dataclass
+class Throughput:
+    """One config and batch: ours and diffusers, each NCHW-contiguous and channels_last (the labels)."""
+
+    config: str
+    batch: int
+    precision: str
+    params: int
+    profile: dict[str, Profile] | None  # the fastest of each side, at the config's largest batch
+    max_output_difference: float
+    seconds: dict[str, Spread]
+    images_per_second: dict[str, float]
+    best_ours: str
+    best_diffusers: str
+    ours_images_per_second: float
+    diffusers_images_per_second: float
+    speedup: Spread  # fastest diffusers time / fastest ours, per round
+    speedup_both_contiguous: Spread
+
+
+@dataclass
+class Checkpointing:
+    config: str
+    batch: int
+    precision: str
+    memory: dict[str, StepMemory]  # plain, checkpointed
+    plain_seconds: Spread
+    checkpointed_seconds: Spread
+    time_ratio: Spread
+    peak_memory_ratio: float
+    held_memory_ratio: float
+
+
+@dataclass
+class TrainResults:
+    throughput: list[Throughput]
+    checkpointing: list[Checkpointing]
+    zero: list[ZeroRank]
+
+
+def precision_for(cfg: Config, device: str) -> str:
+    """The config's precision on CUDA; fp32 on CPU (fp16 is GPU-only, bf16 on CPU is emulated here)."""
+    return cfg.train.precision if device.startswith("cuda") else "fp32"
+
+
+def compare_with_diffusers(cfg: Config, name: str, batches: list[int], args, progress) -> list[Throughput]:
     """images/s of ours vs diffusers at each batch size, each in both memory formats, interleaved."""
     device, precision = args.device, precision_for(cfg, args.device)
-    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
+    diffusion = GaussianDiffusion(DiffusionSchedule.from_config(cfg.diffusion))
     ours, theirs, diff = build_pair(cfg.model, device)
     models = {"ours": ours, "diffusers": theirs}
     if not args.contiguous_only:
@@ -154,126 +145,71 @@ def compare_with_diffusers(cfg: Config, name: str, batches: list[int], args, pro
             for label, m in models.items()
         }
         progress.describe(f"train: {name} batch {b} ours vs diffusers")
-        times = common.interleaved(
-            steps, warmup=args.warmup, repeats=args.repeats, sync=common.cuda_sync(device), on_round=progress.update
-        )
-        seconds = {label: common.summarize(v) for label, v in times.items()}
+        sync = common.cuda_sync(device)
+        times = common.interleaved(steps, warmup=args.warmup, repeats=args.repeats, sync=sync, on_round=progress.update)
+        seconds = {label: summarize(v) for label, v in times.items()}
         best = {
-            side: min((label for label in times if label.startswith(side)), key=lambda label: seconds[label]["median"])
+            side: min((label for label in times if label.startswith(side)), key=lambda label: seconds[label].median)
             for side in ("ours", "diffusers")
         }
-        profile = (
-            profile_steps({best[side]: steps[best[side]] for side in ("ours", "diffusers")}, device)
-            if args.profile and b == batches[-1]
-            else None
-        )
+        profile = None
+        if args.profile and b == batches[-1]:
+            profile = {best[s]: torch_profile(steps[best[s]], device=device) for s in ("ours", "diffusers")}
+        ours_s, theirs_s = seconds[best["ours"]].median, seconds[best["diffusers"]].median
         rows.append(
-            {
-                "config": name,
-                "batch": b,
-                "precision": precision,
-                "params": count_parameters(ours),
-                "profile": profile,
-                "max_output_difference": diff,
-                "seconds": seconds,
-                "images_per_second": {label: b / s["median"] for label, s in seconds.items()},
-                "best_ours": best["ours"],
-                "best_diffusers": best["diffusers"],
-                "ours_images_per_second": b / seconds[best["ours"]]["median"],
-                "diffusers_images_per_second": b / seconds[best["diffusers"]]["median"],
-                "speedup": common.paired_ratio(times[best["diffusers"]], times[best["ours"]]),
-                "speedup_both_contiguous": common.paired_ratio(times["diffusers"], times["ours"]),
-            }
+            Throughput(
+                config=name,
+                batch=b,
+                precision=precision,
+                params=count_parameters(ours),
+                profile=profile,
+                max_output_difference=diff,
+                seconds=seconds,
+                images_per_second={label: b / s.median for label, s in seconds.items()},
+                best_ours=best["ours"],
+                best_diffusers=best["diffusers"],
+                ours_images_per_second=b / ours_s,
+                diffusers_images_per_second=b / theirs_s,
+                speedup=paired_ratio(times[best["diffusers"]], times[best["ours"]]),
+                speedup_both_contiguous=paired_ratio(times["diffusers"], times["ours"]),
+            )
         )
     return rows
 
 
-def profile_steps(steps: dict, device: str, top: int = 8) -> dict:
-    """Top operators by self time of one training step each (torch.profiler), and the convolution share."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    out = {}
-    for label, step in steps.items():
-        with profile(activities=activities) as prof:
-            step()
-            common.cuda_sync(device)()
-        stats = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()]
-        total = sum(us for _, us in stats) or 1.0
-        conv = sum(us for op, us in stats if "conv" in op.lower() or "gemm" in op.lower())
-        out[label] = {
-            "convolution_share": conv / total,
-            "total_ms": total / 1e3,
-            "top": [
-                {"op": op, "share": us / total, "ms": us / 1e3} for op, us in sorted(stats, key=lambda kv: -kv[1])[:top]
-            ],
-        }
-    return out
-
-
-def compare_checkpointing(cfg: Config, name: str, b: int, args, progress) -> dict:
+def compare_checkpointing(cfg: Config, name: str, b: int, args, progress) -> Checkpointing:
     """Our U-Net with and without gradient checkpointing: step time and activation memory."""
     device, precision = args.device, precision_for(cfg, args.device)
-    diffusion = GaussianDiffusion(schedule_from_config(cfg.diffusion))
+    diffusion = GaussianDiffusion(DiffusionSchedule.from_config(cfg.diffusion))
     torch.manual_seed(0)
     plain, ckpt = UNet(cfg.model).to(device), UNet(cfg.model).to(device)
     ckpt.load_state_dict(plain.state_dict())
     ckpt.grad_checkpointing = True
+    models = {"plain": plain, "checkpointed": ckpt}
     batch = make_batch(cfg.model, b, device)
     progress.describe(f"train: {name} batch {b} activation memory")
-    memory = {
-        "plain": step_memory(plain, diffusion, batch, device, precision),
-        "checkpointed": step_memory(ckpt, diffusion, batch, device, precision),
-    }
+    memory = {label: step_memory(m, diffusion, batch, device, precision) for label, m in models.items()}
     progress.update()
-    steps = {
-        "plain": make_train_step(plain, diffusion, batch, device, precision),
-        "checkpointed": make_train_step(ckpt, diffusion, batch, device, precision),
-    }
+    steps = {label: make_train_step(m, diffusion, batch, device, precision) for label, m in models.items()}
     progress.describe(f"train: {name} batch {b} checkpointing time")
-    times = common.interleaved(
-        steps, warmup=args.warmup, repeats=args.repeats, sync=common.cuda_sync(device), on_round=progress.update
-    )
-    return {
-        "config": name,
-        "batch": b,
-        "precision": precision,
-        "memory": memory,
-        "plain_seconds": common.summarize(times["plain"]),
-        "checkpointed_seconds": common.summarize(times["checkpointed"]),
-        "time_ratio": common.paired_ratio(times["checkpointed"], times["plain"]),
-        "peak_memory_ratio": memory["checkpointed"]["peak_bytes"] / memory["plain"]["peak_bytes"],
-        "held_memory_ratio": memory["checkpointed"]["held_after_forward_bytes"]
-        / max(1, memory["plain"]["held_after_forward_bytes"]),
-    }
+    sync = common.cuda_sync(device)
+    times = common.interleaved(steps, warmup=args.warmup, repeats=args.repeats, sync=sync, on_round=progress.update)
+    plain_mem, ckpt_mem = memory["plain"], memory["checkpointed"]
+    held_ratio = ckpt_mem.held_after_forward_bytes / max(1, plain_mem.held_after_forward_bytes)
+    time_ratio = paired_ratio(times["checkpointed"], times["plain"])
+    spreads = summarize(times["plain"]), summarize(times["checkpointed"]), time_ratio
+    return Checkpointing(name, b, precision, memory, *spreads, ckpt_mem.peak_bytes / plain_mem.peak_bytes, held_ratio)
 
 
-def zero_memory(config_names: list[str], args, progress) -> list[dict]:
+def zero_memory(config_names: list[str], args, progress) -> list[ZeroRank]:
     """Per-rank bytes for ZeRO 0/2/3 with 2 ranks, from one torchrun subprocess for all configs."""
     progress.describe(f"train: ZeRO 0/2/3 memory, {', '.join(config_names)}, 2 ranks")
     paths = {str(REPO / "configs" / f"{name}.yaml"): name for name in config_names}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "zero.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "benchmarks.zero_memory",
-            "--config",
-            ",".join(paths),
-            "--stages",
-            "0,2,3",
-            "--device",
-            args.device,
-            "--out",
-            str(out),
-        ]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}"]
+        cmd += ["-m", "benchmarks", "zero_memory", "--config", ",".join(paths), "--stages", "0,2,3"]
+        cmd += ["--device", args.device, "--out", str(out)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         if not args.device.startswith("cuda"):
             env["DS_ACCELERATOR"] = "cpu"
@@ -281,65 +217,44 @@ def zero_memory(config_names: list[str], args, progress) -> list[dict]:
         if proc.returncode != 0 or not out.is_file():
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
             raise RuntimeError(f"ZeRO memory run failed (exit {proc.returncode}):\n{tail}")
-        rows = [dict(r, config=paths[r.pop("config_path")]) for r in json.loads(out.read_text())]
+        ranks = from_json(list[ZeroRank], json.loads(out.read_text()))
     progress.update(len(config_names))
-    return rows
-
-
-def precision_for(cfg: Config, device: str) -> str:
-    """The config's precision on CUDA; fp32 on CPU (fp16 is GPU-only, bf16 on CPU is emulated here)."""
-    return cfg.train.precision if device.startswith("cuda") else "fp32"
-
-
-# --- the benchmark ----------------------------------------------------------------------------
-
-
-def plan(args) -> tuple[list, list[str]]:
-    return common.device_plan(PLAN, args), ZERO_CONFIGS[common.size(args)]
+    for r in ranks:
+        r.config = paths[r.config]
+    return ranks
 
 
 def steps(args) -> int:
     """Progress units this benchmark reports (for the bar over the whole run)."""
-    cases, zero_configs = plan(args)
-    return sum(len(batches) + 1 for _, batches, _ in cases) * args.repeats + len(cases) + len(zero_configs)
+    cases = common.device_plan(PLAN, args)
+    zero = 0 if args.skip_zero else len(ZERO_CONFIGS[common.size(args)])
+    return sum(len(c.batches) + 1 for c in cases) * args.repeats + len(cases) + zero
 
 
-def run(args, progress=None) -> dict:
-    progress = progress or common.no_progress()
-    cases, zero_configs = plan(args)
-    config = {
-        "cases": [{"config": c, "batches": b, "checkpointing_batch": cb} for c, b, cb in cases],
-        "zero_configs": zero_configs,
-        "zero_ranks": 2,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-    }
-    result = common.start("train", args, METHOD, config)
+def run(args, progress) -> Result:
+    cases, zero_configs = common.device_plan(PLAN, args), ZERO_CONFIGS[common.size(args)]
+    config = {"cases": [c._asdict() for c in cases], "zero_configs": zero_configs, "zero_ranks": 2}
+    result = common.start(
+        "train", args, __doc__.split("\n\n", 2)[2], {**config, "warmup": args.warmup, "repeats": args.repeats}
+    )
     throughput, checkpointing = [], []
-    for name, batches, ckpt_batch in cases:
-        cfg = load_config(REPO / "configs" / f"{name}.yaml")
-        throughput += compare_with_diffusers(cfg, name, batches, args, progress)
-        checkpointing.append(compare_checkpointing(cfg, name, ckpt_batch, args, progress))
+    for case in cases:
+        cfg = load_config(REPO / "configs" / f"{case.config}.yaml")
+        throughput += compare_with_diffusers(cfg, case.config, case.batches, args, progress)
+        checkpointing.append(compare_checkpointing(cfg, case.config, case.checkpointing_batch, args, progress))
     zero = zero_memory(zero_configs, args, progress) if not args.skip_zero else []
-    result["results"] = {"throughput": throughput, "checkpointing": checkpointing, "zero": zero}
-    train_report.report(result, Path(args.out))
+    result.results = TrainResults(throughput, checkpointing, zero)
+    train_tables.report(result)
     return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1, quick 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 3)")
-    p.add_argument("--skip-zero", action="store_true", help="leave out the 2-rank DeepSpeed ZeRO memory run")
+    p.add_argument("--warmup", type=int, default=1, help="train: untimed rounds first (default 1)")
+    p.add_argument("--repeats", type=int, default=None, help="train: timed rounds (default 5, quick 3)")
+    p.add_argument("--skip-zero", action="store_true", help="train: leave out the 2-rank DeepSpeed ZeRO memory run")
     p.add_argument("--contiguous-only", action="store_true", help="train: time NCHW-contiguous models only")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="train: skip the torch.profiler pass")
 
 
-def defaults(args) -> None:
-    args.warmup = 1 if args.warmup is None else args.warmup
+def defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.repeats = (3 if args.quick else 5) if args.repeats is None else args.repeats
-
-
-if __name__ == "__main__":
-    from benchmarks.__main__ import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""One full training step on a fixed batch, and the diffusers twin of our U-Net it is timed against.
+"""One full training step on a fixed batch, the memory it adds, and the diffusers twin of our U-Net it is timed against.
 
 Shared by the train benchmark and `python -m benchmarks gpu` (its unet_vs_diffusers step).
 """
@@ -6,41 +6,41 @@ Shared by the train benchmark and `python -m benchmarks gpu` (its unet_vs_diffus
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
-from pipeline.config import ModelConfig
+from benchmarks.profile import BACKWARD, torch_profile
+from pipeline.core.config import ModelConfig
 from pipeline.model.diffusers_unet import import_diffusers_unet
-from pipeline.train.diffusion import GaussianDiffusion
 from pipeline.model.unet import count_parameters
-
-
-# --- the two models --------------------------------------------------------------------------
+from pipeline.train.diffusion import GaussianDiffusion
 
 
 def diffusers_twin(cfg: ModelConfig):
     """The same network expressed as a diffusers UNet2DModel (the model people would otherwise use)."""
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # optional: the baseline's library
 
     sizes = [cfg.image_size // 2**i for i in range(len(cfg.ch_mult))]
     down = tuple("AttnDownBlock2D" if s in cfg.attn_resolutions else "DownBlock2D" for s in sizes)
     up = tuple("AttnUpBlock2D" if s in cfg.attn_resolutions else "UpBlock2D" for s in reversed(sizes))
-    return UNet2DModel(
-        sample_size=cfg.image_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.in_channels,
-        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-        down_block_types=down,
-        up_block_types=up,
-        layers_per_block=cfg.num_res_blocks,
-        norm_num_groups=cfg.num_groups,
-        norm_eps=1e-6,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        dropout=cfg.dropout,
-        attention_head_dim=None,
-    )
+    shape = {"sample_size": cfg.image_size, "in_channels": cfg.in_channels, "out_channels": cfg.in_channels}
+    blocks = {
+        "block_out_channels": tuple(cfg.ch * m for m in cfg.ch_mult),
+        "down_block_types": down,
+        "up_block_types": up,
+    }
+    layers = {"layers_per_block": cfg.num_res_blocks, "norm_num_groups": cfg.num_groups, "dropout": cfg.dropout}
+    # our U-Net's choices where diffusers' defaults differ: epsilon, padding, timestep embedding, one attention head
+    ours = {
+        "norm_eps": 1e-6,
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "attention_head_dim": None,
+    }
+    return UNet2DModel(**shape, **blocks, **layers, **ours)
 
 
 class SampleOutput(torch.nn.Module):
@@ -71,9 +71,6 @@ def build_pair(cfg: ModelConfig, device: str, seed: int = 0) -> tuple[torch.nn.M
     with torch.no_grad():
         diff = (ours(x, t) - theirs(x, t).sample).abs().max().item()
     return ours.train(), SampleOutput(theirs).train(), diff
-
-
-# --- one training step ------------------------------------------------------------------------
 
 
 def make_batch(cfg: ModelConfig, batch: int, device: str, seed: int = 0):
@@ -112,3 +109,42 @@ def make_train_step(model, diffusion: GaussianDiffusion, batch, device: str, pre
         return loss
 
     return step
+
+
+@dataclass
+class StepMemory:
+    peak_bytes: int
+    held_after_forward_bytes: int
+    method: str
+
+
+def step_memory(model, diffusion: GaussianDiffusion, batch, device: str, precision: str) -> StepMemory:
+    """Bytes a forward+backward adds on top of parameters and their (pre-allocated) gradients."""
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    x0, t, noise = batch
+
+    def forward():
+        with autocast(device, precision):
+            return diffusion.training_loss(model, x0, t, noise)
+
+    def step():
+        loss = forward()
+        with record_function(BACKWARD):
+            loss.backward()
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = forward()
+        held = torch.cuda.memory_allocated() - base
+        loss.backward()
+        torch.cuda.synchronize()
+        memory = StepMemory(torch.cuda.max_memory_allocated() - base, held, "torch.cuda.max_memory_allocated")
+    else:  # no allocator peak counter on the CPU: the profiler's allocation events
+        profile = torch_profile(step, memory=True)
+        memory = StepMemory(profile.peak_bytes, profile.held_bytes, "torch.profiler CPU allocator total_allocated")
+    model.zero_grad(set_to_none=True)
+    return memory

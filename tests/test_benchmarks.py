@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from benchmarks import common
+from benchmarks import common, record
 
 BENCHMARKS = ("train", "data", "sampler", "end_to_end")
 
@@ -24,15 +24,15 @@ def run_benchmarks(repo_root: str, *args: str, timeout: float, **env: str) -> No
 
 
 def test_summarize_and_target_arithmetic():
-    s = common.summarize([3.0, 1.0, 2.0, 10.0])
-    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0 and s["repeats"] == [3.0, 1.0, 2.0, 10.0]
-    assert s["q1"] <= s["median"] <= s["q3"]
-    assert common.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])["median"] == 2.0
-    met = common.target("a", "a >= 1.25", 1.5, 1.25, ">=")
-    missed = common.target("b", "b <= 0.5", 0.6, 0.5, "<=")
-    assert met["met"] is True and met["missed_by"] == 0.0
-    assert missed["met"] is False and missed["missed_by"] == pytest.approx(0.2)
-    assert common.target("c", "c", None, 1.0, ">=")["met"] is None
+    s = record.summarize([3.0, 1.0, 2.0, 10.0])
+    assert s.median == 2.5 and s.min == 1.0 and s.max == 10.0 and s.repeats == [3.0, 1.0, 2.0, 10.0]
+    assert s.q1 <= s.median <= s.q3
+    assert record.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]).median == 2.0
+    met = record.target("a", "a >= 1.25", 1.5, 1.25, ">=")
+    missed = record.target("b", "b <= 0.5", 0.6, 0.5, "<=")
+    assert met.met is True and met.missed_by == 0.0
+    assert missed.met is False and missed.missed_by == pytest.approx(0.2)
+    assert record.target("c", "c", None, 1.0, ">=").met is None
 
 
 def test_interleaved_alternates_order():
@@ -115,6 +115,7 @@ def test_learning_quick_trains_scores_and_plots(tmp_path, repo_root):
 
 def test_colour_cast_is_the_mean_channel_mean_difference():
     import numpy as np
+
     from benchmarks.learning import colour_cast
 
     images = np.zeros((2, 4, 4, 3), np.uint8)

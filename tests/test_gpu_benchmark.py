@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_benchmarks import run_benchmarks
 
 GPU_ONLY = (
@@ -102,7 +101,8 @@ def test_engine_step_code_runs_at_tiny_size_in_bf16(tmp_path, repo_root):
         [
             sys.executable,
             "-m",
-            "benchmarks.gpu",
+            "benchmarks",
+            "gpu",
             "--step",
             "engine_steps",
             "--params",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import quality
+from benchmarks.__main__ import main
 from pipeline.evaluation import features
 
 
@@ -39,8 +39,9 @@ def test_quick_quality_run_scores_every_set_and_draws_both_pictures(tmp_path):
     ckpt = make_checkpoint(tmp_path / "run")
     out = tmp_path / "out"
     assert (
-        quality.main(
+        main(
             [
+                "quality",
                 "--ckpt",
                 str(ckpt),
                 "--shards",
