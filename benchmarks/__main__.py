@@ -32,7 +32,6 @@ BENCHMARKS = {
     "learning": "what a fixed training budget learns, per recipe variant (an hour on 2 CPU cores)",
     "quality": "sample quality against network calls, on a trained model (--ckpt RUN --shards DIR)",
     "gpu": "every GPU path in one time-boxed run (--budget-s, --cpu-smoke)",
-    "zero_memory": "ZeRO per-rank bytes: the torchrun worker of `train`",
     "all": "train, data, sampler and end_to_end, and a summary of their targets",
 }
 ALL = ("train", "data", "sampler", "end_to_end")
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.describe(m.__name__.rsplit(".", 1)[1])
             began = time.monotonic()
             result = m.run(args, progress)
-            if result is None:  # a worker (zero_memory, one gpu step): it wrote its own file
+            if result is None:  # a worker (a ZeRO rank, one gpu step): it wrote its own file
                 continue
             result.seconds = result.seconds or time.monotonic() - began
             md = render.write(result, args.out)

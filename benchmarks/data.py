@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from benchmarks import artifacts, common, train
-from benchmarks.record import Result, load, table, target
+from benchmarks.record import Result, load, table
 from data_prep.__main__ import main as data_prep
 from data_prep.synthetic import draw_face
 from export.backends import default_threads
@@ -88,13 +88,9 @@ def consumption(args, progress) -> dict[str, Consumer]:
             rows = previous.results.throughput
     if not rows:
         progress.describe("data: training-step consumption (tiny_cpu)")
-        timing = argparse.Namespace(
-            **{**vars(args), "repeats": 3, "warmup": 1, "contiguous_only": False, "profile": False}
-        )
-        batches = [8 if args.quick else 32]
-        rows = train.compare_with_diffusers(
-            artifacts.config("tiny_cpu"), "tiny_cpu", batches, timing, common.no_progress()
-        )
+        timing = argparse.Namespace(**vars(args), repeats=3, warmup=1, contiguous_only=False, profile=False)
+        batches, cfg = [8 if args.quick else 32], artifacts.config("tiny_cpu")
+        rows = train.compare_with_diffusers(cfg, "tiny_cpu", batches, timing, common.no_progress())
     out = {}
     for size, name in CONSUMER.items():
         if mine := [r for r in rows if r.config == name]:
@@ -139,10 +135,8 @@ def bench_loader(quick: bool, shards: dict[str, Path]) -> list[Loader]:
     for case in LOADER_CASES:
         for workers in (0, 1, 2):
             num, pin = case.batches["quick" if quick else "full"], torch.cuda.is_available()
-            batch, epoch = case.batch_size, num + 1
-            loader = make_loader(
-                shards[case.shards], batch_size=batch, num_workers=workers, batches_per_epoch=epoch, pin_memory=pin
-            )
+            options: dict = {"num_workers": workers, "batches_per_epoch": num + 1, "pin_memory": pin}
+            loader = make_loader(shards[case.shards], batch_size=case.batch_size, **options)
             rates = []
             for _ in range(2 if quick else 3):
                 it = iter(loader)
@@ -192,7 +186,7 @@ def report(result: Result) -> None:
         detail = f"best with {best[3]} worker(s): {best[4]:.0f} vs {best[5]:.1f} images/s (training batch {c.batch}); "
         detail += "workers 0/1/2: " + ", ".join(f"{r[6]:.1f}x" for r in mine)
         what = f"loader >= 5x training consumption ({size} px, {c.config})"
-        result.targets.append(target(f"loader_vs_consumption[{size}px]", what, best[6], 5.0, ">=", detail=detail))
+        result.add_target(f"loader_vs_consumption[{size}px]", what, best[6], 5.0, ">=", detail=detail)
 
 
 def steps(args) -> int:

@@ -29,12 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 FLAGS = ("quick", "device", "out", "threads")
 
 
-class Case(NamedTuple):
-    config: str
-    num: int  # images per run
-    batch: int
-    runs: int  # per backend
-
+# num: images per run; runs: per backend
+Case = NamedTuple("Case", [("config", str), ("num", int), ("batch", int), ("runs", int)])
 
 PLAN = {
     "quick": {"cpu": [Case("tiny_cpu", 4, 4, 1)], "cuda": [Case("tiny_cpu", 16, 16, 1)]},

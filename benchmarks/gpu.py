@@ -2,22 +2,16 @@
 
   python -m benchmarks gpu [--out DIR] [--budget-s 480] [--cpu-smoke] [--fast-sampler dpmpp_2m:20]
 
-Made for a GPU machine lent for minutes (no package registry: `make gpu-wheels` carries
-DeepSpeed, diffusers, WebDataset, submitit as wheels). Steps, in order:
-  1. the environment (GPU, versions, which optional runtimes import);
-  2. DeepSpeed ZeRO-2 fp16 (dynamic loss scaling, gradient checkpointing) on celebahq64 through
-     pipeline.train, ~100 steps on synthetic faces made on the spot: images/s, peak memory, the
-     loss-scale trace, skipped steps, non-finite steps; then a resume from the middle checkpoint,
-     compared step by step; then a few steps of bf16 ZeRO-2 and of fp16 ZeRO-3;
-  3. celebahq256 (the paper's model) fp16 ZeRO-2 at batch 16 and 64, with and without
-     checkpointing: time, peak memory, images/s beside the paper's 141 images/s (TPU v3-8);
-  4. sampling, DDIM-50 and a faster sampler at batch 1, 16, 64: torch eager fp16, torch fp16
-     channels_last with CUDA graphs (then our U-Net against diffusers' UNet2DModel, one fp16
-     training step each), onnxruntime's CUDA provider and TensorRT where they import.
-Each step runs in a process of its own under a time limit (a hang, an out-of-memory or a crash
-costs that step only, recorded with its reason); the whole run stays within --budget-s.
---cpu-smoke runs the same command on a CPU: GPU-only steps report "no CUDA device", the rest
-runs at tiny sizes (a test runs it, so the command cannot rot).
+Made for a GPU machine lent for minutes, with no package registry (`make gpu-wheels` carries DeepSpeed, diffusers,
+WebDataset, submitit as wheels). The steps (STEPS, in order; sizes in plan()): the environment; DeepSpeed ZeRO-2
+fp16 (dynamic loss scaling, checkpointing) through pipeline.train on synthetic celebahq64 faces, with a resume from
+the middle checkpoint compared step by step, then bf16 ZeRO-2 and fp16 ZeRO-3; celebahq256 fp16 ZeRO-2 training
+steps at batch 16 and 64 with and without checkpointing, beside the paper's 141 images/s (TPU v3-8); sampling with
+DDIM-50 and a faster sampler through torch eager, torch with CUDA graphs, onnxruntime CUDA and TensorRT, and our
+U-Net against diffusers' UNet2DModel. Each step runs in a process of its own under a time limit (a hang, an
+out-of-memory or a crash costs that step only, recorded with its reason); the whole run stays within --budget-s.
+--cpu-smoke runs the same command on a CPU at tiny sizes, GPU-only steps reporting "no CUDA device" (a test runs
+it, so the command cannot rot).
 
 On the lent machine, after `make gpu-wheels` here (carry `.whl`), one call:
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
@@ -66,16 +60,8 @@ calls. Nothing is faked: a runtime that is not installed is reported absent.
 """
 
 
-class Step(NamedTuple):
-    kind: str  # the gpu_steps function that runs it
-    gpu_only: bool
-    box_s: int  # its time box
-
-
-class EngineCase(NamedTuple):
-    batch: int
-    grad_checkpointing: bool
-
+Step = NamedTuple("Step", [("kind", str), ("gpu_only", bool), ("box_s", int)])  # kind: the gpu_steps function
+EngineCase = NamedTuple("EngineCase", [("batch", int), ("grad_checkpointing", bool)])
 
 # The celebahq256 training steps: celebahq256_b16, _b16_ckpt, _b64, _b64_ckpt
 CELEBAHQ256 = {f"celebahq256_b{b}{'_ckpt' if c else ''}": EngineCase(b, c) for b in (16, 64) for c in (False, True)}
@@ -103,12 +89,13 @@ def plan(smoke: bool, fast: tuple[str, int]) -> dict[str, dict]:
     if smoke:
         train |= {"config": "tiny_cpu", "image_size": 16, "images": 64, "overrides": TINY_MODEL.split()}
     samplers = [["ddim", 3 if smoke else 50], [fast[0], 3 if smoke else fast[1]]]
-    sample = {"config": "tiny_cpu" if smoke else "celebahq256", "batches": [1, 2] if smoke else [1, 16, 64]}
+    sample: dict = {"config": "tiny_cpu" if smoke else "celebahq256", "batches": [1, 2] if smoke else [1, 16, 64]}
+    sample["samplers"] = samplers
     engine = {"config": "celebahq256", "precision": "fp16", "stage": 2, "warmup": 2, "steps": 5}
     bf16 = {"steps": 4, "checkpoint_every": 2, "resume": True} if smoke else {"steps": 10}  # the CPU's resume check
-    diffusers = {"config": "celebahq64", "batch": 64, "precision": "fp16", "warmup": 3, "repeats": 10}
+    diffusers = {"config": "celebahq64", "batch": 64, "warmup": 3, "repeats": 10}  # precision: the config's (fp16)
     if smoke:
-        diffusers = {"config": "tiny_cpu", "batch": 4, "precision": "fp32", "warmup": 1, "repeats": 2}
+        diffusers = {"config": "tiny_cpu", "batch": 4, "warmup": 1, "repeats": 2}  # fp32 on CPU
     fp16 = {"precision": "fp16", "stage": 2, "steps": 100, "checkpoint_every": 50, "resume": True}
     return {
         "env": {},
@@ -117,9 +104,7 @@ def plan(smoke: bool, fast: tuple[str, int]) -> dict[str, dict]:
         "ds_fp16_zero3": {**train, "precision": "fp16", "stage": 3, "steps": 10},
         "unet_vs_diffusers": diffusers,
         **{name: {**engine, **case._asdict()} for name, case in CELEBAHQ256.items()},
-        **{
-            f"sampling_{b.replace('-', '_')}": {**sample, "samplers": samplers, "backend": b} for b in SAMPLING_BACKENDS
-        },
+        **{f"sampling_{b.replace('-', '_')}": {**sample, "backend": b} for b in SAMPLING_BACKENDS},
     }
 
 
@@ -173,9 +158,8 @@ def report(result: Result) -> None:
     engine = [r for s in steps if s.name in CELEBAHQ256 for r in s.rows]
     sampling = [r for s in steps if s.name.startswith("sampling") for r in s.rows]
     result.tables += [table("celebahq256, fp16 ZeRO-2 training steps", ENGINE_COLUMNS, engine)] if engine else []
-    result.tables += (
-        [table("Sampling (whole runs of the sampling loop)", SAMPLING_COLUMNS, sampling)] if sampling else []
-    )
+    sampling_title = "Sampling (whole runs of the sampling loop)"
+    result.tables += [table(sampling_title, SAMPLING_COLUMNS, sampling)] if sampling else []
     result.tables += [t for s in steps for t in s.tables]
     b64 = [data[n]["images_per_second"] for n in ("celebahq256_b64", "celebahq256_b64_ckpt") if n in data]
     nonfinite = data.get("ds_fp16_zero2", {}).get("nonfinite_applied_steps")
@@ -186,14 +170,10 @@ def report(result: Result) -> None:
         target("celebahq256_fp16_images_per_second", paper, max(b64, default=None), 141.0, ">=", unit="images/s"),
         target("fp16_nonfinite_steps", finite, nonfinite, 0.0, "<=", unit="steps"),
         target(
-            "gpu_run_seconds",
-            f"the whole command within its budget ({budget:.0f} s)",
-            result.seconds,
-            budget,
-            "<=",
-            unit="s",
+            "gpu_run_seconds", f"the whole command within its budget ({budget:.0f} s)", result.seconds, budget, "<="
         ),
     ]
+    result.targets[-1].unit = "s"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -227,10 +207,8 @@ def run(args, progress) -> Result | None:
     name, _, fast_steps = args.fast_sampler.partition(":")
     params, only = plan(args.cpu_smoke, (name, int(fast_steps))), [s for s in args.only.split(",") if s]
     config = {"budget_s": args.budget_s, "cpu_smoke": args.cpu_smoke, "fast_sampler": args.fast_sampler}
-    device = "cpu" if args.cpu_smoke else "cuda"
-    result = common.new_result(
-        "gpu", quick=args.cpu_smoke, device=device, config={**config, "plan": params}, method=METHOD
-    )
+    device, config["plan"] = "cpu" if args.cpu_smoke else "cuda", params
+    result = common.new_result("gpu", quick=args.cpu_smoke, device=device, config=config, method=METHOD)
     kind = "".join(c if c.isalnum() else "-" for c in (result.machine.gpu or "").lower())
     args.out = args.out or REPO / "benchmarks" / "results" / ("cpu" if args.cpu_smoke else kind)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -254,11 +232,7 @@ def run(args, progress) -> Result | None:
             result.seconds = time.monotonic() - start
             report(result)
             render.write(result, args.out)
-            said = outcome.summary or outcome.reason
-            print(
-                f"benchmarks gpu: {name}: {outcome.status} in {outcome.seconds:.0f} s: {said}",
-                file=sys.stderr,
-                flush=True,
-            )
+            said = f"{name}: {outcome.status} in {outcome.seconds:.0f} s: {outcome.summary or outcome.reason}"
+            print(f"benchmarks gpu: {said}", file=sys.stderr, flush=True)
     print(f"benchmarks gpu: {result.seconds:.0f} s in all -> {args.out / 'gpu.md'}", file=sys.stderr)
     return result

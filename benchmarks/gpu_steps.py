@@ -7,6 +7,7 @@ parameters, so the same code runs the GPU plan and the tiny CPU smoke plan.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.metadata
 import importlib.util
@@ -25,9 +26,9 @@ from typing import Any
 import torch
 
 from benchmarks import artifacts, common
-from benchmarks.record import Table, paired_ratio, summarize, table
+from benchmarks.record import Table, summarize, table
 from benchmarks.render import fmt
-from benchmarks.train_step import build_pair, make_batch, make_train_step
+from benchmarks.train import compare_with_diffusers
 from export.backends import load_denoiser
 from pipeline.checkpoint import checkpoint_dir
 from pipeline.config import load_config
@@ -112,13 +113,8 @@ def _train(p: dict, run_dir: Path, shards: Path, max_steps: int) -> int:
     from pipeline.train.loop import train  # webdataset, deepspeed: wheels on the lent machine (env reports them)
 
     ckpt = str(p["grad_checkpointing"]).lower()
-    overrides = [
-        f"data.shards={shards}",
-        f"run.dir={run_dir}",
-        f"train.max_steps={max_steps}",
-        f"zero.stage={p['stage']}",
-    ]
-    overrides += [f"train.precision={p['precision']}", f"train.grad_checkpointing={ckpt}", "train.warmup_steps=10"]
+    overrides = [f"data.shards={shards}", f"run.dir={run_dir}", f"train.max_steps={max_steps}", "train.warmup_steps=10"]
+    overrides += [f"zero.stage={p['stage']}", f"train.precision={p['precision']}", f"train.grad_checkpointing={ckpt}"]
     overrides += [f"train.checkpoint_every={p['checkpoint_every']}", "log.every=1", "log.sample_every=0"]
     overrides += ["log.tensorboard=false", *p.get("overrides", [])]
     return train(load_config(REPO / "configs" / f"{p['config']}.yaml", overrides))
@@ -240,29 +236,19 @@ def engine_steps(p: dict, work: Path) -> Outcome:
 
 
 def unet_vs_diffusers(p: dict, work: Path) -> Outcome:
-    """p: config, batch, precision, warmup, repeats. One training step each, interleaved."""
+    """p: config, batch, warmup, repeats. The train benchmark's comparison, NCHW-contiguous, the config's precision."""
     if importlib.util.find_spec("diffusers") is None:
         raise Skipped("absent: diffusers is not installed (make gpu-wheels carries it)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    timing = argparse.Namespace(**p, device=device, contiguous_only=True, profile=False)  # as train's flags
     cfg = load_config(REPO / "configs" / f"{p['config']}.yaml")
-    ours, theirs, difference = build_pair(cfg.model, device)
-    diffusion = GaussianDiffusion(DiffusionSchedule.from_config(cfg.diffusion))
-    batch = make_batch(cfg.model, p["batch"], device)
-    models = {"ours": ours, "diffusers": theirs}
-    steps = {name: make_train_step(m, diffusion, batch, device, p["precision"]) for name, m in models.items()}
-    times = common.interleaved(steps, warmup=p["warmup"], repeats=p["repeats"], sync=common.cuda_sync(device))
-    ratio = paired_ratio(times["diffusers"], times["ours"])
-    b, precision = p["batch"], p["precision"]
-    rows = [[name, b, precision, statistics.median(t), b / statistics.median(t)] for name, t in times.items()]
+    (r,) = compare_with_diffusers(cfg, p["config"], [p["batch"]], timing, common.no_progress())
+    rows = [[name, r.batch, r.precision, s.median, r.images_per_second[name]] for name, s in r.seconds.items()]
     title = f"Training step, {p['config']}: ours vs diffusers UNet2DModel"
     return Outcome(
-        summary=f"ours {ratio.median:.2f}x diffusers' speed ({precision}, batch {b})",
+        summary=f"ours {r.speedup.median:.2f}x diffusers' speed ({r.precision}, batch {r.batch})",
         tables=[table(title, "model | batch | precision | s/step | images/s", rows)],
-        data={
-            "speedup": ratio,
-            "seconds": {k: summarize(v) for k, v in times.items()},
-            "max_output_difference": difference,
-        },
+        data={"speedup": r.speedup, "seconds": r.seconds, "max_output_difference": r.max_output_difference},
     )
 
 

@@ -2,18 +2,11 @@
 
   python -m benchmarks learning [--quick] [--variants NAME,NAME] [--out DIR]
 
-Every variant trains the tiny model (configs/tiny_cpu.yaml, pinned to the recipe it had before this
-benchmark, plus the variant's overrides) on the same synthetic faces, from the same seed, for the same
-number of images, launched as the demo is (torchrun, 2 processes, fp32). Its EMA checkpoints at
-several points are scored with pipeline.evaluation (classifier-FID, precision, recall, coverage) on
-samples of one fixed sampler; the last one also with deterministic DDIM (eta 0). A second set of
-runs trains on the grayscale faces (R = G = B) and reports the colour the samples have anyway.
-
 Base recipe: `configs/tiny_cpu.yaml` with the overrides in `config.baseline` (its values before this benchmark);
-each variant adds its overrides. Same seed (train.seed=0), same shards, same number of images for every variant
-(a batch variant runs proportionally more or fewer steps), launched like `make demo`: `torchrun --nproc_per_node P
--m pipeline.train`, OMP_NUM_THREADS=1 per process, fp32, on the machine's cores while nothing else of this
-benchmark runs. Wall time is the whole training process (start-up and checkpoints included).
+each variant adds its overrides. Same seed (train.seed=0), same synthetic-face shards, same number of images for
+every variant (a batch variant runs proportionally more or fewer steps), launched like `make demo`: `torchrun
+--nproc_per_node P -m pipeline.train`, OMP_NUM_THREADS=1 per process, fp32, on the machine's cores while nothing
+else of this benchmark runs. Wall time is the whole training process (start-up and checkpoints included).
 
 Scoring: the EMA weights of each checkpoint, `pipeline.core.sampling.generate` with DDIM (eta 1, leading spacing,
 `config.sampler_steps` steps, seed 0, the same initial noise for every variant), `config.num` samples,
@@ -269,24 +262,13 @@ def report(result: Result, plan: Plan) -> None:
     """The faces table, cFID against images seen (table and plot), and the grayscale set's colour cast."""
     faces, gray, floor = result.results.faces, result.results.grayscale, result.results.faces[FLOOR].floor
     runs = {k: v for k, v in faces.items() if k != FLOOR}
+    scores = ("precision", "recall", "coverage")
     rows = [
-        [
-            name,
-            r.steps,
-            r.batch,
-            r.wall_seconds,
-            r.images_per_second,
-            min(p[CFID] for p in r.points),
-            r.points[-1][CFID],
-        ]
-        + [
-            r.eta0[CFID],
-            r.eta0[CFID] / r.points[-1][CFID],
-            *[r.points[-1][k] for k in ("precision", "recall", "coverage")],
-        ]
+        [name, r.steps, r.batch, r.wall_seconds, r.images_per_second, min(p[CFID] for p in r.points)]
+        + [r.points[-1][CFID], r.eta0[CFID], r.eta0[CFID] / r.points[-1][CFID], *[r.points[-1][k] for k in scores]]
         for name, r in runs.items()
     ]
-    rows.append([FLOOR, *[None] * 5, floor[CFID], None, None, *[floor[k] for k in ("precision", "recall", "coverage")]])
+    rows.append([FLOOR, *[None] * 5, floor[CFID], None, None, *[floor[k] for k in scores]])
     title = f"Faces: {plan.steps * plan.batch:,} images per variant, {plan.num} samples, DDIM-{plan.sampler_steps}"
     columns = f"variant | steps | batch | train s | images/s | best {CFID} | last {CFID} (eta 1) | {CFID} eta 0 | "
     result.tables.append(table(title, columns + "eta 0 / eta 1 | precision | recall | coverage", rows))
@@ -297,23 +279,13 @@ def report(result: Result, plan: Plan) -> None:
     columns = " | ".join(["variant", *[f"{n:,}" for n in seen]])
     result.tables.append(table(f"Faces: {CFID} (eta 1) against images seen", columns, rows))
     if gray_runs := {k: v for k, v in gray.items() if k != FLOOR}:
-        rows = [
-            [
-                n,
-                r.points[-1]["colour_cast"],
-                r.eta0["colour_cast"],
-                r.points[-1][CFID],
-                r.eta0[CFID],
-                r.points[-1]["precision"],
-            ]
-            for n, r in gray_runs.items()
-        ]
+        last = [(n, r.points[-1], r.eta0) for n, r in gray_runs.items()]
+        rows = [[n, p["colour_cast"], e["colour_cast"], p[CFID], e[CFID], p["precision"]] for n, p, e in last]
         g = gray[FLOOR].floor
         rows.append(["val split (data)", g["colour_cast"], None, g[CFID], None, g["precision"]])
         columns = f"variant | colour cast eta 1 | colour cast eta 0 | {CFID} eta 1 | {CFID} eta 0 | precision"
-        result.tables.append(
-            table("Grayscale faces: colour cast (0-255) and scores of the last checkpoint", columns, rows)
-        )
+        title = "Grayscale faces: colour cast (0-255) and scores of the last checkpoint"
+        result.tables.append(table(title, columns, rows))
     series = {name: [[p["images_seen"] for p in r.points], [p[CFID] for p in r.points]] for name, r in runs.items()}
     title = f"Tiny model: {CFID} (DDIM-{plan.sampler_steps} eta 1, N={plan.num}) against images seen"
     result.plots.append(Plot("learning_cfid.png", title, "images seen", CFID, series, logy=True))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from benchmarks import common
-from benchmarks.record import Plot, Result, table, target
+from benchmarks.record import Plot, Result, table
 from benchmarks.render import sample_sheet
 from export.backends import load_denoiser
 from export.onnx import main as export_onnx
@@ -139,7 +139,7 @@ def judge(result: Result, size: str) -> None:
     detail = f"best reference cFID {best_ref:.2f} at {ref_calls} calls; best solver at <= {TARGET_CALLS} calls "
     detail += f"{best if best is None else round(best, 2)}"
     value = None if best is None else best / best_ref
-    result.targets.append(target("solver_at_10_calls_vs_best_reference", what, value, TARGET_MARGIN, "<=", "x", detail))
+    result.add_target("solver_at_10_calls_vs_best_reference", what, value, TARGET_MARGIN, "<=", detail=detail)
     scored = [(v["steps"], v["classifier-FID"], k) for k, v in sets.items()]
     within = sorted(s for s in scored if s[1] <= TARGET_MARGIN * best_ref)
     if not within:

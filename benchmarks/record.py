@@ -153,6 +153,9 @@ class Result:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    def add_target(self, name: str, what: str, value: float | None, threshold: float, op: str, unit="x", detail=""):
+        self.targets.append(target(name, what, value, threshold, op, unit, detail))
+
 
 def from_json(kind: Any, data: Any) -> Any:
     """A record of type `kind` from its JSON form (what dataclasses.asdict wrote), nested records included."""

@@ -1,21 +1,37 @@
-"""One full training step on a fixed batch, the memory it adds, and the diffusers twin of our U-Net it is timed against.
+"""One full training step on a fixed batch, the memory it adds, the diffusers twin of our U-Net it is timed against,
+and the ZeRO worker: per-rank bytes of optimizer state, parameters and gradients under real DeepSpeed.
 
-Shared by the train benchmark and `python -m benchmarks gpu` (its unet_vs_diffusers step).
+Shared by the train benchmark and `python -m benchmarks gpu` (its unet_vs_diffusers step). The ZeRO worker runs as
+`torchrun --nproc_per_node 2 -m benchmarks train --zero-worker CONFIGS --device D --out FILE` (started by
+`python -m benchmarks train`; CPU runs use gloo): each rank builds the engine exactly as pipeline.train does, takes
+one training step so that Adam's state exists, and counts the bytes the engine holds, by distinct storage; rank 0
+writes one `ZeroRank` per (config, stage, rank).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.profiler import record_function
 
 from benchmarks.profile import BACKWARD, torch_profile
+from pipeline.config import load_config
 from pipeline.core.config import ModelConfig
+from pipeline.core.fileio import atomic_write_json
+from pipeline.core.schedule import DiffusionSchedule
 from pipeline.model.diffusers_unet import import_diffusers_unet
 from pipeline.model.unet import count_parameters
+from pipeline.train import distributed
 from pipeline.train.diffusion import GaussianDiffusion
+from pipeline.train.ds_config import build_ds_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def diffusers_twin(cfg: ModelConfig):
@@ -148,3 +164,111 @@ def step_memory(model, diffusion: GaussianDiffusion, batch, device: str, precisi
         memory = StepMemory(profile.peak_bytes, profile.held_bytes, "torch.profiler CPU allocator total_allocated")
     model.zero_grad(set_to_none=True)
     return memory
+
+
+@dataclass
+class ZeroBytes:
+    """Bytes on one rank; a storage counts once, in the first category that claims it (this order)."""
+
+    parameters: int = 0  # the model's (ZeRO-3: this rank's partition)
+    optimizer_state: int = 0  # the inner torch optimizer's state (exp_avg, exp_avg_sq)
+    fp32_master_partition: int = 0  # the optimizer's own parameters, when they are not the model's
+    gradients: int = 0  # .grad of both, and DeepSpeed's partitioned gradient buffers
+
+
+@dataclass
+class ZeroRank:
+    config: str
+    stage: int
+    rank: int
+    world_size: int
+    precision: str
+    model_parameters: int
+    ds_config: dict
+    after_backward: ZeroBytes
+    after_step: ZeroBytes
+
+
+def _flatten(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (dict, list, tuple)):
+        for v in value.values() if isinstance(value, dict) else value:
+            yield from _flatten(v)
+
+
+def inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that owns Adam's state (ZeRO wraps it; stage 0 uses it directly)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def count_bytes(engine) -> ZeroBytes:
+    model_params = list(engine.module.parameters())
+    opt = inner_optimizer(engine)
+    masters = list(_flatten([g["params"] for g in opt.param_groups]))
+    held = ("averaged_gradients", "grad_partitions_flat_buffer", "ipg_buffer")  # by ZeRO's optimizer, by stage
+    buffers = [getattr(engine.optimizer, name, None) for name in held]
+    claims = {
+        "parameters": [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in model_params],
+        "optimizer_state": _flatten(list(opt.state.values())),
+        "fp32_master_partition": masters,
+        "gradients": [p.grad for p in model_params + masters if p.grad is not None] + list(_flatten(buffers)),
+    }
+    seen, counted = set(), ZeroBytes()
+    for category, tensors in claims.items():
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            s = t.untyped_storage()
+            key = (s.data_ptr(), s.nbytes()) if s.nbytes() else (id(t), 0)
+            if key not in seen:
+                seen.add(key)
+                setattr(counted, category, getattr(counted, category) + key[1])
+    return counted
+
+
+def measure(config: str, stage: int, device: str, env, deepspeed) -> ZeroRank:
+    from pipeline.train.loop import build_engine  # webdataset: a wheel on the lent machine (gpu's env reports it)
+
+    overrides = [f"zero.stage={stage}", f"train.batch_size={env.world_size}", "train.micro_batch_size=0"]
+    overrides += ["train.grad_checkpointing=false"] + (["train.precision=fp32"] if device == "cpu" else [])
+    cfg = load_config(REPO / "configs" / f"{config}.yaml", overrides)
+    ds_config = build_ds_config(cfg, env.world_size)
+    engine = build_engine(cfg, ds_config, deepspeed)
+    # The state does not depend on the image size; the smallest size the network accepts keeps it quick.
+    size = max(8, 2 ** (len(cfg.model.ch_mult) - 1))
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x0 = torch.rand(1, cfg.model.in_channels, size, size, generator=g).to(engine.device) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g).to(engine.device)
+    t = torch.randint(0, cfg.diffusion.num_timesteps, (1,), generator=g).to(engine.device)
+    dtype = next(engine.module.parameters()).dtype
+    diffusion = GaussianDiffusion(DiffusionSchedule.from_config(cfg.diffusion))
+    engine.backward(diffusion.training_loss(lambda x, ts: engine(x.to(dtype), ts), x0, t, noise))
+    after_backward = count_bytes(engine)  # gradients alive
+    engine.step()
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    rank = (config, stage, env.rank, env.world_size, cfg.train.precision, n_params, ds_config)
+    return ZeroRank(*rank, after_backward, count_bytes(engine))
+
+
+def zero_worker(configs: list[str], device: str, out: Path) -> None:
+    """One rank of the torchrun job: ZeRO stages 0, 2, 3 of each config; rank 0 writes every rank's bytes to `out`."""
+    torch.set_num_threads(1)
+    env = distributed.read_env(cuda=device == "cuda")
+    deepspeed = distributed.init(env)
+    rows = []
+    for config in configs:
+        for stage in (0, 2, 3):
+            rows.append(measure(config, stage, device, env, deepspeed))
+            dist.barrier()
+    gathered: list[Any] = [None] * env.world_size
+    dist.gather_object(rows, gathered if env.rank == 0 else None, dst=0)
+    if env.rank == 0:
+        ranks = sorted(
+            (r for rank_rows in gathered for r in rank_rows), key=lambda r: (r.model_parameters, r.stage, r.rank)
+        )
+        atomic_write_json(out, [dataclasses.asdict(r) for r in ranks])
+    distributed.shutdown()
