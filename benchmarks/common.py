@@ -87,9 +87,9 @@ def size(args) -> str:
     return "quick" if args.quick else "full"
 
 
-def device_plan(plan: dict[str, dict[str, list]], args) -> list:
-    """plan[size][cpu|cuda]: the cases a benchmark runs at this size on this device."""
-    return plan[size(args)]["cuda" if args.device.startswith("cuda") else "cpu"]
+def cases_for(cases: dict[str, dict[str, list]], args) -> list:
+    """cases[size][cpu|cuda]: the cases a benchmark runs at this size on this device."""
+    return cases[size(args)]["cuda" if args.device.startswith("cuda") else "cpu"]
 
 
 def set_threads(threads: int | None) -> int:

@@ -4,7 +4,7 @@
 
 `python -m export.sample --model M --sampler ddim --steps 50 --num N --batch B --seed 0 --out x.npz`, the real
 command in a fresh process per run, as a user would run it (threads = usable cores). M is the exported
-`denoiser.onnx` (ONNX Runtime), the checkpoint directory (torch eager backend) or a TensorRT `.plan`, all with the
+`denoiser.onnx` (ONNX Runtime), the checkpoint directory (torch eager backend) or a TensorRT `.cases`, all with the
 same random weights. "images/s" is what the command reports (sampling time only, after the model is loaded);
 "wall" is the whole process, including Python start-up, imports and model loading. Runs alternate between backends.
 """
@@ -32,7 +32,7 @@ FLAGS = ("quick", "device", "out", "threads")
 # num: images per run; runs: per backend
 Case = NamedTuple("Case", [("config", str), ("num", int), ("batch", int), ("runs", int)])
 
-PLAN = {
+CASES = {
     "quick": {"cpu": [Case("tiny_cpu", 4, 4, 1)], "cuda": [Case("tiny_cpu", 16, 16, 1)]},
     "full": {
         "cpu": [Case("tiny_cpu", 16, 16, 2), Case("celebahq64", 2, 2, 1)],
@@ -92,15 +92,15 @@ def sample_once(model: Path, num: int, batch: int, args) -> tuple[float, str, fl
 
 def steps(args) -> int:
     cuda = args.device.startswith("cuda")
-    return sum(c.runs * (1 + int(cuda) + int(c.config in TORCH_SIDE_BY_SIDE)) for c in common.device_plan(PLAN, args))
+    return sum(c.runs * (1 + int(cuda) + int(c.config in TORCH_SIDE_BY_SIDE)) for c in common.cases_for(CASES, args))
 
 
 def run(args, progress) -> Result:
-    plan = common.device_plan(PLAN, args)
-    config = {"cases": [c._asdict() for c in plan], "sampler": "ddim", "steps": STEPS}
+    cases = common.cases_for(CASES, args)
+    config = {"cases": [c._asdict() for c in cases], "sampler": "ddim", "steps": STEPS}
     result = common.start("end_to_end", args, __doc__.split("\n\n", 2)[2], config)
     runs = []
-    for case in plan:
+    for case in cases:
         models = models_for(case, args)
         samples: dict[str, list] = {label: [] for label in models}
         for r in range(case.runs):

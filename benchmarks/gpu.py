@@ -3,7 +3,7 @@
   python -m benchmarks gpu [--out DIR] [--budget-s 480] [--cpu-smoke] [--fast-sampler dpmpp_2m:20]
 
 Made for a GPU machine lent for minutes, with no package registry (`make gpu-wheels` carries DeepSpeed, diffusers,
-WebDataset, submitit as wheels). The steps (STEPS, in order; sizes in plan()): the environment; DeepSpeed ZeRO-2
+WebDataset, submitit as wheels). The steps (STEPS, in order; sizes in step_params()): the environment; DeepSpeed ZeRO-2
 fp16 (dynamic loss scaling, checkpointing) through pipeline.train on synthetic celebahq64 faces, with a resume from
 the middle checkpoint compared step by step, then bf16 ZeRO-2 and fp16 ZeRO-3; celebahq256 fp16 ZeRO-2 training
 steps at batch 16 and 64 with and without checkpointing, beside the paper's 141 images/s (TPU v3-8); sampling with
@@ -82,7 +82,7 @@ TINY_MODEL = "model.image_size=16 model.ch=32 model.ch_mult=[1,2] model.num_res_
 TINY_MODEL += " data.num_workers=0 data.shuffle_buffer=50 train.batch_size=8"
 
 
-def plan(smoke: bool, fast: tuple[str, int]) -> dict[str, dict]:
+def step_params(smoke: bool, fast: tuple[str, int]) -> dict[str, dict]:
     """Parameters of every step: the GPU sizes, or tiny ones for --cpu-smoke."""
     train = {"config": "celebahq64", "image_size": 64, "images": 512, "grad_checkpointing": True}
     train |= {"checkpoint_every": 1000, "resume": False, "overrides": ["data.num_workers=6"]}
@@ -205,9 +205,9 @@ def run(args, progress) -> Result | None:
     if args.cpu_smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run is the CPU's, also on a GPU machine
     name, _, fast_steps = args.fast_sampler.partition(":")
-    params, only = plan(args.cpu_smoke, (name, int(fast_steps))), [s for s in args.only.split(",") if s]
+    params, only = step_params(args.cpu_smoke, (name, int(fast_steps))), [s for s in args.only.split(",") if s]
     config = {"budget_s": args.budget_s, "cpu_smoke": args.cpu_smoke, "fast_sampler": args.fast_sampler}
-    device, config["plan"] = "cpu" if args.cpu_smoke else "cuda", params
+    device, config["step_params"] = "cpu" if args.cpu_smoke else "cuda", params
     result = common.new_result("gpu", quick=args.cpu_smoke, device=device, config=config, method=METHOD)
     kind = "".join(c if c.isalnum() else "-" for c in (result.machine.gpu or "").lower())
     args.out = args.out or REPO / "benchmarks" / "results" / ("cpu" if args.cpu_smoke else kind)

@@ -2,7 +2,7 @@
 
 A step takes its parameters (a dict) and a scratch directory and returns an `Outcome`, or raises
 `Skipped` with the reason it cannot run here ("no CUDA device", "absent: ..."). Sizes come from the
-parameters, so the same code runs the GPU plan and the tiny CPU smoke plan.
+parameters, so the same code runs the GPU sizes and the tiny CPU smoke sizes.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ VARIANTS = {
 }
 
 
-class Plan(NamedTuple):
+class Budget(NamedTuple):
     data: int  # images in the set
     steps: int  # 210 x 32 in the full run: a fifth of the demo's images
     batch: int
@@ -90,9 +90,9 @@ class Plan(NamedTuple):
 
 
 FULL_VARIANTS = ["today", "min-SNR eps", "v-pred", "v-pred min-SNR", "cosine eps", "power EMA", "lr 2e-3", "batch 16"]
-PLAN = {  # the full run: one factor at a time against "today", sized to fit an hour on 2 shared CPU cores
-    "full": Plan(3000, 210, 32, 3, 128, 20, 2, 400, FULL_VARIANTS, ["today", "min-SNR eps", "v-pred min-SNR"]),
-    "quick": Plan(400, 16, 16, 2, 24, 8, 1, 60, ["today", "v-pred min-SNR"], ["v-pred min-SNR"]),
+BUDGETS = {  # the full run: one factor at a time against "today", sized to fit an hour on 2 shared CPU cores
+    "full": Budget(3000, 210, 32, 3, 128, 20, 2, 400, FULL_VARIANTS, ["today", "min-SNR eps", "v-pred min-SNR"]),
+    "quick": Budget(400, 16, 16, 2, 24, 8, 1, 60, ["today", "v-pred min-SNR"], ["v-pred min-SNR"]),
 }
 
 
@@ -137,13 +137,18 @@ def colour_cast(images: np.ndarray) -> float:
     return float(pairs.mean())
 
 
-def variant_overrides(name: str, plan: Plan) -> tuple[list[str], int, int]:
-    """(overrides, steps, batch) of a variant under a plan: the same images for every variant."""
-    batch = max(plan.procs, int(round(plan.batch * VARIANTS[name].batch_scale)))
-    steps = int(round(plan.steps * plan.batch / batch))
-    every = max(1, steps // plan.points)
+def variant_overrides(name: str, budget: Budget) -> tuple[list[str], int, int]:
+    """(overrides, steps, batch) of a variant under a budget: the same images for every variant."""
+    batch = max(budget.procs, int(round(budget.batch * VARIANTS[name].batch_scale)))
+    steps = int(round(budget.steps * budget.batch / batch))
+    every = max(1, steps // budget.points)
     run = [f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.checkpoint_every={every}"]
-    run += [f"train.keep_checkpoints={plan.points + 1}", "train.seed=0", "log.sample_every=0", "log.tensorboard=false"]
+    run += [
+        f"train.keep_checkpoints={budget.points + 1}",
+        "train.seed=0",
+        "log.sample_every=0",
+        "log.tensorboard=false",
+    ]
     run += [f"log.every={every}", "data.num_workers=1", "data.shuffle_buffer=500"]
     return [*BASELINE, *VARIANTS[name].overrides, *run], steps, batch
 
@@ -163,29 +168,31 @@ def train_variant(overrides: list[str], data: Path, run_dir: Path, procs: int) -
     return seconds
 
 
-def sample(ckpt: Path, plan: Plan, eta: float, threads: int) -> np.ndarray:
+def sample(ckpt: Path, budget: Budget, eta: float, threads: int) -> np.ndarray:
     """uint8 samples of a checkpoint directory's EMA weights (the torch backend)."""
     denoiser = load_denoiser(ckpt, threads=threads)
-    steps, batch = plan.sampler_steps, min(plan.num, 128)
+    steps, batch = budget.sampler_steps, min(budget.num, 128)
     return to_uint8(
-        generate(denoiser, plan.num, batch=batch, sampler="ddim", steps=steps, eta=eta, spacing="leading", seed=0)
+        generate(denoiser, budget.num, batch=batch, sampler="ddim", steps=steps, eta=eta, spacing="leading", seed=0)
     )
 
 
-def run_variant(name: str, data: Path, plan: Plan, score, threads: int, gray: bool, progress) -> tuple[Trained, dict]:
+def run_variant(
+    name: str, data: Path, budget: Budget, score, threads: int, gray: bool, progress
+) -> tuple[Trained, dict]:
     """Train one variant and score its checkpoints: its record, and its last checkpoint's samples by eta."""
-    overrides, steps, batch = variant_overrides(name, plan)
+    overrides, steps, batch = variant_overrides(name, budget)
     with tempfile.TemporaryDirectory(prefix="learning-") as tmp:
         run_dir = Path(tmp) / "run"
         progress.describe(f"learning: train {'grayscale ' if gray else ''}{name}")
-        seconds = train_variant(overrides, data, run_dir, plan.procs)
+        seconds = train_variant(overrides, data, run_dir, budget.procs)
         progress.update()
         ckpts, points, final = complete_checkpoints(run_dir), [], {}
         for ckpt in map(read_checkpoint, ckpts[-1:] if gray else ckpts):
             progress.describe(f"learning: score {name} {ckpt.dir.name}")
-            final["eta1"] = sample(ckpt.dir, plan, 1.0, threads)
+            final["eta1"] = sample(ckpt.dir, budget, 1.0, threads)
             points.append({"step": ckpt.step, "images_seen": ckpt.images_seen, **score(final["eta1"])})
-        final["eta0"] = sample(ckpts[-1], plan, 0.0, threads)
+        final["eta0"] = sample(ckpts[-1], budget, 0.0, threads)
         eta0 = score(final["eta0"])
         progress.update()
     trained = Trained(VARIANTS[name].overrides, steps, batch, seconds, steps * batch / seconds, points, eta0)
@@ -199,47 +206,47 @@ def score(images: np.ndarray, data: Path, featurizer, gray: bool) -> dict[str, f
     return {**scores, "colour_cast": colour_cast(images)} if gray else scores
 
 
-def plan_of(args) -> Plan:
-    plan = PLAN[common.size(args)]
+def budget_of(args) -> Budget:
+    budget = BUDGETS[common.size(args)]
     if not args.variants:
-        return plan
+        return budget
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"benchmarks learning: --variants {unknown[0]!r}: not one of {', '.join(VARIANTS)}")
-    return plan._replace(variants=names, grayscale=[v for v in plan.grayscale if v in names])
+    return budget._replace(variants=names, grayscale=[v for v in budget.grayscale if v in names])
 
 
 def steps(args) -> int:
-    plan = plan_of(args)
-    return 2 * (len(plan.variants) + len(plan.grayscale))
+    budget = budget_of(args)
+    return 2 * (len(budget.variants) + len(budget.grayscale))
 
 
 def run(args, progress) -> Result:
     from pipeline.evaluation.evaluate import reference_floor  # heavy: torchvision, scipy
     from pipeline.evaluation.features import Featurizer  # heavy: torchvision
 
-    plan = plan_of(args)
-    config = {**plan._asdict(), "baseline": BASELINE, "variants": {v: VARIANTS[v].overrides for v in plan.variants}}
-    config |= {"batch_scale": {v: VARIANTS[v].batch_scale for v in plan.variants}, "sampler": "ddim", "eta": 1.0}
+    budget = budget_of(args)
+    config = {**budget._asdict(), "baseline": BASELINE, "variants": {v: VARIANTS[v].overrides for v in budget.variants}}
+    config |= {"batch_scale": {v: VARIANTS[v].batch_scale for v in budget.variants}, "sampler": "ddim", "eta": 1.0}
     result = common.start("learning", args, __doc__.split("\n\n", 2)[2], config, device="cpu")
     results, rows = LearningResults({}, {}), []  # rows: the sample sheet's, one per variant trained
-    for set_name, names in (("faces", plan.variants), ("grayscale", plan.grayscale)):
+    for set_name, names in (("faces", budget.variants), ("grayscale", budget.grayscale)):
         if not names:
             continue
         gray, runs = set_name == "grayscale", getattr(results, set_name)
-        data = shards(plan.data, gray)
-        featurizer = Featurizer("classifier", data, train_steps=plan.feature_net_steps)
-        floor = reference_floor(data, plan.num, featurizer=featurizer)["metrics"]
+        data = shards(budget.data, gray)
+        featurizer = Featurizer("classifier", data, train_steps=budget.feature_net_steps)
+        floor = reference_floor(data, budget.num, featurizer=featurizer)["metrics"]
         if gray:
-            floor["colour_cast"] = colour_cast(read_split(data, "val", plan.num, seed=1))
+            floor["colour_cast"] = colour_cast(read_split(data, "val", budget.num, seed=1))
         runs[FLOOR] = Floor(floor)
         for name in names:
             scorer = functools.partial(score, data=data, featurizer=featurizer, gray=gray)
-            runs[name], final = run_variant(name, data, plan, scorer, result.config["threads"], gray, progress)
+            runs[name], final = run_variant(name, data, budget, scorer, result.config["threads"], gray, progress)
             rows.append(((f"gray: {name}" if gray else name), [*final["eta1"][:12], None, *final["eta0"][:12]]))
     result.results = results
-    report(result, plan)
+    report(result, budget)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     sample_sheet(rows, Path(args.out) / "learning_samples.png")
     result.images.append("learning_samples.png")
@@ -258,7 +265,7 @@ def defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.out = args.out or Path("benchmarks/results/cpu/learning")
 
 
-def report(result: Result, plan: Plan) -> None:
+def report(result: Result, budget: Budget) -> None:
     """The faces table, cFID against images seen (table and plot), and the grayscale set's colour cast."""
     faces, gray, floor = result.results.faces, result.results.grayscale, result.results.faces[FLOOR].floor
     runs = {k: v for k, v in faces.items() if k != FLOOR}
@@ -269,7 +276,9 @@ def report(result: Result, plan: Plan) -> None:
         for name, r in runs.items()
     ]
     rows.append([FLOOR, *[None] * 5, floor[CFID], None, None, *[floor[k] for k in scores]])
-    title = f"Faces: {plan.steps * plan.batch:,} images per variant, {plan.num} samples, DDIM-{plan.sampler_steps}"
+    title = (
+        f"Faces: {budget.steps * budget.batch:,} images per variant, {budget.num} samples, DDIM-{budget.sampler_steps}"
+    )
     columns = f"variant | steps | batch | train s | images/s | best {CFID} | last {CFID} (eta 1) | {CFID} eta 0 | "
     result.tables.append(table(title, columns + "eta 0 / eta 1 | precision | recall | coverage", rows))
     seen = sorted({p["images_seen"] for r in runs.values() for p in r.points})
@@ -287,5 +296,5 @@ def report(result: Result, plan: Plan) -> None:
         title = "Grayscale faces: colour cast (0-255) and scores of the last checkpoint"
         result.tables.append(table(title, columns, rows))
     series = {name: [[p["images_seen"] for p in r.points], [p[CFID] for p in r.points]] for name, r in runs.items()}
-    title = f"Tiny model: {CFID} (DDIM-{plan.sampler_steps} eta 1, N={plan.num}) against images seen"
+    title = f"Tiny model: {CFID} (DDIM-{budget.sampler_steps} eta 1, N={budget.num}) against images seen"
     result.plots.append(Plot("learning_cfid.png", title, "images seen", CFID, series, logy=True))

@@ -62,13 +62,13 @@ def set_name(s: Sampling) -> str:
     return f"{LABELS[s.sampler]}-{s.steps}" + (f" eta {s.eta:g}" if s.sampler == "ddim" else "")
 
 
-def plan_of(size: str) -> list[Sampling]:
+def sampling_sets(size: str) -> list[Sampling]:
     solvers = [Sampling(s, n) for s in SOLVERS for n in (DDIM_STEPS if s == "ddim" else STEPS)[size]]
     return solvers + list(REFERENCES[size])
 
 
 def steps(args) -> int:
-    return len(plan_of(common.size(args))) + 1
+    return len(sampling_sets(common.size(args))) + 1
 
 
 def run(args, progress) -> Result:
@@ -76,9 +76,9 @@ def run(args, progress) -> Result:
     from pipeline.evaluation.features import Featurizer  # heavy: torchvision
 
     size, num = common.size(args), args.num or (64 if args.quick else 256)
-    plan, method = plan_of(size), __doc__.split("\n\n", 2)[2]
+    samplings, method = sampling_sets(size), __doc__.split("\n\n", 2)[2]
     config = {"ckpt": args.ckpt, "shards": args.shards, "num": num, "seed": 0, "spacing": DEFAULT_SPACING}
-    result = common.start("quality", args, method, {**config, "sets": [set_name(s) for s in plan]}, "cpu")
+    result = common.start("quality", args, method, {**config, "sets": [set_name(s) for s in samplings]}, "cpu")
     featurizer = Featurizer("classifier", args.shards, None, None)
     sets, rows, strip = {}, [], []
     with tempfile.TemporaryDirectory() as workdir:
@@ -86,7 +86,7 @@ def run(args, progress) -> Result:
         if export_onnx(["--ckpt", args.ckpt, "--out", str(onnx)]) != 0:
             raise SystemExit(2)  # export.onnx printed the one-line reason
         denoiser = load_denoiser(onnx, provider="cpu", threads=result.config["threads"])
-        for s in plan:
+        for s in samplings:
             name = set_name(s)
             progress.describe(f"quality: {name}")
             start = time.perf_counter()

@@ -44,7 +44,7 @@ Case = NamedTuple("Case", [("config", str), ("batches", list[int])])
 Loop = NamedTuple("Loop", [("config", str), ("batch", int), ("steps", int), ("runs", int)])  # the loop-overhead run
 
 
-PLAN = {
+CASES = {
     "quick": {"cpu": [Case("tiny_cpu", [1, 8])], "cuda": [Case("tiny_cpu", [1, 8])]},
     "full": {
         "cpu": [Case("tiny_cpu", [1, 4, 16, 64]), Case("celebahq64", [1, 4])],
@@ -156,7 +156,7 @@ def backends_for(name: str, args) -> tuple[dict, list[str]]:
         found["ort+static_batch"] = StaticBatchOrt(onnx, args.threads)
     reason = artifacts.tensorrt_available() if cuda else "TensorRT needs a CUDA device (this run is on CPU)"
     if reason is None:
-        batches = next(c.batches for c in PLAN[common.size(args)]["cuda"] if c.config == name)
+        batches = next(c.batches for c in CASES[common.size(args)]["cuda"] if c.config == name)
         profile = (1, min(batches[-1], TARGET_BATCH), batches[-1])
         found["tensorrt"] = load_denoiser(artifacts.tensorrt_engine(cfg, profile, fp16=True))
     else:
@@ -222,10 +222,10 @@ def loop_overhead(args, progress) -> LoopOverhead:
     return LoopOverhead(name, batch, DEFAULT_SAMPLER, steps, denoiser.name, *spreads)
 
 
-def profiles(plan: list[Case], args) -> Profiles:
+def profiles(cases: list[Case], args) -> Profiles:
     """Where one evaluation's time goes, by operator, in ORT and in torch (CPU, fp32)."""
-    name = "celebahq64" if any(c.config == "celebahq64" for c in plan) else plan[0].config
-    batch = min(4, max(plan[-1].batches))
+    name = "celebahq64" if any(c.config == "celebahq64" for c in cases) else cases[0].config
+    batch = min(4, max(cases[-1].batches))
     cfg, onnx = artifacts.config(name), artifacts.onnx_model(artifacts.config(name))
     x, t = inputs(cfg.model, batch, seed=0)
     call = evaluation(load_denoiser(artifacts.random_checkpoint(cfg)), x, t)
@@ -235,22 +235,22 @@ def profiles(plan: list[Case], args) -> Profiles:
 
 
 def steps(args) -> int:
-    return sum(len(c.batches) for c in common.device_plan(PLAN, args)) + LOOP[common.size(args)].runs + 1
+    return sum(len(c.batches) for c in common.cases_for(CASES, args)) + LOOP[common.size(args)].runs + 1
 
 
 def run(args, progress) -> Result:
-    plan, loop = common.device_plan(PLAN, args), LOOP[common.size(args)]._asdict()
-    config = {"cases": [c._asdict() for c in plan], "target_batch": TARGET_BATCH, "loop": loop}
+    cases, loop = common.cases_for(CASES, args), LOOP[common.size(args)]._asdict()
+    config = {"cases": [c._asdict() for c in cases], "target_batch": TARGET_BATCH, "loop": loop}
     result = common.start("sampler", args, __doc__.split("\n\n", 2)[2], config)
     evals = []
-    for case in plan:
+    for case in cases:
         rows, notes = per_evaluation(case.config, case.batches, args, progress)
         evals += rows
         result.notes += [n for n in notes if n not in result.notes]
     result.results = SamplerResults(evals, loop_overhead(args, progress))
     if not args.device.startswith("cuda"):
         progress.describe("sampler: profiles (ORT and torch)")
-        result.results.profiles = profiles(plan, args)
+        result.results.profiles = profiles(cases, args)
     progress.update()
     report(result)
     return result

@@ -57,7 +57,7 @@ LABELS = ("ours", "diffusers", "ours+channels_last", "diffusers+channels_last") 
 
 Case = NamedTuple("Case", [("config", str), ("batches", list[int]), ("checkpointing_batch", int)])
 
-PLAN = {
+CASES = {
     "quick": {"cpu": [Case("tiny_cpu", [8], 8)], "cuda": [Case("tiny_cpu", [8], 8)]},
     "full": {
         "cpu": [Case("tiny_cpu", [8, 16, 32], 32), Case("celebahq64", [2], 2)],
@@ -214,7 +214,7 @@ def steps(args) -> int:
     """Progress units this benchmark reports (for the bar over the whole run)."""
     if args.zero_worker:
         return 0
-    cases = common.device_plan(PLAN, args)
+    cases = common.cases_for(CASES, args)
     zero = 0 if args.skip_zero else len(ZERO_CONFIGS[common.size(args)])
     return sum(len(c.batches) + 1 for c in cases) * args.repeats + len(cases) + zero
 
@@ -223,7 +223,7 @@ def run(args, progress) -> Result | None:
     if args.zero_worker:  # one rank of zero_memory's torchrun job
         train_step.zero_worker(args.zero_worker.split(","), args.device, args.out)
         return None
-    cases, zero_configs = common.device_plan(PLAN, args), ZERO_CONFIGS[common.size(args)]
+    cases, zero_configs = common.cases_for(CASES, args), ZERO_CONFIGS[common.size(args)]
     config = {"cases": [c._asdict() for c in cases], "zero_configs": zero_configs, "zero_ranks": 2}
     result = common.start(
         "train", args, __doc__.split("\n\n", 2)[2], {**config, "warmup": args.warmup, "repeats": args.repeats}
