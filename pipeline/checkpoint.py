@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from pipeline.core.config import Config, ConfigError, DiffusionConfig, ModelConfig, from_dict
+from pipeline.core.config import Config, ConfigError, DiffusionConfig, ModelConfig, from_dict, to_dict
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.model.unet import UNet
 
@@ -133,8 +133,8 @@ def save_export_files(
     atomic_write_json(
         ckpt_dir / MODEL_JSON,
         {
-            "model": dataclasses.asdict(cfg.model),
-            "diffusion": dataclasses.asdict(cfg.diffusion),
+            "model": to_dict(cfg.model),
+            "diffusion": to_dict(cfg.diffusion),
             "step": step,
             "images_seen": images_seen,
         },
