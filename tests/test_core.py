@@ -2,9 +2,11 @@
 
 One subprocess imports every module of pipeline/core, and the serving path built on it (export.backends,
 export.sample), with torch, onnx and onnxruntime blocked, then lists what was imported from outside the
-standard library. data_prep imports nothing of the project but the core.
+standard library. data_prep imports nothing of the project but the core. A reading of the sources checks
+that the arrows between the layers point one way (docs/DESIGN.md, "Layers").
 """
 
+import ast
 import pkgutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pipeline.core
 REPO = Path(__file__).resolve().parents[1]
 CORE = sorted(f"pipeline.core.{m.name}" for m in pkgutil.iter_modules(pipeline.core.__path__))
 SERVING = ["export.backends", "export.sample"]
+PROJECT = ("pipeline", "export", "benchmarks", "data_prep")
 
 BLOCKED_IMPORTS = """
 import importlib, importlib.abc, sys
@@ -56,3 +59,30 @@ def test_data_prep_imports_only_the_core():
     outside, project = imported_by("data_prep.__main__", "data_prep.build")
     assert "torch" not in outside and "yaml" not in outside
     assert {m for m in project if m.startswith("pipeline")} <= {"pipeline", "pipeline.core", *CORE}
+
+
+def project_imports(package: str) -> dict[str, set[str]]:
+    """{module file: project modules it imports, at any depth}, read from the source."""
+    found = {}
+    for path in sorted((REPO / package).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        found[str(path.relative_to(REPO))] = {n for n in names if n.split(".")[0] in PROJECT}
+    return found
+
+
+def test_arrows_point_one_way():
+    """export -> pipeline and benchmarks -> anything, never back; the core and data_prep see only the core."""
+    for path, names in project_imports("pipeline").items():
+        assert not {n for n in names if n.split(".")[0] in ("export", "benchmarks", "data_prep")}, path
+        if path.startswith("pipeline/core/"):
+            assert all(n == "pipeline.core" or n.startswith("pipeline.core.") for n in names), (path, names)
+    for path, names in project_imports("data_prep").items():
+        outside = {n for n in names if n.split(".")[0] != "data_prep"}
+        assert all(n == "pipeline.core" or n.startswith("pipeline.core.") for n in outside), (path, outside)
+    for path, names in project_imports("export").items():
+        assert not {n for n in names if n.split(".")[0] == "benchmarks"}, path
