@@ -132,12 +132,7 @@ def save_export_files(
             atomic_write_bytes(ckpt_dir / name, save(tensors))
     atomic_write_json(
         ckpt_dir / MODEL_JSON,
-        {
-            "model": to_dict(cfg.model),
-            "diffusion": to_dict(cfg.diffusion),
-            "step": step,
-            "images_seen": images_seen,
-        },
+        {"model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion), "step": step, "images_seen": images_seen},
     )
 
 
