@@ -54,7 +54,7 @@ def test_ds_config_blocks():
         == {"enabled": True, **FP16_LOSS_SCALING}
     )
     assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.0
-    assert "bf16" not in ds and "optimizer" not in ds  # Adam is the torch one, built in train.py
+    assert "bf16" not in ds and "optimizer" not in ds  # Adam is the torch one, built in pipeline.train.loop
     cfg.train.precision = "bf16"
     assert build_ds_config(cfg, 4)["bf16"] == {"enabled": True} and "fp16" not in build_ds_config(cfg, 4)
 

@@ -39,7 +39,7 @@ def batch_sizes(train: TrainConfig, world_size: int) -> tuple[int, int]:
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict:
-    """DeepSpeed config for cfg; optimizer and lr schedule are built in train.py (torch objects)."""
+    """DeepSpeed config for cfg; optimizer and lr schedule are built in pipeline.train.loop (torch objects)."""
     train = cfg.train
     micro, accum = batch_sizes(train, world_size)
     ds = {
@@ -48,7 +48,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         "gradient_accumulation_steps": accum,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": cfg.zero.stage},
-        "steps_per_print": 2**31 - 1,  # train.py logs; DeepSpeed's own lines would interleave
+        "steps_per_print": 2**31 - 1,  # the training loop logs; DeepSpeed's own lines would interleave
         "wall_clock_breakdown": False,
     }
     if train.precision == "fp16":
