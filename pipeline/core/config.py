@@ -278,8 +278,7 @@ def _coerce(value, annotation, where: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is Literal:
-        check_choice(annotation, value, where)
+    if origin is Literal:  # checked once, by Section.__post_init__, however the section was built
         return value
     if origin in (Union, types.UnionType):  # `int | None`: None, or the other type
         if value is None:
