@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from export.backends import default_threads
+from export.backends import session_options
 
 BACKWARD = "benchmark::backward"  # a training step marks its backward with record_function(BACKWARD)
 
@@ -86,8 +86,7 @@ def ort_profile(onnx_path: Path, feeds: dict[str, np.ndarray], threads: int | No
     import onnxruntime as ort  # optional runtime: the CPU runs that compare it
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
+        options = session_options(ort, threads)  # the served session's, plus the profiler
         options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / "ort")
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         for _ in range(calls):

@@ -31,7 +31,7 @@ import onnxruntime as ort
 from benchmarks import artifacts, common
 from benchmarks.profile import Profile, ort_profile, torch_profile
 from benchmarks.record import Plot, Result, Spread, paired_ratio, summarize, table
-from export.backends import default_threads, load_denoiser
+from export.backends import load_denoiser, session_options
 from pipeline.core.config import DEFAULT_SAMPLER, ModelConfig
 from pipeline.core.sampling import generate
 from pipeline.core.sidecar import read_sidecar
@@ -110,10 +110,7 @@ class StaticBatchOrt:
 
     def session(self, batch: int):
         if batch not in self.sessions:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads or default_threads()
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3
+            options = session_options(ort, self.threads)  # as OrtDenoiser's, but for the batch override
             probe = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
             dim = probe.get_inputs()[0].shape[0]
             if isinstance(dim, str):

@@ -90,7 +90,8 @@ def _cuda_driver_present() -> bool:
         return False
 
 
-def _session_options(ort, threads: int | None):
+def session_options(ort, threads: int | None):
+    """The options of every ORT session here (served, benchmarked, profiled): threads, quiet, placement recorded."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
@@ -180,14 +181,14 @@ class OrtDenoiser:
         failed, not the model: said so, not "cannot load it"."""
         cpu = ["CPUExecutionProvider"]
         if not want_cuda:
-            return self._load(ort, _session_options(ort, threads), cpu), ""
+            return self._load(ort, session_options(ort, threads), cpu), ""
         note = preload_cuda_libraries(ort)
         try:
             cuda = ["CUDAExecutionProvider"] + cpu
-            return ort.InferenceSession(str(self.path), _session_options(ort, threads), providers=cuda), note
+            return ort.InferenceSession(str(self.path), session_options(ort, threads), providers=cuda), note
         except Exception as e:
             cuda_error = str(e).splitlines()[0]
-        session = self._load(ort, _session_options(ort, threads), cpu)  # ModelError if the model is at fault
+        session = self._load(ort, session_options(ort, threads), cpu)  # ModelError if the model is at fault
         if provider == "cuda":
             raise BackendUnavailable(
                 f"--provider cuda: onnxruntime's CUDA provider failed on {self.path.name} "
